@@ -1,0 +1,79 @@
+"""Layers with PyTorch's semantics where they differ from Flax's defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from flax_mobilenet.depthwise import depthwise_conv2d
+
+Dtype = Any
+
+# torchvision initialises every convolution with kaiming_normal_(mode="fan_out"): an untruncated
+# normal with variance 2 / (out_channels * kernel_h * kernel_w). For a depthwise kernel stored as
+# (k, k, 1, C) Flax's fan_out is C * k * k, the same number PyTorch computes from (C, 1, k, k).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torchvision: nn.init.normal_(linear.weight, 0, 0.01), zero bias.
+classifier_init = nn.initializers.normal(stddev=0.01)
+
+
+class BatchNorm(nn.Module):
+    """`torch.nn.BatchNorm2d` over the channel axis of NHWC input.
+
+    Differs from `flax.linen.BatchNorm` in what PyTorch does: `momentum` is the weight of the new
+    batch (0.1 in PyTorch's sense, 0.9 in Flax's); the running variance is updated with the
+    unbiased batch variance (n / (n - 1)) while the batch is normalised with the biased one; the
+    variance is computed in two passes in float32, not as E[x^2] - E[x]^2. Under `jax.jit` with a
+    batch sharded over devices the means are over the global batch, as with SyncBatchNorm.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            x32 = x.astype(jnp.float32)
+            mean = x32.mean(axes)
+            var = jnp.square(x32 - mean).mean(axes)
+            if not self.is_initializing():
+                n = x.size // channels
+                unbiased = var * (n / max(n - 1, 1))
+                m = self.momentum
+                running_mean.value = (1 - m) * running_mean.value + m * mean
+                running_var.value = (1 - m) * running_var.value + m * unbiased
+        else:
+            mean, var = running_mean.value, running_var.value
+
+        # y = (x - mean) / sqrt(var + eps) * scale + bias, folded into one multiply-add per element.
+        mul = scale * jax.lax.rsqrt(var + self.epsilon)
+        add = bias - mean * mul
+        dtype = self.dtype or x.dtype
+        return x.astype(dtype) * mul.astype(dtype) + add.astype(dtype)
+
+
+class DepthwiseConv(nn.Module):
+    """A bias-free depthwise convolution, kernel stored as Flax's grouped `nn.Conv` stores it."""
+
+    kernel_size: int
+    stride: int
+    padding: int
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, channels = self.kernel_size, x.shape[-1]
+        kernel = self.param("kernel", conv_init, (k, k, 1, channels), jnp.float32)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return depthwise_conv2d(x, kernel, self.stride, self.padding)

@@ -1,0 +1,131 @@
+"""MobileNetV1 and MobileNetV2 as `flax.linen` modules, NHWC, built from `mobilenet_arch`.
+
+    model = MobileNetV2(num_classes=1000, width_mult=1.0)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+    logits = model.apply(variables, images, train=False)
+    logits, updates = model.apply(variables, images, train=True,
+                                  rngs={"dropout": key}, mutable=["batch_stats"])
+
+Each block sows its output into the `intermediates` collection as `{block_name: {"output": (y,)}}`
+(`mutable=["intermediates"]` returns them), which `parity.report` compares against PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+import mobilenet_arch
+from flax_mobilenet.layers import BatchNorm, DepthwiseConv, classifier_init, conv_init
+
+Dtype = Any
+
+ACTIVATIONS = {"relu6": jax.nn.relu6, "relu": jax.nn.relu}
+
+
+class ConvBN(nn.Module):
+    """Convolution (no bias), BatchNorm, and the activation when the layer has one."""
+
+    layer: mobilenet_arch.ConvBN
+    activation: str
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        layer = self.layer
+        if layer.depthwise:
+            conv = DepthwiseConv(layer.kernel_size, layer.stride, layer.padding, dtype=self.dtype, name="conv")
+        else:
+            conv = nn.Conv(
+                layer.out_channels,
+                (layer.kernel_size, layer.kernel_size),
+                strides=layer.stride,
+                padding=[(layer.padding, layer.padding)] * 2,
+                feature_group_count=layer.groups,
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=conv_init,
+                name="conv",
+            )
+        x = BatchNorm(dtype=self.dtype, name="bn")(conv(x), train)
+        return ACTIVATIONS[self.activation](x) if layer.activation else x
+
+
+class Block(nn.Module):
+    """A stem or head ConvBN, a depthwise-separable block (V1) or an inverted residual (V2)."""
+
+    block: mobilenet_arch.Block
+    activation: str
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        y = x
+        for layer in self.block.layers:
+            y = ConvBN(layer, self.activation, self.dtype, name=layer.role)(y, train)
+        y = x + y if self.block.residual else y
+        self.sow("intermediates", "output", y)
+        return y
+
+
+class MobileNet(nn.Module):
+    """The network that `architecture` describes; `dtype` is the computation dtype (parameters and
+    BatchNorm statistics stay float32). Logits are returned in float32."""
+
+    architecture: mobilenet_arch.Architecture
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        arch = self.architecture
+        x = x.astype(self.dtype)
+        for block in arch.blocks:
+            x = Block(block, arch.activation, self.dtype, name=block.name)(x, train)
+        x = x.mean(axis=(1, 2))
+        x = nn.Dropout(arch.dropout, deterministic=not train)(x)
+        x = nn.Dense(
+            arch.num_classes, dtype=self.dtype, kernel_init=classifier_init, name=arch.flax_classifier
+        )(x)
+        return x.astype(jnp.float32)
+
+
+def MobileNetV1(
+    num_classes: int = 1000,
+    width_mult: float = 1.0,
+    dropout: float = 0.0,
+    activation: str = "relu6",
+    dtype: Dtype = jnp.float32,
+) -> MobileNet:
+    """MobileNetV1 (Howard et al. 2017). ReLU6 by default, as TensorFlow's reference and timm's
+    weights use; `activation="relu"` is the paper's text. Any input size works (the resolution
+    multiplier)."""
+    return MobileNet(mobilenet_arch.mobilenet_v1(width_mult, num_classes, dropout, activation), dtype)
+
+
+def MobileNetV2(
+    num_classes: int = 1000,
+    width_mult: float = 1.0,
+    dropout: float = mobilenet_arch.V2_DROPOUT,
+    dtype: Dtype = jnp.float32,
+) -> MobileNet:
+    """MobileNetV2 (Sandler et al. 2018), layer for layer torchvision's `mobilenet_v2`."""
+    return MobileNet(mobilenet_arch.mobilenet_v2(width_mult, num_classes, dropout), dtype)
+
+
+def create_model(arch: str, width_mult: float = 1.0, num_classes: int = 1000, dtype: Dtype = jnp.float32, **kwargs):
+    """The Flax model for `arch` ("v1" or "v2")."""
+    return MobileNet(mobilenet_arch.architecture(arch, width_mult, num_classes, **kwargs), dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(model: MobileNet, key: jax.Array, resolution: int):
+    return model.init(key, jnp.zeros((1, resolution, resolution, 3), jnp.float32), train=False)
+
+
+def init_variables(model: MobileNet, key: jax.Array, resolution: int = 224) -> dict:
+    """`{"params": ..., "batch_stats": ...}` for `model`, initialised as torchvision initialises."""
+    return dict(_init(model, key, resolution))

@@ -1,0 +1,200 @@
+"""State-dict conversion between the PyTorch and Flax models, as rules derived from `mobilenet_arch`.
+
+Every convolution and BatchNorm of the description gives the same handful of rules (as in
+HF's `modeling_flax_pytorch_utils`): `weight` -> `kernel` with OIHW -> HWIO, BN `weight` -> `scale`,
+`running_mean`/`running_var` -> `batch_stats` `mean`/`var`, the classifier transposed. There is no
+per-layer special case: change the table in `mobilenet_arch` and the converter follows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+import mobilenet_arch
+
+# Widths tried when a file does not fit the width asked for, to say which width it has.
+KNOWN_WIDTHS = (0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, 1.5, 2.0)
+
+
+class ConversionError(ValueError):
+    """Weights that do not fit the model: the message says what differs."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    torch_key: str
+    flax_path: tuple[str, ...]  # ("params" | "batch_stats", module..., leaf)
+    layout: str  # "conv" (OIHW <-> HWIO), "dense" (out,in <-> in,out) or "same"
+
+    def to_flax(self, value: np.ndarray) -> np.ndarray:
+        if self.layout == "conv":
+            return value.transpose(2, 3, 1, 0)
+        return value.T if self.layout == "dense" else value
+
+    def to_torch(self, value: np.ndarray) -> np.ndarray:
+        if self.layout == "conv":
+            return value.transpose(3, 2, 0, 1)
+        return value.T if self.layout == "dense" else value
+
+    def torch_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return self.to_torch(np.empty(flax_shape, np.uint8)).shape
+
+
+def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
+    out = []
+    for block in arch.blocks:
+        for layer in block.layers:
+            module = (block.name, layer.role)
+            out += [
+                Rule(f"{layer.torch_conv}.weight", ("params", *module, "conv", "kernel"), "conv"),
+                Rule(f"{layer.torch_bn}.weight", ("params", *module, "bn", "scale"), "same"),
+                Rule(f"{layer.torch_bn}.bias", ("params", *module, "bn", "bias"), "same"),
+                Rule(f"{layer.torch_bn}.running_mean", ("batch_stats", *module, "bn", "mean"), "same"),
+                Rule(f"{layer.torch_bn}.running_var", ("batch_stats", *module, "bn", "var"), "same"),
+            ]
+    head = arch.torch_classifier
+    out += [
+        Rule(f"{head}.weight", ("params", arch.flax_classifier, "kernel"), "dense"),
+        Rule(f"{head}.bias", ("params", arch.flax_classifier, "bias"), "same"),
+    ]
+    return out
+
+
+def batches_tracked_keys(arch: mobilenet_arch.Architecture) -> list[str]:
+    """PyTorch's BN step counters. Flax keeps none: they matter only with momentum=None."""
+    return [f"{layer.torch_bn}.num_batches_tracked" for block in arch.blocks for layer in block.layers]
+
+
+def expected_shapes(arch: mobilenet_arch.Architecture) -> dict[str, tuple[int, ...]]:
+    """PyTorch shape of every weight the model has, from the description alone."""
+    shapes = {}
+    for block in arch.blocks:
+        for layer in block.layers:
+            k = layer.kernel_size
+            shapes[f"{layer.torch_conv}.weight"] = (layer.out_channels, layer.in_channels // layer.groups, k, k)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                shapes[f"{layer.torch_bn}.{name}"] = (layer.out_channels,)
+    shapes[f"{arch.torch_classifier}.weight"] = (arch.num_classes, arch.num_features)
+    shapes[f"{arch.torch_classifier}.bias"] = (arch.num_classes,)
+    return shapes
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.dtype != torch.float64:
+            value = value.float()  # bf16/fp16 checkpoints: numpy has no bf16
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _short_list(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def num_classes_of(state_dict: Mapping[str, Any], arch: str) -> int:
+    key = f"{mobilenet_arch.architecture(arch).torch_classifier}.bias"
+    if key not in state_dict:
+        raise ConversionError(f"no classifier in the state dict: key {key!r} is missing")
+    return int(np.shape(state_dict[key])[0])
+
+
+def infer_width(state_dict: Mapping[str, Any], arch: str) -> float | None:
+    """The width multiplier whose shapes every weight in `state_dict` has, or None."""
+    num_classes = num_classes_of(state_dict, arch)
+    for width in KNOWN_WIDTHS:
+        shapes = expected_shapes(mobilenet_arch.architecture(arch, width, num_classes))
+        if shapes.keys() <= state_dict.keys() and all(
+            tuple(np.shape(state_dict[k])) == shape for k, shape in shapes.items()
+        ):
+            return width
+    return None
+
+
+def check_state_dict(state_dict: Mapping[str, Any], arch: mobilenet_arch.Architecture) -> None:
+    """Raise ConversionError naming every missing and unexpected key, or the first wrong shape."""
+    shapes = expected_shapes(arch)
+    optional = set(batches_tracked_keys(arch))
+    missing = [k for k in shapes if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in shapes and k not in optional]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_short_list(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_short_list(unexpected)}")
+        if all(k.startswith("module.") for k in unexpected):
+            problems.append("the keys start with 'module.': strip that DistributedDataParallel prefix first")
+    if problems:
+        raise ConversionError(f"state dict does not fit {_describe(arch)}: " + "; ".join(problems))
+    for key, shape in shapes.items():
+        got = tuple(np.shape(state_dict[key]))
+        if got != shape:
+            message = f"{key}: shape {got} in the weights, {shape} expected by {_describe(arch)}"
+            width = infer_width(state_dict, arch.arch)
+            if width is not None and width != arch.width_mult:
+                message += f"; these weights have width {width}: use width_mult={width} (--width {width})"
+            raise ConversionError(message)
+
+
+def _describe(arch: mobilenet_arch.Architecture) -> str:
+    return f"MobileNet{arch.arch.upper()} width {arch.width_mult} with {arch.num_classes} classes"
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], arch: str = "v2", width_mult: float = 1.0) -> dict:
+    """PyTorch state dict (torch_ref or torchvision keys) -> `{"params": ..., "batch_stats": ...}`.
+
+    The number of classes is read from the classifier's shape. Values come back as float32 numpy
+    arrays, which `model.apply` takes as they are.
+    """
+    architecture = mobilenet_arch.architecture(arch, width_mult, num_classes_of(state_dict, arch))
+    check_state_dict(state_dict, architecture)
+    variables: dict = {"params": {}, "batch_stats": {}}
+    for rule in rules(architecture):
+        node = variables
+        for name in rule.flax_path[:-1]:
+            node = node.setdefault(name, {})
+        node[rule.flax_path[-1]] = np.ascontiguousarray(rule.to_flax(_to_numpy(state_dict[rule.torch_key])))
+    return variables
+
+
+def flax_to_torch(variables: Mapping[str, Any], arch: str = "v2", num_batches_tracked: int = 0) -> dict[str, torch.Tensor]:
+    """Flax variables -> PyTorch state dict that loads strictly into torch_ref (and, for V2,
+    torchvision's `mobilenet_v2`). Width and classes are read from the variables' shapes.
+
+    `num_batches_tracked` fills PyTorch's BN step counters (training passes its step count).
+    """
+    flat = {}
+    for rule in rules(mobilenet_arch.architecture(arch)):
+        flat[rule.torch_key] = _lookup(variables, rule.flax_path)
+    architecture = _architecture_of(flat, arch)
+    state_dict = {}
+    for rule in rules(architecture):
+        state_dict[rule.torch_key] = torch.from_numpy(np.ascontiguousarray(rule.to_torch(_to_numpy(flat[rule.torch_key]))))
+    for key in batches_tracked_keys(architecture):
+        state_dict[key] = torch.tensor(num_batches_tracked, dtype=torch.long)
+    return state_dict
+
+
+def _lookup(variables: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = variables
+    for depth, name in enumerate(path):
+        if not isinstance(node, Mapping) or name not in node:
+            raise ConversionError(f"Flax variables have no {'/'.join(path[: depth + 1])}: not a MobileNet of this arch?")
+        node = node[name]
+    return node
+
+
+def _architecture_of(flat_torch_shaped: Mapping[str, Any], arch: str) -> mobilenet_arch.Architecture:
+    """Width and classes of Flax variables, from their shapes (converted to PyTorch layout)."""
+    probe = {}
+    for rule in rules(mobilenet_arch.architecture(arch)):
+        probe[rule.torch_key] = np.empty(rule.torch_shape(np.shape(flat_torch_shaped[rule.torch_key])), np.uint8)
+    width = infer_width(probe, arch)
+    if width is None:
+        raise ConversionError(f"Flax variables match MobileNet{arch.upper()} at none of the widths {KNOWN_WIDTHS}")
+    return mobilenet_arch.architecture(arch, width, num_classes_of(probe, arch))

@@ -1,0 +1,127 @@
+"""MobileNetV1 and MobileNetV2 in plain PyTorch, built from `mobilenet_arch`.
+
+MobileNetV2's modules nest exactly as torchvision's do, so `state_dict()` keys and shapes equal
+`torchvision.models.mobilenet_v2(width_mult=...)`'s and weights load strictly both ways.
+MobileNetV1 follows the same layout:
+
+    features.0.{0,1}                   stem: Conv2d 3x3 s2, BatchNorm2d (ReLU6 at .2 has no weights)
+    features.{1..13}.conv.0.{0,1}      depthwise 3x3 Conv2d, BatchNorm2d
+    features.{1..13}.conv.1.{0,1}      pointwise 1x1 Conv2d, BatchNorm2d
+    classifier.1                       Linear (classifier.0 is Dropout)
+
+Imports neither torchvision nor jax.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import mobilenet_arch
+
+ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU}
+
+
+def _conv(layer: mobilenet_arch.ConvBN) -> nn.Conv2d:
+    return nn.Conv2d(
+        layer.in_channels,
+        layer.out_channels,
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        groups=layer.groups,
+        bias=False,
+    )
+
+
+class ConvBNActivation(nn.Sequential):
+    """torchvision's Conv2dNormActivation: Conv2d, BatchNorm2d, activation."""
+
+    def __init__(self, layer: mobilenet_arch.ConvBN, activation: str):
+        super().__init__(_conv(layer), nn.BatchNorm2d(layer.out_channels), ACTIVATIONS[activation](inplace=True))
+
+
+def _layers(block: mobilenet_arch.Block, activation: str) -> list[nn.Module]:
+    # A layer without activation (V2's linear projection) is a bare Conv2d and BatchNorm2d, as in
+    # torchvision; mobilenet_arch names the state-dict keys by the same rule.
+    modules: list[nn.Module] = []
+    for layer in block.layers:
+        if layer.activation:
+            modules.append(ConvBNActivation(layer, activation))
+        else:
+            modules += [_conv(layer), nn.BatchNorm2d(layer.out_channels)]
+    return modules
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion, 3x3 depthwise, linear 1x1 projection, and the residual
+    connection when the stride is 1 and the channels are equal (Sandler et al., Section 3.3)."""
+
+    def __init__(self, block: mobilenet_arch.Block, activation: str):
+        super().__init__()
+        self.conv = nn.Sequential(*_layers(block, activation))
+        self.use_res_connect = block.residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class DepthwiseSeparable(nn.Module):
+    """MobileNetV1's block: 3x3 depthwise then 1x1 pointwise, each with BN and activation."""
+
+    def __init__(self, block: mobilenet_arch.Block, activation: str):
+        super().__init__()
+        self.conv = nn.Sequential(*_layers(block, activation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+BLOCKS = {"inverted_residual": InvertedResidual, "depthwise_separable": DepthwiseSeparable}
+
+
+def _block(block: mobilenet_arch.Block, activation: str) -> nn.Module:
+    if block.kind == "conv_bn":
+        return ConvBNActivation(block.layers[0], activation)
+    return BLOCKS[block.kind](block, activation)
+
+
+class MobileNet(nn.Module):
+    """The network that `architecture` describes, NCHW, initialised as torchvision initialises."""
+
+    def __init__(self, architecture: mobilenet_arch.Architecture):
+        super().__init__()
+        self.architecture = architecture
+        self.features = nn.Sequential(*[_block(b, architecture.activation) for b in architecture.blocks])
+        self.classifier = nn.Sequential(
+            nn.Dropout(p=architecture.dropout), nn.Linear(architecture.num_features, architecture.num_classes)
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+class MobileNetV1(MobileNet):
+    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.0, activation: str = "relu6"):
+        super().__init__(mobilenet_arch.mobilenet_v1(width_mult, num_classes, dropout, activation))
+
+
+class MobileNetV2(MobileNet):
+    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = mobilenet_arch.V2_DROPOUT):
+        super().__init__(mobilenet_arch.mobilenet_v2(width_mult, num_classes, dropout))
+
+
+def create_model(arch: str, width_mult: float = 1.0, num_classes: int = 1000, **kwargs) -> MobileNet:
+    """The PyTorch model for `arch` ("v1" or "v2")."""
+    return MobileNet(mobilenet_arch.architecture(arch, width_mult, num_classes, **kwargs))
