@@ -1,0 +1,355 @@
+"""Input pipelines: scikit-learn's digits (the default) and any TFDS image classification dataset.
+
+Both are grain `MapDataset` pipelines over random-access sources, so an epoch is a pure
+function of (seed, epoch): the same batches in JAX and PyTorch, on one host or many, resumed
+or not.
+
+Interface (used by `train/` for both frameworks; the torch path transposes to NCHW itself):
+
+    DataError(ValueError)                 one-line message for the user
+    DatasetInfo(name, num_classes, train_size, eval_size, default_resolution)
+    dataset_info(name, data_dir=None) -> DatasetInfo
+    steps_per_epoch(name, global_batch_size, data_dir=None) -> int   (train_size // global batch)
+    train_batches(name, *, resolution, global_batch_size, seed, epoch, start_batch=0,
+                  process_index=0, process_count=1, data_dir=None) -> Iterator[dict]
+        One epoch of {"image": float32 [local, H, W, 3] normalised, "label": int32 [local]},
+        local = global_batch_size // process_count, the last partial global batch dropped.
+        Batch b holds positions [b * global, (b + 1) * global) of the epoch's shuffle and
+        process p gets the contiguous block [p * local, (p + 1) * local) of it, so the
+        processes' local batches concatenated in process order are the global batch
+        (what `jax.make_array_from_process_local_data` assembles). The shuffle and every
+        random crop/flip depend only on (seed, epoch, position in the epoch): `start_batch=k`
+        yields exactly batches k.. of the uninterrupted epoch.
+    eval_batches(name, *, resolution, global_batch_size, process_index=0, process_count=1,
+                 data_dir=None) -> Iterator[dict]
+        The whole eval split in order, as above plus "mask": float32 [local] (1 real,
+        0 padding); the split is padded to a whole number of global batches so every
+        example counts exactly once and every batch has the same shape.
+
+Datasets:
+- "digits": `sklearn.datasets.load_digits` (1,797 8x8 grey images, 0..16), split 80/20
+  stratified by `train_test_split(random_state=0)`: 1,437 train, 360 test. Scaled to 0..255,
+  resized bilinearly to the resolution once per resolution, replicated to 3 channels. Training
+  augmentation: a random translation of up to resolution // 8 pixels (zero pad + crop); no flip,
+  digits are not mirror-symmetric.
+- Any other name is a TFDS dataset with "image" and "label" features, read with
+  `tfds.data_source` from ArrayRecord files (no TensorFlow needed), train split "train", eval
+  split "test" or else "validation". Images of at most SMALL_IMAGE_MAX_SIDE pixels (cifar10,
+  mnist): pad side // 8 + random crop + flip, then resize to the resolution; evaluation only
+  resizes. Larger images (imagenette, imagenet2012): inception random-resized crop + flip;
+  evaluation resizes the shorter side to resolution / 0.875 and crops the centre.
+- All: ImageNet mean/std normalisation (`train.augment.normalize`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Iterator
+
+import grain
+import numpy as np
+
+from train import augment
+
+DIGITS = "digits"
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+DIGITS_MAX_VALUE = 16
+DIGITS_RESOLUTION = 32
+TFDS_TRAIN_SPLIT = "train"
+TFDS_EVAL_SPLITS = ("test", "validation")
+SMALL_IMAGE_MAX_SIDE = 64
+LARGE_IMAGE_RESOLUTION = 224
+# Translation (digits) and padding (small TFDS images) as a fraction of the side: 4 px at 32.
+PAD_DIVISOR = 8
+
+
+class DataError(ValueError):
+    """A dataset problem the user can fix; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    train_size: int
+    eval_size: int
+    default_resolution: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """One split, ready for the pipeline: examples are {"image": uint8 [H, W, 3], "label": int}."""
+
+    examples: grain.MapDataset
+    num_classes: int
+    train_transform: Callable[[dict, np.random.Generator], dict]
+    eval_transform: Callable[[dict], dict]
+    default_resolution: int
+
+
+def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
+    train = _open_split(name, "train", DIGITS_RESOLUTION, data_dir)
+    evaluation = _open_split(name, "eval", DIGITS_RESOLUTION, data_dir)
+    return DatasetInfo(
+        name=name,
+        num_classes=train.num_classes,
+        train_size=len(train.examples),
+        eval_size=len(evaluation.examples),
+        default_resolution=train.default_resolution,
+    )
+
+
+def steps_per_epoch(name: str, global_batch_size: int, data_dir: str | None = None) -> int:
+    return _steps_per_epoch(dataset_info(name, data_dir).train_size, global_batch_size, name)
+
+
+def train_batches(
+    name: str,
+    *,
+    resolution: int,
+    global_batch_size: int,
+    seed: int,
+    epoch: int,
+    start_batch: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    data_dir: str | None = None,
+) -> Iterator[dict]:
+    local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+    split = _open_split(name, "train", resolution, data_dir)
+    size = len(split.examples)
+    steps = _steps_per_epoch(size, global_batch_size, name)
+    # grain folds the epoch into the shuffle seed after `repeat`, and `random_map` seeds each
+    # element's generator from (pipeline seed, index), with index = epoch * size + position:
+    # both are fixed before the epoch is cut into batches and shards.
+    epoch_start = epoch * size
+    ds = (
+        split.examples.seed(_grain_seed(seed))
+        .shuffle()
+        .repeat()
+        .random_map(split.train_transform)[epoch_start : epoch_start + steps * global_batch_size]
+        .batch(local_batch, drop_remainder=True)
+    )
+    ds = ds[start_batch * process_count + process_index :: process_count].map(_to_model_input)
+    return iter(ds.to_iter_dataset(_read_options(name)))
+
+
+def eval_batches(
+    name: str,
+    *,
+    resolution: int,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    data_dir: str | None = None,
+) -> Iterator[dict]:
+    local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+    split = _open_split(name, "eval", resolution, data_dir)
+    ds = split.examples.map(split.eval_transform).map(lambda example: {**example, "mask": 1.0})
+    padding = -len(ds) % global_batch_size
+    if padding:
+        blank = {"image": np.zeros((resolution, resolution, 3), np.uint8), "label": 0, "mask": 0.0}
+        ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([blank]).repeat(padding)])
+    ds = ds.batch(local_batch)[process_index::process_count].map(_to_model_input)
+    return iter(ds.to_iter_dataset(_read_options(name)))
+
+
+def _to_model_input(batch: dict) -> dict:
+    out = {"image": augment.normalize(batch["image"]), "label": batch["label"].astype(np.int32)}
+    if "mask" in batch:
+        out["mask"] = batch["mask"].astype(np.float32)
+    return out
+
+
+def _read_options(name: str) -> grain.ReadOptions:
+    if name == DIGITS:
+        # In memory and cheap: one thread overlaps batch assembly with the train step
+        # without fighting it for the GIL.
+        return grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    threads = min(16, os.cpu_count() or 1)
+    # The buffer holds whole batches (float32): one per thread keeps them all busy.
+    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)
+
+
+def _grain_seed(seed: int) -> int:
+    # grain seeds are uint32; fold any Python int (negative, large) into that range.
+    return int(np.random.SeedSequence(seed & (2**64 - 1)).generate_state(1, np.uint32)[0])
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise DataError(f"process index {process_index} is not in 0..{process_count - 1}")
+    if global_batch_size < process_count or global_batch_size % process_count:
+        raise DataError(
+            f"global batch size {global_batch_size} does not divide evenly over "
+            f"{process_count} processes; expected a positive multiple of {process_count}"
+        )
+    return global_batch_size // process_count
+
+
+def _steps_per_epoch(train_size: int, global_batch_size: int, name: str) -> int:
+    if not 0 < global_batch_size <= train_size:
+        raise DataError(
+            f"global batch size {global_batch_size} is not in 1..{train_size}, "
+            f"the number of training examples in {name!r}"
+        )
+    return train_size // global_batch_size
+
+
+def _open_split(name: str, split: str, resolution: int, data_dir: str | None) -> _Split:
+    if name == DIGITS:
+        return _digits_split(split, resolution)
+    return _tfds_split(name, split, resolution, data_dir)
+
+
+# --- digits ----------------------------------------------------------------------------------
+
+
+def _digits_split(split: str, resolution: int) -> _Split:
+    images, labels = _digits_arrays(resolution)[split]
+    pad = max(1, resolution // PAD_DIVISOR)
+    examples = grain.MapDataset.range(len(labels)).map(
+        lambda i: {"image": images[i], "label": labels[i]}
+    )
+
+    def translate(example: dict, rng: np.random.Generator) -> dict:
+        return {**example, "image": augment.pad_and_random_crop(example["image"], rng, pad)}
+
+    return _Split(
+        examples=examples,
+        num_classes=10,
+        train_transform=translate,
+        eval_transform=lambda example: example,
+        default_resolution=DIGITS_RESOLUTION,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _digits_arrays(resolution: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"train"|"eval": (uint8 [n, resolution, resolution, 3], int32 [n])}, resized once."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    grey = np.round(digits.images * (255 / DIGITS_MAX_VALUE)).astype(np.uint8)
+    resized = np.stack([augment.resize(image, resolution, resolution) for image in grey])
+    images = augment.to_rgb(resized[..., None])
+    labels = digits.target.astype(np.int32)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)),
+        test_size=DIGITS_TEST_FRACTION,
+        stratify=labels,
+        random_state=DIGITS_SPLIT_SEED,
+    )
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    return {
+        "train": (images[train_idx], labels[train_idx]),
+        "eval": (images[test_idx], labels[test_idx]),
+    }
+
+
+# --- TFDS ------------------------------------------------------------------------------------
+
+
+def _tfds_split(name: str, split: str, resolution: int, data_dir: str | None) -> _Split:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(
+            f"unknown dataset {name!r}: expected {DIGITS!r} or the name of a TFDS image "
+            "classification dataset, e.g. cifar10, imagenette, imagenet2012 "
+            "(tfds.list_builders() lists them all)"
+        ) from None
+    features = builder.info.features
+    if not {"image", "label"} <= set(features.keys()) or not hasattr(
+        features["label"], "num_classes"
+    ):
+        raise DataError(
+            f"dataset {name!r} is not an image classification dataset: expected 'image' and "
+            f"'label' (ClassLabel) features, found {sorted(features.keys())}"
+        )
+    split_name = TFDS_TRAIN_SPLIT if split == "train" else _tfds_eval_split(builder)
+    try:
+        source = tfds.data_source(name, split=split_name, data_dir=data_dir, download=False)
+    except (AssertionError, FileNotFoundError, NotImplementedError, ValueError) as error:
+        raise DataError(_not_prepared_message(name, builder, split_name, data_dir)) from error
+
+    height, width, _ = features["image"].shape
+    small = height is not None and width is not None and max(height, width) <= SMALL_IMAGE_MAX_SIDE
+    examples = grain.MapDataset.source(source).map(
+        lambda example: {"image": augment.to_rgb(example["image"]), "label": example["label"]}
+    )
+    if small:
+        train_transform = functools.partial(_small_train, resolution=resolution)
+        eval_transform = functools.partial(_small_eval, resolution=resolution)
+        default_resolution = max(height, width)
+    else:
+        train_transform = functools.partial(_large_train, resolution=resolution)
+        eval_transform = functools.partial(_large_eval, resolution=resolution)
+        default_resolution = LARGE_IMAGE_RESOLUTION
+    return _Split(
+        examples=examples,
+        num_classes=features["label"].num_classes,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        default_resolution=default_resolution,
+    )
+
+
+def _tfds_eval_split(builder) -> str:
+    available = list(builder.info.splits.keys())
+    if not available:
+        # Unprepared (or mocked) datasets list no splits; "test" is then the usual name.
+        return TFDS_EVAL_SPLITS[0]
+    for split in TFDS_EVAL_SPLITS:
+        if split in available:
+            return split
+    raise DataError(
+        f"dataset {builder.name!r} has no evaluation split: expected one of "
+        f"{list(TFDS_EVAL_SPLITS)}, found {sorted(available)}"
+    )
+
+
+def _not_prepared_message(name: str, builder, split: str, data_dir: str | None) -> str:
+    import tensorflow_datasets as tfds
+
+    root = data_dir or tfds.core.constants.get_default_data_dir()
+    command = f"tfds build {name} --file_format=array_record --data_dir={root}"
+    if builder.is_prepared():
+        problem, command = f"has no ArrayRecord files for split {split!r}", command + " --overwrite"
+    else:
+        problem = "is not prepared"
+    manual = (
+        "; it also needs a manual download into --manual_dir, see its TFDS catalog page"
+        if builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+        else ""
+    )
+    return (
+        f"dataset {name!r} {problem} in {root}; prepare it with `{command}` "
+        f"(the build alone needs TensorFlow: pip install tensorflow{manual})"
+    )
+
+
+def _small_train(example: dict, rng: np.random.Generator, *, resolution: int) -> dict:
+    image = example["image"]
+    image = augment.pad_and_random_crop(image, rng, max(1, max(image.shape[:2]) // PAD_DIVISOR))
+    image = augment.random_flip(image, rng)
+    return {**example, "image": augment.resize(image, resolution, resolution)}
+
+
+def _small_eval(example: dict, *, resolution: int) -> dict:
+    return {**example, "image": augment.resize(example["image"], resolution, resolution)}
+
+
+def _large_train(example: dict, rng: np.random.Generator, *, resolution: int) -> dict:
+    image = augment.random_resized_crop(example["image"], rng, resolution)
+    return {**example, "image": augment.random_flip(image, rng)}
+
+
+def _large_eval(example: dict, *, resolution: int) -> dict:
+    return {**example, "image": augment.center_crop(example["image"], resolution)}
