@@ -3,6 +3,27 @@
 The only package that imports both torch and jax.
 """
 
+from parity.io import (
+    WeightsFileError,
+    load_as_flax,
+    load_as_torch,
+    load_flax_variables,
+    load_torch_state_dict,
+    save_flax_variables,
+    save_torch_state_dict,
+)
 from parity.weights import ConversionError, flax_to_torch, infer_width, torch_to_flax
 
-__all__ = ["ConversionError", "flax_to_torch", "infer_width", "torch_to_flax"]
+__all__ = [
+    "ConversionError",
+    "WeightsFileError",
+    "flax_to_torch",
+    "infer_width",
+    "load_as_flax",
+    "load_as_torch",
+    "load_flax_variables",
+    "load_torch_state_dict",
+    "save_flax_variables",
+    "save_torch_state_dict",
+    "torch_to_flax",
+]

@@ -84,12 +84,15 @@ def expected_shapes(arch: mobilenet_arch.Architecture) -> dict[str, tuple[int, .
 
 
 def _to_numpy(value: Any) -> np.ndarray:
+    # Always a copy: a view would tie the converted weights to the source's memory (a PyTorch
+    # model trained on after conversion would change the Flax variables, and a Flax array is
+    # read-only memory that a PyTorch tensor must not write into).
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         if value.is_floating_point() and value.dtype != torch.float64:
             value = value.float()  # bf16/fp16 checkpoints: numpy has no bf16
-        return value.numpy()
-    return np.asarray(value)
+        return value.numpy().copy()
+    return np.array(value, copy=True)
 
 
 def _short_list(keys: list[str], limit: int = 5) -> str:

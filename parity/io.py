@@ -1,0 +1,178 @@
+"""Reading and writing weights in PyTorch's and Flax's file formats.
+
+    .pth / .pt     a PyTorch state dict, `torch.save`d (read with weights_only=True: loading never
+                   runs code from a pickle); a dict holding it under "state_dict", "model" or
+                   "model_state_dict" (a training checkpoint) is accepted too
+    .safetensors   a PyTorch-keyed state dict (`safetensors.torch`)
+    .msgpack       Flax variables `{"params": ..., "batch_stats": ...}` (`flax.serialization`)
+
+    variables = load_as_flax("mobilenet_v2.pth", "v2", 1.0)    # any format, checked, as Flax variables
+    save_flax_variables(variables, "model.msgpack")
+    save_torch_state_dict(flax_to_torch(variables, "v2"), "model.pth")
+
+A file that is missing, truncated or of another kind raises `WeightsFileError` with a one-line
+message. Writes go to a temporary file in the destination's directory and are renamed into place,
+so a failure never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Literal, Mapping
+
+import flax.serialization
+import jax
+import numpy as np
+import safetensors.torch
+import torch
+
+import mobilenet_arch
+from parity.weights import ConversionError, check_state_dict, flax_to_torch, num_classes_of, rules, torch_to_flax
+
+Framework = Literal["torch", "flax"]
+FORMATS: dict[str, Framework] = {".pth": "torch", ".pt": "torch", ".safetensors": "torch", ".msgpack": "flax"}
+# Where training scripts commonly nest the state dict inside a checkpoint.
+STATE_DICT_ENTRIES = ("state_dict", "model", "model_state_dict")
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read or written: the message says which file and why."""
+
+
+def framework_of(path: str | os.PathLike) -> Framework:
+    """"torch" or "flax", from the file extension."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise WeightsFileError(
+            f"{path}: unknown extension {suffix or '(none)'!r}: expected .pth or .pt (PyTorch), "
+            ".safetensors (PyTorch keys) or .msgpack (Flax)"
+        )
+    return FORMATS[suffix]
+
+
+def load_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The PyTorch state dict in a .pth, .pt or .safetensors file."""
+    path = _existing(path, "torch")
+    if path.suffix.lower() == ".safetensors":
+        try:
+            return dict(safetensors.torch.load(path.read_bytes()))
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise WeightsFileError(f"{path} is not a readable safetensors file (truncated or another format?): {_first_line(e)}") from e
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged zip, a pickle of other objects, a file of another kind
+        raise WeightsFileError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): {_first_line(e)}") from e
+    if isinstance(loaded, Mapping):
+        for entry in STATE_DICT_ENTRIES:
+            if isinstance(loaded.get(entry), Mapping):
+                loaded = loaded[entry]
+                break
+    if not isinstance(loaded, Mapping) or not loaded or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        what = f"a dict with keys {sorted(map(str, loaded))[:5]}" if isinstance(loaded, Mapping) else type(loaded).__name__
+        raise WeightsFileError(f"{path} holds {what}, not a state dict of tensors (nor one under {STATE_DICT_ENTRIES})")
+    return dict(loaded)
+
+
+def save_torch_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write a state dict as .pth/.pt (`torch.save`) or .safetensors, atomically."""
+    path = Path(path)
+    if framework_of(path) != "torch":
+        raise WeightsFileError(f"{path}: a PyTorch state dict goes to .pth, .pt or .safetensors")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if path.suffix.lower() == ".safetensors":
+        _atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors)))
+    else:
+        _atomic_write(path, lambda f: torch.save(tensors, f))
+
+
+def load_flax_variables(path: str | os.PathLike) -> dict[str, Any]:
+    """`{"params": ..., "batch_stats": ...}` (numpy leaves) from a .msgpack file."""
+    path = _existing(path, "flax")
+    try:
+        variables = flax.serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # msgpack raises several types for truncated or foreign bytes
+        raise WeightsFileError(f"{path} is not a readable Flax msgpack file (truncated or another format?): {_first_line(e)}") from e
+    if not isinstance(variables, dict) or not {"params", "batch_stats"} <= variables.keys():
+        found = sorted(map(str, variables))[:5] if isinstance(variables, dict) else type(variables).__name__
+        raise WeightsFileError(f"{path} holds {found}, not Flax variables with 'params' and 'batch_stats'")
+    # msgpack hands back read-only views of the file's bytes; copies are ordinary arrays.
+    return jax.tree.map(np.array, {"params": variables["params"], "batch_stats": variables["batch_stats"]})
+
+
+def save_flax_variables(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write `{"params", "batch_stats"}` to a .msgpack file, atomically."""
+    path = Path(path)
+    if framework_of(path) != "flax":
+        raise WeightsFileError(f"{path}: Flax variables go to .msgpack")
+    tree = jax.device_get({"params": variables["params"], "batch_stats": variables["batch_stats"]})
+    _atomic_write(path, lambda f: f.write(flax.serialization.msgpack_serialize(tree)))
+
+
+def load_as_flax(path: str | os.PathLike, arch: str, width_mult: float) -> dict[str, Any]:
+    """Flax variables for `arch` at `width_mult` from a file of either framework, checked: wrong
+    keys, shapes, architecture or width raise ConversionError saying what differs."""
+    if framework_of(path) == "torch":
+        return torch_to_flax(load_torch_state_dict(path), arch, width_mult)
+    variables = load_flax_variables(path)
+    check_flax_variables(variables, arch, width_mult)
+    return variables
+
+
+def load_as_torch(path: str | os.PathLike, arch: str, width_mult: float) -> dict[str, torch.Tensor]:
+    """A PyTorch state dict for `arch` at `width_mult` from a file of either framework, checked."""
+    if framework_of(path) == "flax":
+        variables = load_flax_variables(path)
+        check_flax_variables(variables, arch, width_mult)
+        return flax_to_torch(variables, arch)
+    state_dict = load_torch_state_dict(path)
+    check_state_dict(state_dict, mobilenet_arch.architecture(arch, width_mult, num_classes_of(state_dict, arch)))
+    return state_dict
+
+
+def check_flax_variables(variables: Mapping[str, Any], arch: str, width_mult: float) -> None:
+    """Raise ConversionError unless `variables` are exactly those of `arch` at `width_mult`."""
+    state_dict = flax_to_torch(variables, arch)  # names missing entries; infers the width from shapes
+    architecture = mobilenet_arch.architecture(arch, width_mult, num_classes_of(state_dict, arch))
+    expected = {"/".join(rule.flax_path) for rule in rules(architecture)}
+    found = {"/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(dict(variables))[0]}
+    if found - expected:
+        extra = sorted(found - expected)
+        raise ConversionError(f"Flax variables have {len(extra)} entries MobileNet{arch.upper()} does not: {', '.join(extra[:5])}")
+    check_state_dict(state_dict, architecture)  # the width, with the "use --width" hint
+
+
+def _existing(path: str | os.PathLike, framework: Framework) -> Path:
+    path = Path(path)
+    if framework_of(path) != framework:
+        raise WeightsFileError(f"{path}: expected a {framework} file")
+    if not path.is_file():
+        raise WeightsFileError(f"{path}: no such file")
+    return path
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    if not path.parent.is_dir():
+        raise WeightsFileError(f"cannot write {path}: directory {path.parent} does not exist")
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; a weights file is not a secret
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _first_line(error: Exception) -> str:
+    """The gist of a library's error: its first sentence (PyTorch's run on for several)."""
+    lines = str(error).strip().splitlines()
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__

@@ -1,0 +1,166 @@
+"""Where do the PyTorch and Flax models start to disagree? Block-by-block activation differences.
+
+    python -m parity.report --arch v2 --width 1.0 [--weights FILE] [--dtype bfloat16]
+
+Runs the PyTorch model (torch_ref or torchvision's mobilenet_v2, float32) and the Flax model (float32
+or bfloat16 computation) on the same random batch, with the weights of FILE or random weights with
+randomised BatchNorm statistics, and prints for every block (features_0 ... features_N, the pooled
+features, the logits) the output shape, the largest absolute difference, and the largest relative
+difference
+
+    max |flax - torch| / max |torch|        (over the whole block output)
+
+and marks the first block whose relative difference exceeds the tolerance. Exit 0 when every block
+is within it, 1 otherwise, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import torch
+
+import mobilenet_arch
+from parity.check import (
+    DTYPES,
+    REFERENCES,
+    ArgumentParser,
+    architecture_or_fail,
+    fail,
+    flax_model,
+    random_batch,
+    random_torch_model,
+    torch_model,
+    to_nchw,
+)
+from parity.io import WeightsFileError, load_as_torch
+from parity.weights import ConversionError, num_classes_of, torch_to_flax
+
+# float32 rounding through ~50 layers stays near 1e-6 relative (measured); a difference 100x
+# larger is an implementation difference. bfloat16 (8 bits of mantissa) is ~1e-2 and fails it.
+DEFAULT_TOLERANCE = 1e-4
+RELATIVE = "max|flax - torch| / max|torch| over the block's output"
+
+
+def torch_activations(model: torch.nn.Module, x_nhwc: np.ndarray) -> dict[str, np.ndarray]:
+    """Output of every `features[i]`, the pooled features and the logits, NHWC numpy."""
+    outputs: dict[str, np.ndarray] = {}
+
+    def keep(name: str):
+        def hook(module, inputs, output):
+            value = output.detach().numpy()
+            outputs[name] = value.transpose(0, 2, 3, 1) if value.ndim == 4 else value
+
+        return hook
+
+    # The pool is functional in both torch_ref and torchvision; the classifier's Dropout (the
+    # identity in eval mode) sees its output, as Flax's Dropout does.
+    targets = [(f"features_{i}", block) for i, block in enumerate(model.features)]
+    targets.append(("pool", model.classifier[0]))
+    handles = [module.register_forward_hook(keep(name)) for name, module in targets]
+    try:
+        with torch.no_grad():
+            outputs["logits"] = model.eval()(to_nchw(x_nhwc)).numpy()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def flax_activations(model: nn.Module, variables: Any, x_nhwc: np.ndarray) -> dict[str, np.ndarray]:
+    """The same activations from the Flax model, as float32 numpy."""
+
+    def run(variables, x):
+        is_dropout = lambda module, method: isinstance(module, nn.Dropout)  # noqa: E731
+        return model.apply(variables, x, train=False, mutable=["intermediates"], capture_intermediates=is_dropout)
+
+    logits, state = jax.jit(run)(variables, x_nhwc)
+    sown = state["intermediates"]
+    outputs = {block.name: sown[block.name]["output"][0] for block in model.architecture.blocks}
+    outputs["pool"] = next(v["__call__"][0] for k, v in sown.items() if k.startswith("Dropout"))
+    outputs["logits"] = logits
+    return {name: np.asarray(value, np.float32) for name, value in outputs.items()}
+
+
+def compare(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> list[dict]:
+    rows = []
+    for name, ref in reference.items():
+        if other[name].shape != ref.shape:
+            raise ValueError(f"{name}: Flax output {other[name].shape}, PyTorch output {ref.shape}")
+        diff = np.abs(other[name].astype(np.float64) - ref.astype(np.float64))
+        scale = float(np.max(np.abs(ref)))
+        rows.append(
+            {
+                "block": name,
+                "shape": "x".join(map(str, ref.shape)),
+                "max_abs": float(diff.max()),
+                "max_rel": float(diff.max()) / scale if scale > 0 else float(diff.max()),
+            }
+        )
+    return rows
+
+
+def parse_args(argv: list[str] | None):
+    parser = ArgumentParser(prog="python -m parity.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", required=True, choices=mobilenet_arch.ARCHS)
+    parser.add_argument("--width", type=float, default=1.0, help="width multiplier (default 1.0)")
+    parser.add_argument("--weights", help="weights to compare (.pth, .pt, .safetensors, .msgpack); default random")
+    parser.add_argument("--resolution", type=int, default=224, help="input size (default 224)")
+    parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    parser.add_argument("--reference", choices=REFERENCES, default="torch_ref", help="the PyTorch model (default torch_ref)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="Flax computation dtype")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative difference accepted")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and batch")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    architecture_or_fail(args.arch, args.width)
+    if args.resolution < 1 or args.batch < 1:
+        fail(f"--resolution and --batch must be positive, got {args.resolution} and {args.batch}")
+    if args.reference == "torchvision" and args.arch != "v2":
+        fail("torchvision has no MobileNetV1: use --reference torch_ref")
+    try:
+        if args.weights:
+            state_dict = load_as_torch(args.weights, args.arch, args.width)
+            model = torch_model(args.arch, args.width, num_classes_of(state_dict, args.arch), args.reference)
+            model.load_state_dict(state_dict, strict=True)
+            source = f"weights {args.weights}"
+        else:
+            model = random_torch_model(args.arch, args.width, seed=args.seed, reference=args.reference)
+            source = f"random weights, randomised BatchNorm (seed {args.seed})"
+        variables = torch_to_flax(model.state_dict(), args.arch, args.width)
+    except (WeightsFileError, ConversionError, OSError) as e:
+        fail(str(e))
+    num_classes = variables["params"]["classifier"]["bias"].shape[0]
+    x = random_batch(args.batch, args.resolution, args.seed)
+    rows = compare(
+        torch_activations(model, x),
+        flax_activations(flax_model(args.arch, args.width, num_classes, args.dtype), variables, x),
+    )
+
+    print(
+        f"MobileNet{args.arch.upper()} width {args.width}, {source}, input {'x'.join(map(str, x.shape))} (NHWC)\n"
+        f"PyTorch ({args.reference}, float32) vs Flax ({args.dtype})\n"
+        f"relative difference = {RELATIVE}; tolerance {args.tolerance:g}\n"
+    )
+    print(f"{'block':<12} {'output shape':<18} {'max abs diff':>12} {'max rel diff':>12}")
+    first = next((row for row in rows if not row["max_rel"] <= args.tolerance), None)
+    for row in rows:
+        mark = "  <- first divergence" if row is first else ""
+        print(f"{row['block']:<12} {row['shape']:<18} {row['max_abs']:>12.3e} {row['max_rel']:>12.3e}{mark}")
+    print()
+    if first is None:
+        print(f"all {len(rows)} blocks within tolerance {args.tolerance:g}")
+        return 0
+    print(f"first divergence at {first['block']}: relative difference {first['max_rel']:.3g} > {args.tolerance:g}")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
