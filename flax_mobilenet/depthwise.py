@@ -1,14 +1,56 @@
 """The depthwise convolution of both models, in one place so that its implementation can be chosen
-per backend without touching the models."""
+per backend without touching the models.
+
+Two implementations compute the same function:
+
+- ``"xla"``: `lax.conv_general_dilated` with `feature_group_count=C`. XLA's CPU backend lowers a
+  grouped convolution to a slow generic loop, forward and (much worse) backward: about 10x slower
+  than PyTorch on a 3x3 depthwise layer (jax-ml/jax#23713, google/flax#4207). On GPU and TPU it
+  goes to cuDNN / the TPU convolution unit and is the default there.
+- ``"shifted"``: k*k strided slices of the padded input, each times one kernel tap, summed; XLA
+  fuses this into one elementwise loop. Its gradient is written by hand (`jax.custom_vjp`) in the
+  same form, because autodiff of the slices would produce k*k padded full-size buffers; the input
+  gradient is split into stride*stride phases so that a stride-2 layer does no multiply by zero.
+
+``"auto"`` (the default) picks "shifted" on the CPU and "xla" elsewhere, from
+`jax.default_backend()` at trace time. The environment variable ``FLAX_MOBILENET_DEPTHWISE``
+(xla | shifted | auto) overrides it; like any trace-time choice it applies to functions traced
+after it is set (a jitted function already compiled keeps the implementation it was traced with).
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
+import jax.numpy as jnp
 from jax import lax
+
+ENV_VAR = "FLAX_MOBILENET_DEPTHWISE"
+IMPLEMENTATIONS = ("xla", "shifted")
+# Measured in bench/NOTES.md; only the CPU has been measured, so other backends keep XLA's conv.
+AUTO = {"cpu": "shifted"}
+
+
+def implementation(backend: str | None = None) -> str:
+    """The implementation `depthwise_conv2d` uses now: the env override, else the backend's default."""
+    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice == "auto":
+        return AUTO.get(backend or jax.default_backend(), "xla")
+    if choice not in IMPLEMENTATIONS:
+        raise ValueError(f"{ENV_VAR}={choice!r}: expected one of auto, {', '.join(IMPLEMENTATIONS)}")
+    return choice
 
 
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """Depthwise 2-D convolution of NHWC `x` with a (k, k, 1, C) kernel, symmetric padding."""
+    if implementation() == "shifted":
+        return shifted_depthwise_conv2d(x, kernel, stride, padding)
+    return xla_depthwise_conv2d(x, kernel, stride, padding)
+
+
+def xla_depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     return lax.conv_general_dilated(
         x,
         kernel,
@@ -17,3 +59,130 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int)
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=x.shape[-1],
     )
+
+
+def _accumulation_dtype(dtype) -> jnp.dtype:
+    # Sum the k*k products in float32 for half-precision inputs, as a convolution unit does.
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _output_size(size: int, k: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - k) // stride + 1
+
+
+def _pad_spatial(x: jax.Array, low_h: int, high_h: int, low_w: int, high_w: int) -> jax.Array:
+    # lax.pad takes negative amounts, which crop: one op shifts and pads at once.
+    zero = jnp.zeros((), x.dtype)
+    return lax.pad(x, zero, ((0, 0, 0), (low_h, high_h, 0), (low_w, high_w, 0), (0, 0, 0)))
+
+
+def _taps_sum(xp, taps, out_hw, stride, out_dtype):
+    """sum_{i,j} xp[:, stride*o + i, stride*q + j, :] * taps[i, j, :] for o, q < out_hw.
+
+    `xp` is an already padded (materialised) array. Per-tap pads fused into the loop avoid
+    writing it, and win on a bare input; in a network, though, XLA fuses the producer (the previous
+    layer's BatchNorm and activation, or their backward) into each tap and computes it k*k times,
+    which measured slower than writing the padded array once.
+    """
+    ho, wo = out_hw
+    acc = _accumulation_dtype(out_dtype)
+    total = None
+    for i in range(taps.shape[0]):
+        for j in range(taps.shape[1]):
+            window = lax.slice(
+                xp,
+                (0, i, j, 0),
+                (xp.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, xp.shape[3]),
+                (1, stride, stride, 1),
+            )
+            term = window.astype(acc) * taps[i, j].astype(acc)
+            total = term if total is None else total + term
+    return total.astype(out_dtype)
+
+
+def _padded_input(x, k, stride, padding):
+    """x padded by `padding` on every side (as PyTorch pads), and the output size."""
+    h, w = x.shape[1], x.shape[2]
+    ho, wo = _output_size(h, k, stride, padding), _output_size(w, k, stride, padding)
+    return _pad_spatial(x, padding, padding, padding, padding), (ho, wo)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def shifted_depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """`xla_depthwise_conv2d` as k*k shifted multiply-adds, with a hand-written VJP of the same form."""
+    return _fwd(x, kernel, stride, padding)[0]
+
+
+def _fwd(x, kernel, stride, padding):
+    xp, out_hw = _padded_input(x, kernel.shape[0], stride, padding)
+    y = _taps_sum(xp, kernel[:, :, 0, :], out_hw, stride, jnp.result_type(x, kernel))
+    # The padded input is kept rather than x: the kernel gradient reads it, and it is written once.
+    return y, (xp, kernel)
+
+
+def _bwd(stride, padding, residuals, g):
+    xp, kernel = residuals
+    n, hp, wp, c = xp.shape
+    x_shape = (n, hp - 2 * padding, wp - 2 * padding, c)
+    return _input_grad(g, kernel, x_shape, stride, padding), _kernel_grad(xp, g, kernel, stride)
+
+
+def _input_grad(g, kernel, x_shape, stride, padding):
+    """The transposed convolution: output position (o, q) sends g * tap (i, j) to padded input
+    position (stride*o + i, stride*q + j).
+
+    Padded input row r = stride*m + a (phase a < stride) receives from the taps i = a + stride*t,
+    from output row m - t. So each of the stride*stride phases is a stride-1 correlation of g with
+    that phase's taps reversed, and the phases interleave into the padded input. Done this way a
+    stride-2 layer multiplies only by real taps, never by the zeros of a dilated cotangent.
+    """
+    n, h, w, c = x_shape
+    k = kernel.shape[0]
+    taps = kernel[:, :, 0, :]
+    dtype = jnp.result_type(g, kernel)
+    # Rows per phase, rounded up so that the phases interleave to a full grid covering the input.
+    mh, mw = -(-(h + 2 * padding) // stride), -(-(w + 2 * padding) // stride)
+    tmax = (k - 1) // stride  # the most output rows a phase reaches back
+    gp = _pad_spatial(g, tmax, mh - g.shape[1], tmax, mw - g.shape[2])
+    phases = []
+    for a in range(stride):
+        row = []
+        for b in range(stride):
+            sub = taps[a::stride, b::stride][::-1, ::-1]
+            window = gp[:, tmax - (sub.shape[0] - 1) :, tmax - (sub.shape[1] - 1) :, :]
+            row.append(_taps_sum(window, sub, (mh, mw), 1, dtype))
+        phases.append(row)
+    if stride == 1:
+        full = phases[0][0]
+    else:
+        # (n, mh, stride, mw, stride, c) -> (n, mh*stride, mw*stride, c): the padded input's grid.
+        full = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2).reshape(n, mh * stride, mw * stride, c)
+    return full[:, padding : padding + h, padding : padding + w, :]
+
+
+def _kernel_grad(xp, g, kernel, stride):
+    """d kernel[i, j, 0, c] = sum over n, o, q of the (i, j)-shifted padded input times g.
+
+    A `lax.scan` over the k*k taps rather than k*k independent reductions: XLA's CPU reduction
+    (a YNNPACK fusion) cannot fuse the shifted slice, so each tap writes its window out first;
+    unrolled, XLA schedules all k*k windows live at once (k*k fresh buffers the size of the input,
+    each page-faulted in), while the scan reuses one.
+    """
+    n, _, _, c = xp.shape
+    ho, wo = g.shape[1], g.shape[2]
+    span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+    acc = _accumulation_dtype(jnp.result_type(xp, g))
+    g_acc = g.astype(acc)
+
+    def tap(carry, ij):
+        window = lax.dynamic_slice(xp, (0, ij[0], ij[1], 0), (n, span_h, span_w, c))
+        if stride > 1:
+            window = window[:, ::stride, ::stride]
+        return carry, jnp.sum(window.astype(acc) * g_acc, axis=(0, 1, 2))
+
+    k = kernel.shape[0]
+    offsets = jnp.array([(i, j) for i in range(k) for j in range(k)], jnp.int32)
+    return lax.scan(tap, None, offsets)[1].reshape(kernel.shape).astype(kernel.dtype)
+
+
+shifted_depthwise_conv2d.defvjp(_fwd, _bwd)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 import mobilenet_arch
-from flax_mobilenet.layers import BatchNorm, DepthwiseConv, classifier_init, conv_init
+from flax_mobilenet.layers import BatchNorm, DepthwiseConv, PointwiseConv, classifier_init, conv_init
 
 Dtype = Any
 
@@ -39,6 +39,8 @@ class ConvBN(nn.Module):
         layer = self.layer
         if layer.depthwise:
             conv = DepthwiseConv(layer.kernel_size, layer.stride, layer.padding, dtype=self.dtype, name="conv")
+        elif layer.kernel_size == 1 and layer.stride == 1 and layer.groups == 1:
+            conv = PointwiseConv(layer.out_channels, dtype=self.dtype, name="conv")
         else:
             conv = nn.Conv(
                 layer.out_channels,

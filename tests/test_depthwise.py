@@ -1,0 +1,149 @@
+"""The depthwise convolution: the shifted form computes what XLA's grouped convolution computes,
+forward and backward, and the implementation is chosen per backend unless overridden."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import torch_ref
+from flax_mobilenet import create_model, depthwise
+from flax_mobilenet.depthwise import shifted_depthwise_conv2d, xla_depthwise_conv2d
+from parity import torch_to_flax
+
+# (input NHWC, kernel size, stride, padding): odd and even sides, the models' 3x3 at strides 1
+# and 2, a 5x5 and an unpadded case so that the index arithmetic is not tied to k=3, p=1.
+CASES = [
+    ((2, 9, 11, 5), 3, 1, 1),
+    ((2, 9, 11, 5), 3, 2, 1),
+    ((1, 8, 8, 3), 3, 2, 1),
+    ((1, 11, 7, 4), 5, 2, 2),
+    ((1, 7, 7, 3), 3, 1, 0),
+]
+IDS = [f"{'x'.join(map(str, s))}-k{k}-s{st}-p{p}" for s, k, st, p in CASES]
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _inputs(shape, k, dtype=jnp.float32):
+    kx, kk = jax.random.split(jax.random.key(sum(shape) + k))
+    x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
+    kernel = jax.random.normal(kk, (k, k, 1, shape[-1]), jnp.float32).astype(dtype)
+    return x, kernel
+
+
+def _grads(fn, x, kernel, stride, padding):
+    """Gradients of <fn(x, kernel), g> wrt x and kernel, for a fixed random cotangent g."""
+    out = jax.eval_shape(lambda x, k: xla_depthwise_conv2d(x, k, stride, padding), x, kernel)
+    g = jax.random.normal(jax.random.key(7), out.shape).astype(x.dtype)
+    loss = lambda x, k: jnp.vdot(fn(x, k, stride, padding).astype(jnp.float32), g.astype(jnp.float32))  # noqa: E731
+    return jax.jit(jax.grad(loss, (0, 1)))(x, kernel)
+
+
+# fp32: both sum the same k*k products per output in a different order (and the kernel gradient
+# the same N*H*W products), so they differ by rounding only: a few float32 ulps, well below 1e-6
+# relative (measured 1e-7 to 3e-7).
+FP32_RTOL = 1e-6
+
+
+@pytest.mark.parametrize("shape,k,stride,padding", CASES, ids=IDS)
+def test_shifted_forward_equals_xla_conv_fp32(shape, k, stride, padding):
+    x, kernel = _inputs(shape, k)
+    want = xla_depthwise_conv2d(x, kernel, stride, padding)
+    got = jax.jit(shifted_depthwise_conv2d, static_argnums=(2, 3))(x, kernel, stride, padding)
+    assert got.shape == want.shape
+    assert rel_l2(got, want) < FP32_RTOL
+
+
+@pytest.mark.parametrize("shape,k,stride,padding", CASES, ids=IDS)
+def test_shifted_input_gradient_equals_xla_conv_fp32(shape, k, stride, padding):
+    x, kernel = _inputs(shape, k)
+    want = _grads(xla_depthwise_conv2d, x, kernel, stride, padding)[0]
+    got = _grads(shifted_depthwise_conv2d, x, kernel, stride, padding)[0]
+    assert rel_l2(got, want) < FP32_RTOL
+
+
+@pytest.mark.parametrize("shape,k,stride,padding", CASES, ids=IDS)
+def test_shifted_kernel_gradient_equals_xla_conv_fp32(shape, k, stride, padding):
+    x, kernel = _inputs(shape, k)
+    want = _grads(xla_depthwise_conv2d, x, kernel, stride, padding)[1]
+    got = _grads(shifted_depthwise_conv2d, x, kernel, stride, padding)[1]
+    assert rel_l2(got, want) < FP32_RTOL
+
+
+# bf16: the shifted form accumulates bf16 inputs in float32 and rounds each result once to bf16
+# (8 significant bits: relative error at most 2^-9, about 0.2%). The reference is XLA's conv in
+# float32 on the same bf16 values, so that rounding is all that should differ; 1e-2 is 5x it.
+BF16_RTOL = 1e-2
+
+
+@pytest.mark.parametrize("shape,k,stride,padding", CASES[:3], ids=IDS[:3])
+def test_shifted_bf16_forward_and_gradients_match_fp32_conv(shape, k, stride, padding):
+    x, kernel = _inputs(shape, k, jnp.bfloat16)
+    x32, kernel32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
+    got = shifted_depthwise_conv2d(x, kernel, stride, padding)
+    assert got.dtype == jnp.bfloat16
+    assert rel_l2(got, xla_depthwise_conv2d(x32, kernel32, stride, padding)) < BF16_RTOL
+    got_dx, got_dk = _grads(shifted_depthwise_conv2d, x, kernel, stride, padding)
+    want_dx, want_dk = _grads(xla_depthwise_conv2d, x32, kernel32, stride, padding)
+    assert got_dx.dtype == got_dk.dtype == jnp.bfloat16
+    assert rel_l2(got_dx, want_dx) < BF16_RTOL
+    assert rel_l2(got_dk, want_dk) < BF16_RTOL
+
+
+def _primitives(fn, *args) -> set[str]:
+    return {eqn.primitive.name for eqn in jax.make_jaxpr(fn)(*args).eqns}
+
+
+def test_auto_picks_shifted_on_cpu_and_xla_elsewhere(monkeypatch):
+    monkeypatch.delenv(depthwise.ENV_VAR, raising=False)
+    assert jax.default_backend() == "cpu"
+    assert depthwise.implementation() == "shifted"
+    assert depthwise.implementation("gpu") == "xla"
+    assert depthwise.implementation("tpu") == "xla"
+
+
+def test_env_override_chooses_the_implementation_that_gets_traced(monkeypatch):
+    x, kernel = _inputs((1, 5, 5, 2), 3)
+    trace = lambda: _primitives(lambda x, k: depthwise.depthwise_conv2d(x, k, 1, 1), x, kernel)  # noqa: E731
+    monkeypatch.setenv(depthwise.ENV_VAR, "xla")
+    assert "conv_general_dilated" in trace()
+    monkeypatch.setenv(depthwise.ENV_VAR, "shifted")
+    assert "conv_general_dilated" not in trace()
+    assert "custom_vjp_call" in trace()
+
+
+def test_env_override_rejects_an_unknown_implementation(monkeypatch):
+    monkeypatch.setenv(depthwise.ENV_VAR, "pallas")
+    with pytest.raises(ValueError, match="FLAX_MOBILENET_DEPTHWISE='pallas': expected one of auto, xla, shifted"):
+        depthwise.implementation()
+
+
+@pytest.mark.parametrize("arch", ["v1", "v2"])
+def test_flax_model_with_shifted_depthwise_matches_torch_in_eval(arch, monkeypatch, record_property):
+    # Width 0.25 and an odd input side (35: odd at every stride-2 layer) keep it small and
+    # exercise the stride-2 layers' asymmetric last window.
+    monkeypatch.setenv(depthwise.ENV_VAR, "shifted")
+    torch.manual_seed(0)
+    reference = torch_ref.create_model(arch, 0.25, num_classes=10).eval()
+    # Non-trivial BatchNorm statistics, so that eval mode is not the identity normalisation.
+    for module in reference.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    images = np.random.default_rng(0).standard_normal((2, 35, 35, 3), dtype=np.float32)
+    with torch.no_grad():
+        want = reference(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    variables = torch_to_flax(reference.state_dict(), arch, 0.25)
+    model = create_model(arch, 0.25, num_classes=10)
+    got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jnp.asarray(images))
+    error = rel_l2(got, want)
+    record_property("logits_rel_l2", error)
+    # The project's parity bar in float32 (issue 2): rel-L2 1e-5 on the logits.
+    assert error < 1e-5
