@@ -1,0 +1,12 @@
+"""Training MobileNetV1/V2: `python -m train.main`, `python -m train.eval`, `python -m train.compare`.
+
+    data.py         input pipelines (digits, TFDS through grain)
+    config.py       flags and the papers' recipes as presets
+    optim.py        schedules and optax chains with torch.optim's semantics
+    step.py         create_train_state, train_step, eval_step (JAX)
+    torch_step.py   the same for torch_ref
+    distributed.py  mesh, shardings, multi-host set-up
+    checkpoint.py   orbax checkpoints (and the PyTorch path's)
+    metrics.py      metrics.jsonl and the curves PNG
+    main.py         the training loop
+"""

@@ -1,0 +1,94 @@
+"""`python -m train.eval --arch v2 --width 1.0 --weights FILE [--framework jax|torch] [--dataset NAME]`
+
+Evaluates a .msgpack, .pth/.pt or .safetensors file on the dataset's eval split in either
+framework (the file is converted through `parity` when it comes from the other one) and prints
+`accuracy=<value>` as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+import mobilenet_arch
+from parity import ConversionError
+from parity import io as weights_io
+from train import config as config_lib, data
+
+
+def evaluate_jax(variables: dict, arch: str, width: float, batches) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    from flax_mobilenet import create_model
+
+    num_classes = int(np.shape(variables["params"][mobilenet_arch.architecture(arch).flax_classifier]["bias"])[0])
+    model = create_model(arch, width, num_classes)
+
+    @jax.jit
+    def correct(batch):
+        logits = model.apply(variables, batch["image"], train=False)
+        return jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"]), jnp.sum(batch["mask"])
+
+    totals = np.array([jax.device_get(correct(b)) for b in batches], np.float64)
+    return float(totals[:, 0].sum() / totals[:, 1].sum())
+
+
+def evaluate_torch(state_dict: dict, arch: str, width: float, batches) -> float:
+    import torch
+
+    import torch_ref
+    from parity.weights import num_classes_of
+    from train.torch_step import to_torch
+
+    model = torch_ref.create_model(arch, width, num_classes_of(state_dict, arch))
+    model.load_state_dict(state_dict)
+    model.eval()
+    right = total = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            batch = to_torch(batch)
+            hits = (model(batch["image"]).argmax(-1) == batch["label"]).float()
+            right += float((hits * batch["mask"]).sum())
+            total += float(batch["mask"].sum())
+    return right / total
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = config_lib.Parser(prog="python -m train.eval", description=__doc__.splitlines()[2].strip())
+    p.add_argument("--arch", required=True, choices=mobilenet_arch.ARCHS, help="MobileNetV1 or MobileNetV2")
+    p.add_argument("--width", type=config_lib.positive_float, default=1.0, help="width multiplier of the weights")
+    p.add_argument("--weights", required=True, help=".msgpack (Flax), .pth/.pt or .safetensors (PyTorch)")
+    p.add_argument("--framework", choices=("jax", "torch"), default="jax", help="which implementation runs the model")
+    p.add_argument("--dataset", default="digits", help="'digits' or a prepared TFDS name")
+    p.add_argument("--data-dir", help="TFDS data directory")
+    p.add_argument("--resolution", type=config_lib.positive_int, help="input side (default: the dataset's own)")
+    p.add_argument("--batch-size", type=config_lib.positive_int, default=100, help="examples per forward pass")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prog = "train.eval"
+    try:
+        info = data.dataset_info(args.dataset, args.data_dir)
+        resolution = args.resolution or info.default_resolution
+        minimum = config_lib.min_resolution(args.arch)
+        if resolution < minimum:
+            raise ValueError(f"resolution {resolution} is too small for MobileNet{args.arch.upper()}: expected at least {minimum}")
+        batches = data.eval_batches(args.dataset, resolution=resolution, global_batch_size=args.batch_size, data_dir=args.data_dir)
+        if args.framework == "jax":
+            accuracy = evaluate_jax(weights_io.load_as_flax(args.weights, args.arch, args.width), args.arch, args.width, batches)
+        else:
+            accuracy = evaluate_torch(weights_io.load_as_torch(args.weights, args.arch, args.width), args.arch, args.width, batches)
+    except (ValueError, ConversionError) as e:  # DataError, WeightsFileError, ConversionError
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"accuracy={accuracy:.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

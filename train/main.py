@@ -1,0 +1,346 @@
+"""`python -m train.main --arch v2 --width 1.0`: train, evaluate each epoch, checkpoint, export.
+
+    train_and_evaluate(config)
+        set-up checks (dataset, resolution, devices)   -> one-line error, exit 2, before any work
+        jax:   state replicated over a mesh, batches sharded      (train/step.py, distributed.py)
+        torch: torch_ref on the same batches, the same schedule   (train/torch_step.py)
+        loop:  progress bar, metrics.jsonl + curves.png, checkpoints, NaN stop
+        WORKDIR/model.msgpack and WORKDIR/model.pth              (through parity)
+
+A run started again in the same workdir resumes from its latest checkpoint; data order depends
+only on (seed, epoch) and dropout keys on (seed, step), so the resumed run ends where an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+import parity
+from flax_mobilenet import create_model, init_variables
+from parity import io as weights_io
+from train import checkpoint, config as config_lib, data, distributed, metrics, optim, step as step_lib
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the checks found: everything the loop needs to know about the run's size."""
+
+    num_classes: int
+    resolution: int
+    steps_per_epoch: int
+    total_steps: int  # the schedule's length: --epochs
+    stop_step: int  # where this run stops: --max-steps if smaller
+    checkpoint_every: int
+
+
+def plan(config: config_lib.Config) -> Plan:
+    """Check the flags against the dataset and the devices; raise ValueError with a one-line
+    message when they do not fit."""
+    info = data.dataset_info(config.dataset, config.data_dir)
+    resolution = config.resolution or info.default_resolution
+    minimum = config_lib.min_resolution(config.arch)
+    if resolution < minimum:
+        raise ValueError(f"resolution {resolution} is too small for MobileNet{config.arch.upper()}: expected at least {minimum}")
+    if config.framework == "jax":
+        problem = distributed.check_batch_size(config.batch_size)
+        if problem:
+            raise ValueError(problem)
+    steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size, config.data_dir)
+    total = config.epochs * steps_per_epoch
+    stop = min(total, config.max_steps or total)
+    return Plan(info.num_classes, resolution, steps_per_epoch, total, stop, config.checkpoint_every or steps_per_epoch)
+
+
+def train_and_evaluate(config: config_lib.Config, run_plan: Plan) -> dict:
+    """Train as `config` says; returns the last evaluation's metrics."""
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.framework == "torch":
+        return _train_torch(config, run_plan, workdir)
+    return _train_jax(config, run_plan, workdir)
+
+
+# --- JAX -----------------------------------------------------------------------------------
+
+
+def _train_jax(config, run_plan: Plan, workdir: Path) -> dict:
+    mesh = distributed.make_mesh()
+    state_sharding, batch_sharding = distributed.replicated(mesh), distributed.batch_sharded(mesh)
+    model = _flax_model(config, run_plan.num_classes)
+    init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
+    # Initialised under jit straight into the replicated sharding (device_put of host values onto
+    # a multi-process sharding is refused).
+    state = jax.jit(lambda key: _initial_state(config, run_plan, model, key), out_shardings=state_sharding)(init_key)
+    mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+    state = checkpoint.restore_latest(mngr, state)
+    train_fn, eval_fn = step_lib.jit_steps(config.label_smoothing, state_sharding, batch_sharding)
+    # Raw key data as numpy: jit replicates a host value on every process, where device_put of
+    # a typed key onto a multi-process sharding is refused.
+    dropout_key = np.asarray(jax.random.key_data(dropout_key))
+    holder = {"state": state}
+
+    def train(batch):
+        holder["state"], step_metrics = train_fn(holder["state"], distributed.global_batch(batch, batch_sharding), dropout_key)
+        return step_metrics
+
+    def evaluate():
+        totals = [eval_fn(holder["state"], distributed.global_batch(b, batch_sharding)) for b in _eval_batches(config, run_plan)]
+        return _summarise(jax.device_get(totals))
+
+    def save():
+        checkpoint.save(mngr, holder["state"])
+
+    try:
+        result = _loop(config, run_plan, workdir, int(jax.device_get(state.step)), train, evaluate, save)
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+    if jax.process_index() == 0:
+        variables = jax.device_get({"params": holder["state"].params, "batch_stats": holder["state"].batch_stats})
+        _export(config, workdir, variables, parity.flax_to_torch(variables, config.arch, int(holder["state"].step)))
+    return result
+
+
+def _flax_model(config, num_classes: int):
+    dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
+    kwargs = {} if config.dropout is None else {"dropout": config.dropout}
+    return create_model(config.arch, config.width, num_classes, dtype=dtype, **kwargs)
+
+
+def _initial_state(config, run_plan: Plan, model, key):
+    # The optimizer's mask needs the parameter tree: initialise once to get it, then build.
+    params = jax.eval_shape(lambda: init_variables(model, key, run_plan.resolution))["params"]
+    optimizer = optim.make_optimizer(config, params, run_plan.steps_per_epoch)
+    return step_lib.create_train_state(model, optimizer, key, run_plan.resolution)
+
+
+# --- PyTorch ---------------------------------------------------------------------------------
+
+
+def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
+    import torch
+
+    import torch_ref
+    from train import torch_step
+
+    if config.dropout is None:
+        model = torch_ref.create_model(config.arch, config.width, run_plan.num_classes)
+    else:
+        model = torch_ref.create_model(config.arch, config.width, run_plan.num_classes, dropout=config.dropout)
+    # Start from the weights JAX would start from, so the two runs differ only in the framework.
+    init_key, _ = jax.random.split(jax.random.key(config.seed))
+    variables = init_variables(_flax_model(config, run_plan.num_classes), init_key, run_plan.resolution)
+    model.load_state_dict(parity.flax_to_torch(jax.device_get(variables), config.arch))
+    torch.manual_seed(config.seed)  # dropout masks
+    optimizer = torch_step.make_optimizer(config, model)
+    start = checkpoint.restore_torch(workdir, model, optimizer)
+    learning_rates = optim.schedule_values(config, run_plan.steps_per_epoch)
+    counter = {"step": start}
+
+    def train(batch):
+        torch_step.set_learning_rate(optimizer, float(learning_rates[counter["step"]]))
+        counter["step"] += 1
+        return torch_step.train_step(model, optimizer, batch, config.label_smoothing, config.precision)
+
+    def evaluate():
+        totals = [torch_step.eval_step(model, b, config.precision) for b in _eval_batches(config, run_plan)]
+        return _summarise([{k: v.item() for k, v in t.items()} for t in totals])
+
+    def save():
+        checkpoint.save_torch(workdir, model, optimizer, counter["step"])
+
+    result = _loop(config, run_plan, workdir, start, train, evaluate, save)
+    state_dict = model.state_dict()
+    variables = parity.torch_to_flax(state_dict, config.arch, config.width)
+    _export(config, workdir, variables, state_dict)
+    return result
+
+
+# --- The loop, shared -----------------------------------------------------------------------
+
+
+def _loop(config, run_plan: Plan, workdir: Path, start: int, train: Callable, evaluate: Callable, save: Callable) -> dict:
+    """Epochs of `train(batch) -> {"loss", "accuracy"}` from step `start`; `evaluate() -> dict`
+    after each --eval-every epochs and at the end, `save()` every --checkpoint-every steps.
+
+    Losses are fetched from the device in windows (at logging and checkpoint steps, and at the
+    end of each epoch), so that the host does not wait for every step; a window with a NaN or
+    infinite loss stops the run before anything after that step is saved.
+    """
+    chief = _process_index(config) == 0
+    spe, stop = run_plan.steps_per_epoch, run_plan.stop_step
+    if chief:
+        metrics.truncate_after(workdir, start)
+    result: dict = {}
+    if start >= stop:
+        _print(chief, f"{workdir}: already trained to step {start}; exporting the weights again")
+        return result
+    step, window, since, timer = start, [], start, time.perf_counter()
+    images_per_second = 0.0
+    for epoch in range(start // spe, math.ceil(stop / spe)):
+        first = step - epoch * spe
+        bar = tqdm(
+            total=min(spe, stop - epoch * spe),
+            initial=first,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            unit="step",
+            disable=not (config.progress and chief),
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
+        batches = _train_batches(config, run_plan, epoch, first)
+        for batch in batches:
+            window.append((step + 1, train(batch)))
+            step += 1
+            bar.update(1)
+            at_log, at_save = step % config.log_every == 0, step % run_plan.checkpoint_every == 0
+            if at_log or at_save or step % spe == 0 or step == stop:
+                losses, accuracies = _check_window(window)
+                elapsed = time.perf_counter() - timer
+                images_per_second = (step - since) * config.batch_size / max(elapsed, 1e-9)
+                if chief and at_log:
+                    metrics.append(workdir, {"step": step, "train_loss": float(np.mean(losses[-config.log_every :]))})
+                bar.set_postfix(
+                    loss=f"{losses[-1]:.4f}",
+                    acc=f"{np.mean(accuracies):.3f}",
+                    img_s=f"{images_per_second:.0f}",
+                    run_eta=_eta((stop - step) * config.batch_size / max(images_per_second, 1e-9)),
+                    refresh=False,
+                )
+                window, since, timer = [], step, time.perf_counter()
+                if at_save and step < stop:
+                    save()
+            if step >= stop:
+                break
+        epoch_done = step == (epoch + 1) * spe
+        if step >= stop or (epoch_done and (epoch + 1) % config.eval_every == 0):
+            result = evaluate()
+            row = {"step": step, "epoch": epoch + 1, "eval_loss": result["loss"], "eval_accuracy": result["accuracy"]}
+            if chief:
+                metrics.append(workdir, row)
+                metrics.plot_workdir(workdir)
+            bar.set_postfix(eval_loss=f"{result['loss']:.4f}", eval_acc=f"{result['accuracy']:.4f}", img_s=f"{images_per_second:.0f}")
+        bar.close()
+        timer = time.perf_counter()  # evaluation is not training time
+        if step >= stop or (epoch_done and step % run_plan.checkpoint_every != 0):
+            save()
+    if chief:
+        metrics.plot_workdir(workdir)
+    return result
+
+
+def _check_window(window: list) -> tuple[np.ndarray, np.ndarray]:
+    values = jax.device_get([m for _, m in window]) if window else []
+    losses = np.array([float(v["loss"]) for v in values])
+    accuracies = np.array([float(v["accuracy"]) for v in values])
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        raise NonFiniteLoss(f"the training loss became {losses[bad[0]]} at step {window[bad[0]][0]}")
+    return losses, accuracies
+
+
+def _summarise(totals: list[dict]) -> dict:
+    count = sum(float(t["count"]) for t in totals)
+    return {
+        "loss": sum(float(t["loss_sum"]) for t in totals) / count,
+        "accuracy": sum(float(t["correct"]) for t in totals) / count,
+    }
+
+
+def _train_batches(config, run_plan: Plan, epoch: int, start_batch: int) -> Iterator[dict]:
+    return data.train_batches(
+        config.dataset,
+        resolution=run_plan.resolution,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        start_batch=start_batch,
+        process_index=_process_index(config),
+        process_count=_process_count(config),
+        data_dir=config.data_dir,
+    )
+
+
+def _eval_batches(config, run_plan: Plan) -> Iterator[dict]:
+    return data.eval_batches(
+        config.dataset,
+        resolution=run_plan.resolution,
+        global_batch_size=config.batch_size,
+        process_index=_process_index(config),
+        process_count=_process_count(config),
+        data_dir=config.data_dir,
+    )
+
+
+def _process_index(config) -> int:
+    return jax.process_index() if config.framework == "jax" else 0
+
+
+def _process_count(config) -> int:
+    return jax.process_count() if config.framework == "jax" else 1
+
+
+def _export(config, workdir: Path, variables: dict, state_dict: dict) -> None:
+    weights_io.save_flax_variables(variables, workdir / "model.msgpack")
+    weights_io.save_torch_state_dict(state_dict, workdir / "model.pth")
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _print(chief: bool, message: str) -> None:
+    if chief:
+        print(message, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = config_lib.parse_config(argv)
+    prog = "train.main"
+    if config.framework == "jax":
+        distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+    try:
+        run_plan = plan(config)
+    except ValueError as e:  # data.DataError included
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = train_and_evaluate(config, run_plan)
+    except NonFiniteLoss as e:
+        last = _last_checkpoint(config)
+        print(f"{prog}: error: {e}; stopped. {last}", file=sys.stderr)
+        return 1
+    if result and _process_index(config) == 0:
+        print(f"eval_loss={result['loss']:.4f} accuracy={result['accuracy']:.4f}")
+    return 0
+
+
+def _last_checkpoint(config) -> str:
+    directory = Path(config.workdir) / checkpoint.CHECKPOINT_DIR
+    if config.framework == "jax":
+        steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit())
+        if steps:
+            return f"The last good checkpoint is step {steps[-1]} in {directory}."
+    elif (directory / checkpoint.TORCH_CHECKPOINT).is_file():
+        return f"The last good checkpoint is {directory / checkpoint.TORCH_CHECKPOINT}."
+    return "No checkpoint was written before it."
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The train and eval steps: pure functions of (state, batch), jitted by the caller.
+
+    state = create_train_state(model, optimizer, jax.random.key(0), resolution=32)
+    state, metrics = jax.jit(train_step)(state, batch, dropout_key)
+    metrics = jax.jit(eval_step)(state, batch)
+
+Under `jax.jit` with the batch sharded over a mesh (train/distributed.py) the means in the loss
+and in BatchNorm are over the global batch: the step is written for one device and XLA inserts
+the cross-device reductions.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from flax_mobilenet import MobileNet, init_variables
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState plus the BatchNorm running statistics, which are state, not parameters."""
+
+    batch_stats: Any
+
+
+def create_train_state(
+    model: MobileNet, optimizer: optax.GradientTransformation, key: jax.Array, resolution: int
+) -> TrainState:
+    variables = init_variables(model, key, resolution)
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=optimizer
+    )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy with label smoothing as `torch.nn.CrossEntropyLoss` does it
+    (targets (1 - s) one-hot + s / classes)."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(
+    state: TrainState, batch: dict, dropout_key: jax.Array, label_smoothing: float = 0.0
+) -> tuple[TrainState, dict]:
+    """One optimizer step on `batch`; returns the new state and the batch's loss and accuracy.
+
+    The dropout key is folded with the step number, so the same base key gives the same masks
+    whether or not the run was interrupted.
+    """
+    key = jax.random.fold_in(dropout_key, state.step)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"],
+            train=True,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
+        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return state, {"loss": loss, "accuracy": accuracy}
+
+
+def eval_step(state: TrainState, batch: dict) -> dict:
+    """Sums over the real examples of `batch` (mask 1): summed over batches by the caller, so
+    that a padded last batch counts each example once."""
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+    mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
+    loss = cross_entropy(logits, batch["label"])
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+
+def jit_steps(label_smoothing: float, state_sharding=None, batch_sharding=None):
+    """`(train_step, eval_step)` jitted, with the state replicated and the batch sharded when
+    shardings are given.
+
+    The old state is not donated: orbax's asynchronous save reads the saved state's buffers
+    after `save` returns, and on the CPU a donated buffer is overwritten in place by the next
+    step (a resumed run then started from a checkpoint holding a later step's values).
+    """
+    train = functools.partial(train_step, label_smoothing=label_smoothing)
+    if state_sharding is None:
+        return jax.jit(train), jax.jit(eval_step)
+    train = jax.jit(
+        train,
+        in_shardings=(state_sharding, batch_sharding, state_sharding),
+        out_shardings=(state_sharding, state_sharding),
+    )
+    evaluate = jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding), out_shardings=state_sharding)
+    return train, evaluate

@@ -1,0 +1,103 @@
+"""The PyTorch side of `--framework torch`: torch_ref, `torch.optim`, and steps mirroring train/step.py.
+
+    model = torch_ref.create_model("v2", 1.0, num_classes=10)
+    optimizer = make_optimizer(config, model)
+    set_learning_rate(optimizer, lr)               # the value train/optim.py's schedule gives this step
+    metrics = train_step(model, optimizer, batch)  # batch: the same NHWC numpy arrays JAX gets
+
+The optimizer is the one `train.optim.make_optimizer` mirrors: SGD or RMSprop with coupled weight
+decay, the depthwise filters in their own param group when their decay differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import mobilenet_arch
+
+
+def to_torch(batch: dict) -> dict[str, torch.Tensor]:
+    """NHWC numpy batch -> NCHW tensors (the layout torch's convolutions expect)."""
+    out = {"image": torch.from_numpy(np.ascontiguousarray(np.asarray(batch["image"]).transpose(0, 3, 1, 2)))}
+    out["label"] = torch.from_numpy(np.asarray(batch["label"]).astype(np.int64))
+    if "mask" in batch:
+        out["mask"] = torch.from_numpy(np.asarray(batch["mask"], np.float32))
+    return out
+
+
+def depthwise_parameter_names(arch: str) -> set[str]:
+    architecture = mobilenet_arch.architecture(arch)
+    return {f"{l.torch_conv}.weight" for b in architecture.blocks for l in b.layers if l.depthwise}
+
+
+def make_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """torch.optim.SGD or RMSprop as `config` says; the learning rate is set every step."""
+    depthwise = depthwise_parameter_names(config.arch)
+    named = list(model.named_parameters())
+    if config.dw_weight_decay == config.weight_decay:
+        groups = [{"params": [p for _, p in named], "weight_decay": config.weight_decay}]
+    else:
+        groups = [
+            {"params": [p for n, p in named if n not in depthwise], "weight_decay": config.weight_decay},
+            {"params": [p for n, p in named if n in depthwise], "weight_decay": config.dw_weight_decay},
+        ]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(
+            groups,
+            lr=config.lr,
+            alpha=config.rmsprop_decay,
+            eps=config.rmsprop_eps,
+            momentum=config.momentum,
+            centered=config.rmsprop_centered,
+        )
+    raise ValueError(f"unknown optimizer {config.optimizer!r}: expected sgd or rmsprop")
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _autocast(precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    label_smoothing: float = 0.0,
+    precision: str = "fp32",
+) -> dict[str, torch.Tensor]:
+    """One optimizer step on an NHWC numpy batch; returns the batch's loss and accuracy."""
+    batch = to_torch(batch)
+    model.train()
+    with _autocast(precision):
+        logits = model(batch["image"]).float()
+    loss = F.cross_entropy(logits, batch["label"], label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    accuracy = (logits.argmax(-1) == batch["label"]).float().mean()
+    return {"loss": loss.detach(), "accuracy": accuracy}
+
+
+@torch.no_grad()
+def eval_step(model: torch.nn.Module, batch: dict, precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """Sums over the real examples of the batch, as train/step.py's eval_step."""
+    batch = to_torch(batch)
+    model.eval()
+    with _autocast(precision):
+        logits = model(batch["image"]).float()
+    mask = batch.get("mask", torch.ones(batch["label"].shape))
+    loss = F.cross_entropy(logits, batch["label"], reduction="none")
+    correct = (logits.argmax(-1) == batch["label"]).float()
+    return {"loss_sum": (loss * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
