@@ -175,7 +175,8 @@ def _kernel_grad(xp, g, kernel, stride):
     g_acc = g.astype(acc)
 
     def tap(carry, ij):
-        window = lax.dynamic_slice(xp, (0, ij[0], ij[1], 0), (n, span_h, span_w, c))
+        zero = jnp.zeros((), ij.dtype)  # start indices of one integer type, also under jax_enable_x64
+        window = lax.dynamic_slice(xp, (zero, ij[0], ij[1], zero), (n, span_h, span_w, c))
         if stride > 1:
             window = window[:, ::stride, ::stride]
         return carry, jnp.sum(window.astype(acc) * g_acc, axis=(0, 1, 2))

@@ -45,7 +45,8 @@ class BatchNorm(nn.Module):
 
         if train:
             axes = tuple(range(x.ndim - 1))
-            x32 = x.astype(jnp.float32)
+            # Statistics in float32 at least (float64 when the model runs in float64).
+            x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
             mean = x32.mean(axes)
             var = jnp.square(x32 - mean).mean(axes)
             if not self.is_initializing():

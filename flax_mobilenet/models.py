@@ -76,7 +76,7 @@ class Block(nn.Module):
 
 class MobileNet(nn.Module):
     """The network that `architecture` describes; `dtype` is the computation dtype (parameters and
-    BatchNorm statistics stay float32). Logits are returned in float32."""
+    BatchNorm statistics stay float32). Logits are returned in float32 (float64 for a float64 model)."""
 
     architecture: mobilenet_arch.Architecture
     dtype: Dtype = jnp.float32
@@ -92,7 +92,7 @@ class MobileNet(nn.Module):
         x = nn.Dense(
             arch.num_classes, dtype=self.dtype, kernel_init=classifier_init, name=arch.flax_classifier
         )(x)
-        return x.astype(jnp.float32)
+        return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 def MobileNetV1(

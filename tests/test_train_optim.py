@@ -115,9 +115,17 @@ def test_one_train_step_matches_pytorch_on_the_same_batch(flags):
         torch_losses.append(float(torch_step.train_step(model, optimizer, batch, config.label_smoothing)["loss"]))
     trained = parity.torch_to_flax(model.state_dict(), ARCH, WIDTH)
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-5)  # one float32 forward pass
-    # float32 rounding in one forward and backward pass: measured 4e-9 (parameters) and 1e-7
-    # (running statistics, averages of activations), against a movement of 3e-4.
-    assert _relative_l2(state.params, trained["params"]) < 1e-6
+    # The update each framework made, compared with each other. Its error is the float32 error of
+    # the training-mode gradient (see tests/test_parity_outputs.py: per tensor up to a few 1e-2 of
+    # float64 in either framework, depending on the order of the sums), which RMSprop's first step
+    # (g / sqrt(0.1 g^2 + eps)) passes on almost unscaled. Measured: UPDATE_ERRORS below. A wrong
+    # optimizer rule (coupled vs decoupled decay, eps inside the root, momentum order) is off by
+    # order 1. Running statistics are averages of activations: rounding only, measured 1e-7.
+    jax_update = jax.tree.map(np.subtract, jax.device_get(state.params), variables["params"])
+    torch_update = jax.tree.map(np.subtract, trained["params"], variables["params"])
+    error = _relative_l2(jax_update, torch_update)
+    print(f"one-step update relative L2 difference ({flags[1]}): {error:.2e}")
+    assert error < 0.1
     assert _relative_l2(state.batch_stats, trained["batch_stats"]) < 1e-5
     assert _relative_l2(state.params, variables["params"]) > 1e-4  # the step did move the weights
 
