@@ -81,7 +81,8 @@ def train_step(
     batch = to_torch(batch)
     model.train()
     with _autocast(precision):
-        logits = model(batch["image"]).float()
+        logits = model(batch["image"])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # the loss in float32 at least
     loss = F.cross_entropy(logits, batch["label"], label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
