@@ -177,3 +177,14 @@ def test_depthwise_mask_marks_only_depthwise_filters():
     mask = optim.depthwise_mask(params, "v1")
     marked = {"/".join(k.key for k in path) for path, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m}
     assert marked == {f"features_{i}/depthwise/conv/kernel" for i in range(1, 14)}
+
+
+def test_presets_set_the_papers_recipes_and_explicit_flags_override_them():
+    v2 = parse_config(["--preset", "v2-paper"])
+    assert (v2.arch, v2.optimizer, v2.lr, v2.rmsprop_decay, v2.momentum) == ("v2", "rmsprop", 0.045, 0.9, 0.9)
+    assert (v2.schedule, v2.lr_decay_rate, v2.weight_decay) == ("exponential", 0.98, 4e-5)
+    v1 = parse_config(["--preset", "v1-paper"])
+    assert (v1.arch, v1.optimizer, v1.depthwise_weight_decay) == ("v1", "rmsprop", 0.0)
+    assert parse_config(["--preset", "torchvision-sgd"]).optimizer == "sgd"
+    overridden = parse_config(["--preset", "v2-paper", "--lr", "0.1", "--arch", "v1"])
+    assert (overridden.lr, overridden.arch, overridden.optimizer) == (0.1, "v1", "rmsprop")
