@@ -1,5 +1,5 @@
-"""`python -m train.main` end to end, in subprocesses, on tiny runs: metrics, checkpoints and resume,
-the NaN stop, exported weights, train.eval, and the flag errors.
+"""`python -m train.main` end to end, in subprocesses, on tiny runs: metrics, checkpoints and resume
+(both frameworks), the NaN stop, exported weights, train.eval, and the flag errors.
 
 Every run shares one persistent XLA compilation cache, so that the same tiny network is compiled
 once per device layout rather than once per process.
@@ -28,6 +28,8 @@ from flax import serialization
 ROOT = Path(__file__).resolve().parents[1]
 # MobileNetV1 at width 0.25 on 32x32 digits: the cheapest network to compile; 16 a batch.
 TINY = "--arch v1 --width 0.25 --batch-size 16 --epochs 1 --lr 0.01 --warmup-epochs 0 --log-every 1 --no-progress".split()
+# The PyTorch path, with dropout so that resuming it must also restore the dropout masks.
+TORCH = "--framework torch --dropout 0.2".split()
 
 
 def session_dir(tmp_path_factory) -> Path:
@@ -74,17 +76,33 @@ def load_params(workdir: Path) -> dict:
     return serialization.msgpack_restore((workdir / "model.msgpack").read_bytes())
 
 
-@pytest.fixture(scope="session")
-def baseline(tmp_path_factory, compile_cache) -> Path:
-    """Eight steps on one device, checkpointing every two; run once per session (it is the
-    reference of this file's and test_train_distributed's comparisons)."""
-    workdir = session_dir(tmp_path_factory) / "baseline-run"
+def load_state_dict(workdir: Path) -> dict:
+    return torch.load(workdir / "model.pth", map_location="cpu", weights_only=True)
+
+
+def shared_run(tmp_path_factory, compile_cache, name: str, flags: list[str]) -> Path:
+    """`python -m train.main FLAGS` in a workdir shared by the whole session: run by the first
+    test (of any pytest-xdist worker) that needs it, reused by the others."""
+    workdir = session_dir(tmp_path_factory) / name
     with locked(workdir.with_suffix(".lock")):
         if not (workdir / "model.msgpack").exists():
             shutil.rmtree(workdir, ignore_errors=True)
-            args = [*TINY, "--max-steps", "8", "--checkpoint-every", "2", "--workdir", str(workdir)]
-            run(["-m", "train.main", *args], compile_cache)
+            run(["-m", "train.main", *flags, "--workdir", str(workdir)], compile_cache)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory, compile_cache) -> Path:
+    """Eight steps on one device, checkpointing every two: the reference of this file's,
+    test_train_distributed's and test_train_end_to_end's comparisons."""
+    return shared_run(tmp_path_factory, compile_cache, "baseline-run", [*TINY, "--max-steps", "8", "--checkpoint-every", "2"])
+
+
+@pytest.fixture(scope="session")
+def torch_baseline(tmp_path_factory, compile_cache) -> Path:
+    """The same eight steps in PyTorch (with dropout), uninterrupted."""
+    flags = [*TINY, *TORCH, "--max-steps", "8", "--checkpoint-every", "2"]
+    return shared_run(tmp_path_factory, compile_cache, "torch-baseline-run", flags)
 
 
 def test_metrics_jsonl_has_train_rows_every_log_step_and_an_eval_row(baseline):
@@ -114,6 +132,39 @@ def test_killed_and_resumed_run_ends_with_the_same_parameters(baseline, tmp_path
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted), strict=True):
         np.testing.assert_array_equal(a, b)
     assert train_losses(tmp_path) == train_losses(baseline)  # each step logged once, with the same loss
+
+
+# Runs train.main and kills itself with SIGKILL as step $KILL_DURING_STEP begins, the way a
+# preempted job dies. The JAX test above kills from outside once a checkpoint appears; the PyTorch
+# path's tiny steps take milliseconds, so such a kill would often land after the run had ended.
+KILL_DURING_STEP = """
+import os, signal, sys
+from train import main, torch_step
+train_step, calls = torch_step.train_step, []
+def train_step_or_die(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == int(os.environ["KILL_DURING_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return train_step(*args, **kwargs)
+torch_step.train_step = train_step_or_die
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_killed_and_resumed_torch_run_ends_with_the_same_parameters(torch_baseline, tmp_path, compile_cache):
+    flags = [*TINY, *TORCH, "--max-steps", "8", "--checkpoint-every", "2", "--workdir", str(tmp_path)]
+    killed = run(["-c", KILL_DURING_STEP, *flags], compile_cache, env={"KILL_DURING_STEP": "6"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    saved = torch.load(tmp_path / "checkpoints" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert saved["step"] == 4 and len(train_losses(tmp_path)) == 5  # step 5 was logged past the checkpoint
+    assert not (tmp_path / "model.pth").exists()
+    run(["-m", "train.main", *flags], compile_cache)
+    resumed, uninterrupted = load_state_dict(tmp_path), load_state_dict(torch_baseline)
+    assert resumed.keys() == uninterrupted.keys()
+    # Same batches and learning rates, momentum restored, dropout masks seeded by step: bit-exact.
+    for name, value in uninterrupted.items():
+        assert torch.equal(resumed[name], value), name
+    assert train_losses(tmp_path) == train_losses(torch_baseline)  # step 5 logged once, steps 5-8 redone
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, compile_cache):
@@ -161,18 +212,75 @@ def test_eval_gives_the_same_accuracy_in_both_frameworks_from_either_file(v2_run
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--arch", "v3"], "invalid choice: 'v3'"),
-        (["--dataset", "no_such_dataset_xyz"], "no_such_dataset_xyz"),
-        (["--resolution", "16"], "at least 32"),
         (["--batch-size", "12"], "multiple of 8"),
+        (["--dataset", "cifar10", "--data-dir", "{tmp_path}"], "tfds build cifar10 --file_format=array_record"),
     ],
-    ids=["unknown-arch", "unknown-dataset", "resolution-too-small", "batch-not-divisible"],
+    ids=["batch-not-divisible", "dataset-not-prepared"],
 )
-def test_bad_flags_fail_with_one_line_before_any_work(flags, expected, tmp_path, compile_cache):
+def test_bad_set_up_fails_with_one_line_before_any_work(flags, expected, tmp_path, compile_cache):
+    # What only the devices or the data on disk can tell; the flags alone are checked below.
     workdir = tmp_path / "run"
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    flags = [f.format(tmp_path=tmp_path) for f in flags]
     result = run(["-m", "train.main", *flags, "--workdir", str(workdir)], compile_cache, env=env, check=False, timeout=120)
+    assert result.returncode == 2
+    # The error is one line, the last; TFDS may log warnings about the folders it probes before it.
+    last = result.stderr.strip().splitlines()[-1]
+    assert "error" in last and expected in last and "Traceback" not in result.stderr, result.stderr
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("flags", [[*TINY, *TORCH], [*TINY, "--arch", "v2"], [*TINY, "--resolution", "64"]], ids=["framework", "arch", "resolution"])
+def test_a_workdir_holding_another_run_is_refused_before_anything_is_written(flags, baseline, tmp_path, compile_cache):
+    # Another framework would start over and overwrite the run's metrics; another model would
+    # restore its checkpoint into the wrong shapes.
+    for name in ("run.json", "metrics.jsonl"):
+        shutil.copy(baseline / name, tmp_path / name)
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    result = run(["-m", "train.main", *flags, "--workdir", str(tmp_path)], compile_cache, check=False, timeout=120)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "holds another run" in last and "Traceback" not in result.stderr, result.stderr
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "run.json"]
+
+
+# Runs `python -m MODULE ARGS...` (MODULE and ARGS from the command line) and prints, when it
+# exits, which frameworks it had imported.
+FRAMEWORKS_IMPORTED = """
+import runpy, sys
+module, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+finally:
+    print(" ".join(name for name in ("jax", "torch", "flax", "grain") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    "module, flags, expected",
+    [
+        ("train.main", ["--arch", "v3"], "invalid choice: 'v3'"),
+        ("train.main", ["--dataset", "no_such_dataset_xyz"], "unknown --dataset 'no_such_dataset_xyz'"),
+        ("train.main", ["--resolution", "16"], "at least 32"),
+        ("train.main", ["--lr", "-1"], "expected a number > 0"),
+        ("train.main", ["--dropout", "1.5"], "expected a value in [0, 1)"),
+        ("train.eval", ["--arch", "v1", "--weights", "no_such_file.pth"], "no_such_file.pth: no such file"),
+        ("train.eval", ["--arch", "v1", "--weights", "README.md", "--resolution", "16"], "at least 32"),
+        ("train.eval", ["--arch", "v1", "--weights", "README.md", "--dataset", "no_such_dataset_xyz"], "no_such_dataset_xyz"),
+        ("train.compare", ["no_such_workdir"], "no_such_workdir: no such directory"),
+    ],
+    ids=[
+        "main-unknown-arch", "main-unknown-dataset", "main-resolution-too-small", "main-negative-lr", "main-dropout-over-1",
+        "eval-missing-weights", "eval-resolution-too-small", "eval-unknown-dataset", "compare-missing-workdir",
+    ],
+)
+def test_bad_flags_fail_with_one_line_before_jax_or_torch_is_imported(module, flags, expected, tmp_path, compile_cache):
+    workdir = tmp_path / "run"
+    flags = [*flags, "--workdir", str(workdir)] if module == "train.main" else flags
+    result = run(["-c", FRAMEWORKS_IMPORTED, module, *flags], compile_cache, check=False, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0] and expected in lines[0], result.stderr
+    assert result.stdout.strip() == ""  # none of jax, torch, flax or grain (which imports jax)
     assert not workdir.exists()

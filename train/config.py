@@ -5,6 +5,8 @@
     python -m train.main --preset torchvision-sgd --lr 0.09          # a preset, one value changed
 
 A preset only changes the flags' defaults: any flag given on the command line wins over it.
+Nothing here imports jax or torch: the command-line tools parse and check their flags first, so a
+bad flag fails in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -261,6 +263,23 @@ def static_problem(config: Config) -> str | None:
         return f"--process-id {config.process_id} is not in 0..{config.num_processes - 1}"
     if config.framework == "torch" and (config.num_processes or 1) > 1:
         return "--framework torch runs in one process; multi-host training is for --framework jax"
+    return None
+
+
+def dataset_problem(dataset: str, data_dir: str | None = None) -> str | None:
+    """Why `dataset` names no dataset, or None. Asks TFDS's registry only, which imports neither
+    jax nor torch; whether the data is prepared on disk is train/data.py's check."""
+    if dataset == "digits":
+        return None
+    import tensorflow_datasets as tfds
+
+    try:
+        tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        return (
+            f"unknown --dataset {dataset!r}: expected 'digits' or the name of a TFDS image classification "
+            "dataset, e.g. cifar10, imagenette, imagenet2012 (tfds.list_builders() lists them all)"
+        )
     return None
 
 

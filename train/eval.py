@@ -2,20 +2,19 @@
 
 Evaluates a .msgpack, .pth/.pt or .safetensors file on the dataset's eval split in either
 framework (the file is converted through `parity` when it comes from the other one) and prints
-`accuracy=<value>` as its last line.
+`accuracy=<value>` as its last line. The flags are checked before jax or torch is imported.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
 import mobilenet_arch
-from parity import ConversionError
-from parity import io as weights_io
-from train import config as config_lib, data
+from train import config as config_lib
 
 
 def evaluate_jax(variables: dict, arch: str, width: float, batches) -> float:
@@ -69,9 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flag_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags on their own, found without jax or torch."""
+    minimum = config_lib.min_resolution(args.arch)
+    if args.resolution is not None and args.resolution < minimum:
+        return f"--resolution {args.resolution} is too small for MobileNet{args.arch.upper()}: expected at least {minimum} (its total stride)"
+    if not Path(args.weights).is_file():
+        return f"--weights {args.weights}: no such file"
+    return config_lib.dataset_problem(args.dataset, args.data_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = "train.eval"
+    problem = flag_problem(args)
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
+    from parity import ConversionError
+    from parity import io as weights_io
+    from train import data
+
     try:
         info = data.dataset_info(args.dataset, args.data_dir)
         resolution = args.resolution or info.default_resolution

@@ -1,7 +1,8 @@
 """`python -m train.main --arch v2 --width 1.0`: train, evaluate each epoch, checkpoint, export.
 
     train_and_evaluate(config)
-        set-up checks (dataset, resolution, devices)   -> one-line error, exit 2, before any work
+        flag checks (arch, values, dataset name)  -> one-line error, exit 2, before jax or torch is imported
+        set-up checks (dataset on disk, devices)  -> one-line error, exit 2, before any work
         jax:   state replicated over a mesh, batches sharded      (train/step.py, distributed.py)
         torch: torch_ref on the same batches, the same schedule   (train/torch_step.py)
         loop:  progress bar, metrics.jsonl + curves.png, checkpoints, NaN stop
@@ -9,7 +10,10 @@
 
 A run started again in the same workdir resumes from its latest checkpoint; data order depends
 only on (seed, epoch) and dropout keys on (seed, step), so the resumed run ends where an
-uninterrupted one would.
+uninterrupted one would. The PyTorch path seeds its dropout masks from (seed, step) too.
+
+Flags are parsed and checked before jax or torch is imported (seconds of start-up), so a mistyped
+flag fails at once; the frameworks are imported inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -21,15 +25,10 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-import parity
-from flax_mobilenet import create_model, init_variables
-from parity import io as weights_io
-from train import checkpoint, config as config_lib, data, distributed, metrics, optim, step as step_lib
+from train import config as config_lib
 
 
 class NonFiniteLoss(RuntimeError):
@@ -51,6 +50,8 @@ class Plan:
 def plan(config: config_lib.Config) -> Plan:
     """Check the flags against the dataset and the devices; raise ValueError with a one-line
     message when they do not fit."""
+    from train import data, distributed
+
     info = data.dataset_info(config.dataset, config.data_dir)
     resolution = config.resolution or info.default_resolution
     minimum = config_lib.min_resolution(config.arch)
@@ -63,13 +64,67 @@ def plan(config: config_lib.Config) -> Plan:
     steps_per_epoch = data.steps_per_epoch(config.dataset, config.batch_size, config.data_dir)
     total = config.epochs * steps_per_epoch
     stop = min(total, config.max_steps or total)
-    return Plan(info.num_classes, resolution, steps_per_epoch, total, stop, config.checkpoint_every or steps_per_epoch)
+    run_plan = Plan(info.num_classes, resolution, steps_per_epoch, total, stop, config.checkpoint_every or steps_per_epoch)
+    problem = workdir_problem(config, run_plan)
+    if problem:
+        raise ValueError(problem)
+    return run_plan
+
+
+# What a checkpoint in a workdir belongs to: resuming with any of these changed would restore
+# into the wrong model (or the other framework's run would start over and overwrite its metrics).
+RUN_FILE = "run.json"
+
+
+def run_identity(config: config_lib.Config, run_plan: Plan) -> dict:
+    return {
+        "framework": config.framework,
+        "arch": config.arch,
+        "width": config.width,
+        "dataset": config.dataset,
+        "num_classes": run_plan.num_classes,
+        "resolution": run_plan.resolution,
+    }
+
+
+def workdir_problem(config: config_lib.Config, run_plan: Plan) -> str | None:
+    """Why `config.workdir` cannot hold this run (it holds a different one), or None."""
+    import json
+
+    path = Path(config.workdir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return f"cannot read {path} ({e}): expected the JSON that train.main writes"
+    current = run_identity(config, run_plan)
+    changed = [f"{key} {previous.get(key)!r} -> {value!r}" for key, value in current.items() if previous.get(key) != value]
+    if changed:
+        return (
+            f"{config.workdir} holds another run ({'; '.join(changed)}): resume it with its own flags "
+            "or pass a new --workdir"
+        )
+    return None
+
+
+def _write_run_file(config: config_lib.Config, run_plan: Plan, workdir: Path) -> None:
+    import json
+    import os
+
+    path = workdir / RUN_FILE
+    if path.is_file() or _process_index(config) != 0:
+        return
+    temporary = path.with_name(f".{RUN_FILE}.tmp")
+    temporary.write_text(json.dumps(run_identity(config, run_plan), indent=1) + "\n")
+    os.replace(temporary, path)
 
 
 def train_and_evaluate(config: config_lib.Config, run_plan: Plan) -> dict:
     """Train as `config` says; returns the last evaluation's metrics."""
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    _write_run_file(config, run_plan, workdir)
     if config.framework == "torch":
         return _train_torch(config, run_plan, workdir)
     return _train_jax(config, run_plan, workdir)
@@ -79,6 +134,11 @@ def train_and_evaluate(config: config_lib.Config, run_plan: Plan) -> dict:
 
 
 def _train_jax(config, run_plan: Plan, workdir: Path) -> dict:
+    import jax
+
+    import parity
+    from train import checkpoint, distributed, step as step_lib
+
     mesh = distributed.make_mesh()
     state_sharding, batch_sharding = distributed.replicated(mesh), distributed.batch_sharded(mesh)
     model = _flax_model(config, run_plan.num_classes)
@@ -117,12 +177,21 @@ def _train_jax(config, run_plan: Plan, workdir: Path) -> dict:
 
 
 def _flax_model(config, num_classes: int):
+    import jax.numpy as jnp
+
+    from flax_mobilenet import create_model
+
     dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
     kwargs = {} if config.dropout is None else {"dropout": config.dropout}
     return create_model(config.arch, config.width, num_classes, dtype=dtype, **kwargs)
 
 
 def _initial_state(config, run_plan: Plan, model, key):
+    import jax
+
+    from flax_mobilenet import init_variables
+    from train import optim, step as step_lib
+
     # The optimizer's mask needs the parameter tree: initialise once to get it, then build.
     params = jax.eval_shape(lambda: init_variables(model, key, run_plan.resolution))["params"]
     optimizer = optim.make_optimizer(config, params, run_plan.steps_per_epoch)
@@ -133,10 +202,13 @@ def _initial_state(config, run_plan: Plan, model, key):
 
 
 def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
+    import jax
     import torch
 
+    import parity
     import torch_ref
-    from train import torch_step
+    from flax_mobilenet import init_variables
+    from train import checkpoint, optim, torch_step
 
     if config.dropout is None:
         model = torch_ref.create_model(config.arch, config.width, run_plan.num_classes)
@@ -146,7 +218,6 @@ def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
     init_key, _ = jax.random.split(jax.random.key(config.seed))
     variables = init_variables(_flax_model(config, run_plan.num_classes), init_key, run_plan.resolution)
     model.load_state_dict(parity.flax_to_torch(jax.device_get(variables), config.arch))
-    torch.manual_seed(config.seed)  # dropout masks
     optimizer = torch_step.make_optimizer(config, model)
     start = checkpoint.restore_torch(workdir, model, optimizer)
     learning_rates = optim.schedule_values(config, run_plan.steps_per_epoch)
@@ -154,6 +225,9 @@ def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
 
     def train(batch):
         torch_step.set_learning_rate(optimizer, float(learning_rates[counter["step"]]))
+        # Dropout masks from (seed, step), as JAX folds its dropout key: a resumed run draws the
+        # masks an uninterrupted one would, which one seed at the start would not give.
+        torch.manual_seed(_step_seed(config.seed, counter["step"]))
         counter["step"] += 1
         return torch_step.train_step(model, optimizer, batch, config.label_smoothing, config.precision)
 
@@ -182,6 +256,8 @@ def _loop(config, run_plan: Plan, workdir: Path, start: int, train: Callable, ev
     end of each epoch), so that the host does not wait for every step; a window with a NaN or
     infinite loss stops the run before anything after that step is saved.
     """
+    from train import metrics
+
     chief = _process_index(config) == 0
     spe, stop = run_plan.steps_per_epoch, run_plan.stop_step
     if chief:
@@ -245,6 +321,8 @@ def _loop(config, run_plan: Plan, workdir: Path, start: int, train: Callable, ev
 
 
 def _check_window(window: list) -> tuple[np.ndarray, np.ndarray]:
+    import jax
+
     values = jax.device_get([m for _, m in window]) if window else []
     losses = np.array([float(v["loss"]) for v in values])
     accuracies = np.array([float(v["accuracy"]) for v in values])
@@ -263,6 +341,8 @@ def _summarise(totals: list[dict]) -> dict:
 
 
 def _train_batches(config, run_plan: Plan, epoch: int, start_batch: int) -> Iterator[dict]:
+    from train import data
+
     return data.train_batches(
         config.dataset,
         resolution=run_plan.resolution,
@@ -277,6 +357,8 @@ def _train_batches(config, run_plan: Plan, epoch: int, start_batch: int) -> Iter
 
 
 def _eval_batches(config, run_plan: Plan) -> Iterator[dict]:
+    from train import data
+
     return data.eval_batches(
         config.dataset,
         resolution=run_plan.resolution,
@@ -288,14 +370,29 @@ def _eval_batches(config, run_plan: Plan) -> Iterator[dict]:
 
 
 def _process_index(config) -> int:
-    return jax.process_index() if config.framework == "jax" else 0
+    if config.framework != "jax":
+        return 0
+    import jax
+
+    return jax.process_index()
 
 
 def _process_count(config) -> int:
-    return jax.process_count() if config.framework == "jax" else 1
+    if config.framework != "jax":
+        return 1
+    import jax
+
+    return jax.process_count()
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """A 64-bit seed for `step` of the run seeded `seed` (any Python int)."""
+    return int(np.random.SeedSequence([seed & (2**64 - 1), step]).generate_state(1, np.uint64)[0])
 
 
 def _export(config, workdir: Path, variables: dict, state_dict: dict) -> None:
+    from parity import io as weights_io
+
     weights_io.save_flax_variables(variables, workdir / "model.msgpack")
     weights_io.save_torch_state_dict(state_dict, workdir / "model.pth")
 
@@ -313,7 +410,13 @@ def _print(chief: bool, message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     config = config_lib.parse_config(argv)
     prog = "train.main"
+    problem = config_lib.dataset_problem(config.dataset, config.data_dir)
+    if problem:
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return 2
     if config.framework == "jax":
+        from train import distributed
+
         distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
     try:
         run_plan = plan(config)
@@ -332,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _last_checkpoint(config) -> str:
+    from train import checkpoint
+
     directory = Path(config.workdir) / checkpoint.CHECKPOINT_DIR
     if config.framework == "jax":
         steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit())
