@@ -25,11 +25,11 @@ compile_cache, baseline = _main_tests.compile_cache, _main_tests.baseline
 STEPS = "8"
 # Splitting the batch changes the order of the float32 sums in the loss, in BatchNorm's means and
 # variances and in the gradients (~1e-7 relative). Training this tiny network at 32 px magnifies
-# such differences chaotically (see test_train_optim.FULL_STEPS): measured, the losses agree to
-# 1e-5 over the first two steps and then drift apart (by 1e-3 at step 3, 2e-2 by step 8; even two
-# one-device runs drift apart from step 3, XLA's multi-threaded CPU reductions not being
-# bit-reproducible). So the first two steps are compared, at 1e-4; a wrong split (another batch, per-device BatchNorm statistics) is
-# off by 1e-2 or more from the first step.
+# such differences chaotically (measured, and the mechanism, above test_train_optim's lockstep
+# test): the losses agree to 1e-5 over the first two steps and then drift apart (by 1e-3 at step
+# 3, 2e-2 by step 8). The same program on the same devices is bit-reproducible (the kill-and-resume
+# tests rely on it). So the first two steps are compared, at 1e-4; a wrong split (another batch,
+# per-device BatchNorm statistics) is off by 1e-2 or more from the first step.
 COMPARED_STEPS = 2
 LOSS_RTOL = 1e-4
 
