@@ -4,6 +4,7 @@
     python -m train.bench --arch v2 --resolution 32 --repeats 3 --no-memory     # a quick look
     python -m train.bench --frameworks jax,jax-xla-dw,torch      # before/after the depthwise change
     python -m train.bench --depthwise                            # the 3x3 depthwise layer alone
+    python -m train.bench --arch v2 --resolution 224 --precision bf16   # on a GPU: batch 256, AMP
 
 Timed are the functions training uses: `train.step.jit_steps` (jitted `train_step`, `eval_step`)
 and `train.torch_step.train_step` / `eval_step`, on the default recipe of `train.config` (SGD with
@@ -16,6 +17,11 @@ eager). Each framework is warmed up first; then every repeat times each framewor
 order rotating), so that a slow spell of a shared machine hits all of them; the table gives
 medians over repeats. JAX gets its batch already on the device (as a prefetching input pipeline
 gives it); torch's step converts the NHWC numpy batch itself, as in training.
+
+Precision: `--precision bf16` computes in bfloat16 with float32 parameters in both frameworks:
+the Flax models with `dtype=bfloat16` (as `train.main --precision bf16`), PyTorch under
+`torch.autocast(bfloat16)` (AMP) with the model and its input in channels-last memory. On a GPU
+PyTorch runs on it (the model and each batch moved there, the batch's copy timed).
 
 Compile time: JAX's trace, lower and compile (AOT); torch.compile's first training step minus
 an eager step. Peak memory: the growth of peak RSS (VmHWM) from after the imports to after
@@ -82,10 +88,11 @@ def _depthwise_impl(name: str | None):
             os.environ[dw.ENV_VAR] = old
 
 
-def _config(arch: str, resolution: int, batch: int):
+def _config(arch: str, resolution: int, batch: int, precision: str = "fp32"):
     from train import config as config_lib
 
-    return dataclasses.replace(config_lib.parse_config([]), arch=arch, width=1.0, resolution=resolution, batch_size=batch)
+    config = config_lib.parse_config([])
+    return dataclasses.replace(config, arch=arch, width=1.0, resolution=resolution, batch_size=batch, precision=precision)
 
 
 def _batch(batch: int, resolution: int, seed: int = 0) -> dict:
@@ -95,16 +102,17 @@ def _batch(batch: int, resolution: int, seed: int = 0) -> dict:
 
 
 class JaxRunner:
-    def __init__(self, arch: str, resolution: int, batch: int, depthwise: str | None = None):
+    def __init__(self, arch: str, resolution: int, batch: int, depthwise: str | None = None, precision: str = "fp32"):
         import jax
+        import jax.numpy as jnp
 
         from flax_mobilenet import create_model, init_variables
         from flax_mobilenet.depthwise import implementation
         from train import optim
         from train import step as step_lib
 
-        config = _config(arch, resolution, batch)
-        model = create_model(arch, 1.0, NUM_CLASSES)
+        config = _config(arch, resolution, batch, precision)
+        model = create_model(arch, 1.0, NUM_CLASSES, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32)
         key = jax.random.key(0)
         params = init_variables(model, key, resolution)["params"]
         optimizer = optim.make_optimizer(config, params, steps_per_epoch=1000)
@@ -141,16 +149,18 @@ class JaxRunner:
 
 
 class TorchRunner:
-    def __init__(self, arch: str, resolution: int, batch: int, compile: bool = False):
+    def __init__(self, arch: str, resolution: int, batch: int, compile: bool = False, precision: str = "fp32"):
         import torch
 
         import torch_ref
         from train import torch_step
 
-        self.config = _config(arch, resolution, batch)
+        self.config = _config(arch, resolution, batch, precision)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # AMP's usual company: channels-last memory, which cuDNN and oneDNN prefer for bf16.
+        self.memory_format = torch.channels_last if precision == "bf16" else torch.contiguous_format
         torch.manual_seed(0)
-        model = torch_ref.create_model(arch, 1.0, NUM_CLASSES)
+        model = torch_ref.create_model(arch, 1.0, NUM_CLASSES).to(self.device, memory_format=self.memory_format)
         self.optimizer = torch_step.make_optimizer(self.config, model)
         torch_step.set_learning_rate(self.optimizer, self.config.lr)
         self.model = torch.compile(model) if compile else model
@@ -175,25 +185,27 @@ class TorchRunner:
     def train(self) -> None:
         from train import torch_step
 
-        torch_step.train_step(self.model, self.optimizer, self.batch, self.config.label_smoothing)
+        torch_step.train_step(
+            self.model, self.optimizer, self.batch, self.config.label_smoothing, self.config.precision, self.memory_format
+        )
         self._sync()
 
     def infer(self) -> None:
         from train import torch_step
 
-        torch_step.eval_step(self.model, self.batch)
+        torch_step.eval_step(self.model, self.batch, self.config.precision, self.memory_format)
         self._sync()
 
 
-def make_runner(framework: str, arch: str, resolution: int, batch: int):
+def make_runner(framework: str, arch: str, resolution: int, batch: int, precision: str = "fp32"):
     if framework == "jax":
-        return JaxRunner(arch, resolution, batch)
+        return JaxRunner(arch, resolution, batch, precision=precision)
     if framework == "jax-xla-dw":
-        return JaxRunner(arch, resolution, batch, depthwise="xla")
+        return JaxRunner(arch, resolution, batch, depthwise="xla", precision=precision)
     if framework == "torch":
-        return TorchRunner(arch, resolution, batch)
+        return TorchRunner(arch, resolution, batch, precision=precision)
     if framework == "torch-compile":
-        return TorchRunner(arch, resolution, batch, compile=True)
+        return TorchRunner(arch, resolution, batch, compile=True, precision=precision)
     raise BenchError(f"unknown framework {framework!r}: expected one of {', '.join(FRAMEWORKS)}")
 
 
@@ -236,7 +248,7 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def _peak_rss_growth(framework: str, arch: str, resolution: int, batch: int) -> float:
+def _peak_rss_growth(framework: str, arch: str, resolution: int, batch: int, precision: str) -> float:
     """Runs in a fresh process: peak RSS growth (MiB) over set-up, compilation and three steps.
 
     Read from /proc (VmHWM), not `ru_maxrss`: Linux carries `ru_maxrss` over exec, so a spawned
@@ -245,36 +257,38 @@ def _peak_rss_growth(framework: str, arch: str, resolution: int, batch: int) -> 
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")
-    runner = make_runner(framework, arch, resolution, batch)
+    runner = make_runner(framework, arch, resolution, batch, precision)
     for _ in range(3):
         runner.train()
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def _import_and_measure(framework: str, arch: str, resolution: int, batch: int) -> float:
+def _import_and_measure(framework: str, arch: str, resolution: int, batch: int, precision: str) -> float:
     import jax  # noqa: F401  (imported before the baseline: both frameworks' imports are not counted)
     import torch  # noqa: F401
 
     import train.step  # noqa: F401
     import train.torch_step  # noqa: F401
 
-    return _peak_rss_growth(framework, arch, resolution, batch)
+    return _peak_rss_growth(framework, arch, resolution, batch, precision)
 
 
-def peak_memory_mib(framework: str, arch: str, resolution: int, batch: int) -> float:
+def peak_memory_mib(framework: str, arch: str, resolution: int, batch: int, precision: str = "fp32") -> float:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_import_and_measure, framework, arch, resolution, batch).result()
+        return pool.submit(_import_and_measure, framework, arch, resolution, batch, precision).result()
 
 
 # ----------------------------------------------------------------------------- the table
 
 
-def run_config(arch: str, resolution: int, batch: int, frameworks: list[str], repeats: int, memory: bool) -> list[dict]:
+def run_config(
+    arch: str, resolution: int, batch: int, frameworks: list[str], repeats: int, memory: bool, precision: str = "fp32"
+) -> list[dict]:
     runners = {}
     for framework in frameworks:
-        print(f"  setting up {framework} {arch} {resolution}px batch {batch} ...", file=sys.stderr, flush=True)
-        runners[framework] = make_runner(framework, arch, resolution, batch)
+        print(f"  setting up {framework} {arch} {resolution}px batch {batch} {precision} ...", file=sys.stderr, flush=True)
+        runners[framework] = make_runner(framework, arch, resolution, batch, precision)
     train_times = measure_interleaved(runners, "train", repeats)
     infer_times = measure_interleaved(runners, "infer", repeats)
     rows = []
@@ -285,6 +299,7 @@ def run_config(arch: str, resolution: int, batch: int, frameworks: list[str], re
                 "arch": arch,
                 "resolution": resolution,
                 "batch": batch,
+                "precision": precision,
                 "framework": framework,
                 "depthwise": getattr(runner, "depthwise", None),
                 "train_images_per_s": batch / train_s,
@@ -300,7 +315,7 @@ def run_config(arch: str, resolution: int, batch: int, frameworks: list[str], re
     if memory:
         for row in rows:
             print(f"  peak memory of {row['framework']} in a fresh process ...", file=sys.stderr, flush=True)
-            row["peak_rss_growth_mib"] = peak_memory_mib(row["framework"], arch, resolution, batch)
+            row["peak_rss_growth_mib"] = peak_memory_mib(row["framework"], arch, resolution, batch, precision)
     return rows
 
 
@@ -314,9 +329,9 @@ def _ratio(value) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| model | res | batch | framework | train img/s | infer img/s | train vs eager | train vs compile"
+        "| model | res | batch | precision | framework | train img/s | infer img/s | train vs eager | train vs compile"
         " | infer vs eager | compile s | peak RSS growth MiB | XLA step MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         same = [r for r in rows if (r["arch"], r["resolution"]) == (row["arch"], row["resolution"])]
@@ -325,7 +340,7 @@ def markdown_table(rows: list[dict]) -> str:
         ratio = lambda other, key: None if other is None else row[key] / other[key]  # noqa: E731
         name = row["framework"] + (f" ({row['depthwise']} dw)" if row["depthwise"] else "")
         lines.append(
-            f"| {row['arch'].upper()} | {row['resolution']} | {row['batch']} | {name}"
+            f"| {row['arch'].upper()} | {row['resolution']} | {row['batch']} | {row.get('precision', 'fp32')} | {name}"
             f" | {row['train_images_per_s']:.1f} | {row['infer_images_per_s']:.1f}"
             f" | {_ratio(ratio(eager, 'train_images_per_s'))} | {_ratio(ratio(compiled, 'train_images_per_s'))}"
             f" | {_ratio(ratio(eager, 'infer_images_per_s'))} | {_fmt(row['compile_s'], '.1f')}"
@@ -431,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frameworks", type=_csv(FRAMEWORKS), default=list(DEFAULT_FRAMEWORKS), help=f"comma-separated subset of {','.join(FRAMEWORKS)}")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per framework (median reported)")
     p.add_argument("--batch", type=int, default=None, help="batch size for every resolution (default: 16 at 224 and 64 at 32 on the CPU, 256 on an accelerator)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: bfloat16 compute with float32 parameters in JAX, AMP (autocast bf16) with channels-last memory in PyTorch")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs (one fresh process per row)")
     p.add_argument("--depthwise", action="store_true", help="benchmark the 3x3 depthwise layer alone (batch 32, 56x56, 144 channels) instead")
     p.add_argument("--out", help="write the results as JSON here")
@@ -493,7 +509,7 @@ def main(argv=None) -> int:
         for arch in args.arch:
             for resolution in args.resolution:
                 batch = args.batch or table.get(resolution, 16)
-                rows += run_config(arch, resolution, batch, args.frameworks, args.repeats, args.memory)
+                rows += run_config(arch, resolution, batch, args.frameworks, args.repeats, args.memory, args.precision)
                 print(markdown_table(rows[-len(args.frameworks) :]), file=sys.stderr, flush=True)
         print(markdown_table(rows))
         payload = {"machine": info, "rows": rows}

@@ -218,6 +218,7 @@ def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
     init_key, _ = jax.random.split(jax.random.key(config.seed))
     variables = init_variables(_flax_model(config, run_plan.num_classes), init_key, run_plan.resolution)
     model.load_state_dict(parity.flax_to_torch(jax.device_get(variables), config.arch))
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
     optimizer = torch_step.make_optimizer(config, model)
     start = checkpoint.restore_torch(workdir, model, optimizer)
     learning_rates = optim.schedule_values(config, run_plan.steps_per_epoch)
@@ -239,7 +240,7 @@ def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
         checkpoint.save_torch(workdir, model, optimizer, counter["step"])
 
     result = _loop(config, run_plan, workdir, start, train, evaluate, save)
-    state_dict = model.state_dict()
+    state_dict = {k: v.cpu() for k, v in model.state_dict().items()}
     variables = parity.torch_to_flax(state_dict, config.arch, config.width)
     _export(config, workdir, variables, state_dict)
     return result

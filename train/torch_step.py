@@ -20,13 +20,21 @@ import torch.nn.functional as F
 import mobilenet_arch
 
 
-def to_torch(batch: dict) -> dict[str, torch.Tensor]:
-    """NHWC numpy batch -> NCHW tensors (the layout torch's convolutions expect)."""
-    out = {"image": torch.from_numpy(np.ascontiguousarray(np.asarray(batch["image"]).transpose(0, 3, 1, 2)))}
-    out["label"] = torch.from_numpy(np.asarray(batch["label"]).astype(np.int64))
+def to_torch(
+    batch: dict, device: torch.device | str = "cpu", memory_format: torch.memory_format = torch.contiguous_format
+) -> dict[str, torch.Tensor]:
+    """NHWC numpy batch -> NCHW tensors on `device` (the layout torch's convolutions expect;
+    `torch.channels_last` keeps NCHW shapes over NHWC memory)."""
+    image = torch.from_numpy(np.ascontiguousarray(np.asarray(batch["image"]).transpose(0, 3, 1, 2)))
+    out = {"image": image.to(device, memory_format=memory_format, non_blocking=True)}
+    out["label"] = torch.from_numpy(np.asarray(batch["label"]).astype(np.int64)).to(device, non_blocking=True)
     if "mask" in batch:
-        out["mask"] = torch.from_numpy(np.asarray(batch["mask"], np.float32))
+        out["mask"] = torch.from_numpy(np.asarray(batch["mask"], np.float32)).to(device, non_blocking=True)
     return out
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def depthwise_parameter_names(arch: str) -> set[str]:
@@ -64,9 +72,9 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def _autocast(precision: str):
+def _autocast(precision: str, device: torch.device):
     if precision == "bf16":
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -76,11 +84,14 @@ def train_step(
     batch: dict,
     label_smoothing: float = 0.0,
     precision: str = "fp32",
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, torch.Tensor]:
-    """One optimizer step on an NHWC numpy batch; returns the batch's loss and accuracy."""
-    batch = to_torch(batch)
+    """One optimizer step on an NHWC numpy batch (moved to the model's device); returns the
+    batch's loss and accuracy."""
+    device = model_device(model)
+    batch = to_torch(batch, device, memory_format)
     model.train()
-    with _autocast(precision):
+    with _autocast(precision, device):
         logits = model(batch["image"])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # the loss in float32 at least
     loss = F.cross_entropy(logits, batch["label"], label_smoothing=label_smoothing)
@@ -92,13 +103,19 @@ def train_step(
 
 
 @torch.no_grad()
-def eval_step(model: torch.nn.Module, batch: dict, precision: str = "fp32") -> dict[str, torch.Tensor]:
+def eval_step(
+    model: torch.nn.Module,
+    batch: dict,
+    precision: str = "fp32",
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> dict[str, torch.Tensor]:
     """Sums over the real examples of the batch, as train/step.py's eval_step."""
-    batch = to_torch(batch)
+    device = model_device(model)
+    batch = to_torch(batch, device, memory_format)
     model.eval()
-    with _autocast(precision):
+    with _autocast(precision, device):
         logits = model(batch["image"]).float()
-    mask = batch.get("mask", torch.ones(batch["label"].shape))
+    mask = batch.get("mask", torch.ones(batch["label"].shape, device=device))
     loss = F.cross_entropy(logits, batch["label"], reduction="none")
     correct = (logits.argmax(-1) == batch["label"]).float()
     return {"loss_sum": (loss * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
