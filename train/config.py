@@ -274,7 +274,7 @@ def dataset_problem(dataset: str, data_dir: str | None = None) -> str | None:
     import tensorflow_datasets as tfds
 
     try:
-        tfds.builder(dataset, data_dir=data_dir)
+        tfds.builder_cls(dataset.split(":")[0].split("/")[0])  # the registry: no disk, no logging
     except tfds.core.registered.DatasetNotFoundError:
         return (
             f"unknown --dataset {dataset!r}: expected 'digits' or the name of a TFDS image classification "

@@ -43,8 +43,10 @@ Datasets:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 import os
 from collections.abc import Callable, Iterator
 
@@ -202,7 +204,8 @@ def _steps_per_epoch(train_size: int, global_batch_size: int, name: str) -> int:
 def _open_split(name: str, split: str, resolution: int, data_dir: str | None) -> _Split:
     if name == DIGITS:
         return _digits_split(split, resolution)
-    return _tfds_split(name, split, resolution, data_dir)
+    with _absl_warnings_silenced():
+        return _tfds_split(name, split, resolution, data_dir)
 
 
 # --- digits ----------------------------------------------------------------------------------
@@ -252,6 +255,19 @@ def _digits_arrays(resolution: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 # --- TFDS ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _absl_warnings_silenced():
+    # TFDS logs a warning for each version folder it probes that holds no prepared data; a
+    # missing dataset is reported once, in _tfds_split's DataError.
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _tfds_split(name: str, split: str, resolution: int, data_dir: str | None) -> _Split:
