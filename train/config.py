@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-every", type=positive_int, help="write train_loss to metrics.jsonl every this many steps")
     r.add_argument("--eval-every", type=positive_int, help="evaluate every this many epochs (and at the end)")
     r.add_argument("--checkpoint-every", type=positive_int, help="checkpoint every this many steps (default: every epoch)")
-    r.add_argument("--keep-checkpoints", type=positive_int, help="checkpoints kept in WORKDIR/checkpoints")
+    r.add_argument("--keep-checkpoints", type=positive_int, help="checkpoints kept in WORKDIR/checkpoints (orbax, JAX; --framework torch keeps the latest only)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar")
     h = p.add_argument_group("multi-host (jax.distributed; also detected from SLURM/Open MPI/TPU/Kubernetes environment variables)")
     h.add_argument("--coordinator-address", help="host:port of process 0")
