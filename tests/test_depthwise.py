@@ -77,6 +77,31 @@ def test_shifted_kernel_gradient_equals_xla_conv_fp32(shape, k, stride, padding)
     assert rel_l2(got, want) < FP32_RTOL
 
 
+# The kernel gradient sums over the batch in chunks of whole images (a cache-sized window per tap):
+# a batch of 6 split into 6, 3 and 2 chunks, at both strides, must give the one-pass sum up to
+# float32 rounding (the partial sums are added in another order).
+@pytest.mark.parametrize("images_per_chunk", [1, 2, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_kernel_gradient_summed_in_chunks_of_the_batch_equals_xla_conv(images_per_chunk, stride, monkeypatch):
+    shape, k, padding = (6, 9, 11, 5), 3, 1
+    x, kernel = _inputs(shape, k)
+    padded_image_bytes = (shape[1] + 2 * padding) * (shape[2] + 2 * padding) * shape[3] * 4
+    monkeypatch.setattr(depthwise, "KERNEL_GRAD_CHUNK_BYTES", images_per_chunk * padded_image_bytes)
+    xp = jnp.zeros((shape[0], shape[1] + 2 * padding, shape[2] + 2 * padding, shape[3]))
+    assert depthwise._images_per_chunk(xp, depthwise.KERNEL_GRAD_CHUNK_BYTES) == images_per_chunk
+    want = _grads(xla_depthwise_conv2d, x, kernel, stride, padding)[1]
+    got = _grads(shifted_depthwise_conv2d, x, kernel, stride, padding)[1]
+    assert rel_l2(got, want) < FP32_RTOL
+
+
+def test_chunk_is_the_largest_divisor_of_the_batch_that_fits_and_at_least_one_image():
+    xp = jnp.zeros((16, 10, 10, 4))  # 1,600 bytes per padded image
+    assert depthwise._images_per_chunk(xp, 16 * 1600) == 16
+    assert depthwise._images_per_chunk(xp, 7 * 1600) == 4
+    assert depthwise._images_per_chunk(xp, 100) == 1
+    assert depthwise._images_per_chunk(jnp.zeros((7, 10, 10, 4)), 6 * 1600) == 1
+
+
 # bf16: the shifted form accumulates bf16 inputs in float32 and rounds each result once to bf16
 # (8 significant bits: relative error at most 2^-9, about 0.2%). The reference is XLA's conv in
 # float32 on the same bf16 values, so that rounding is all that should differ; 1e-2 is 5x it.
@@ -147,3 +172,24 @@ def test_flax_model_with_shifted_depthwise_matches_torch_in_eval(arch, monkeypat
     record_property("logits_rel_l2", error)
     # The project's parity bar in float32 (issue 2): rel-L2 1e-5 on the logits.
     assert error < 1e-5
+
+
+# The 1x1 convolution's hand-written VJP (flax_mobilenet.layers.pointwise_conv, written out so that
+# XLA:CPU reads the cotangent in place for the kernel gradient) must give autodiff's gradients of
+# the same channel product: the same products summed over the same pixels, so float32 rounding
+# only (measured 0: XLA sums them in the same order).
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pointwise_conv_gradients_equal_autodiff_of_the_channel_product(dtype):
+    from flax_mobilenet.layers import _channel_product, pointwise_conv
+
+    kx, kk, kg = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (2, 5, 7, 6)).astype(dtype)
+    kernel = jax.random.normal(kk, (6, 4)).astype(dtype)
+    g = jax.random.normal(kg, (2, 5, 7, 4)).astype(dtype)
+    want_y, want_vjp = jax.vjp(_channel_product, x, kernel)
+    got_y, got_vjp = jax.vjp(jax.jit(pointwise_conv), x, kernel)
+    assert got_y.dtype == dtype and rel_l2(got_y, want_y) == 0
+    tolerance = FP32_RTOL if dtype == jnp.float32 else BF16_RTOL
+    for got, want in zip(jax.jit(got_vjp)(g), want_vjp(g)):
+        assert got.dtype == want.dtype == dtype
+        assert rel_l2(got, want) < tolerance
