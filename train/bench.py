@@ -104,15 +104,14 @@ def _batch(batch: int, resolution: int, seed: int = 0) -> dict:
 class JaxRunner:
     def __init__(self, arch: str, resolution: int, batch: int, depthwise: str | None = None, precision: str = "fp32"):
         import jax
-        import jax.numpy as jnp
 
-        from flax_mobilenet import create_model, init_variables
+        from flax_mobilenet import init_variables
         from flax_mobilenet.depthwise import implementation
         from train import optim
         from train import step as step_lib
 
         config = _config(arch, resolution, batch, precision)
-        model = create_model(arch, 1.0, NUM_CLASSES, dtype=jnp.bfloat16 if precision == "bf16" else jnp.float32)
+        model = step_lib.model_for(config, NUM_CLASSES)
         key = jax.random.key(0)
         params = init_variables(model, key, resolution)["params"]
         optimizer = optim.make_optimizer(config, params, steps_per_epoch=1000)

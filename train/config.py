@@ -249,10 +249,8 @@ def static_problem(config: Config) -> str | None:
     """What is wrong with the flags on their own (the dataset and devices are checked in main)."""
     if config.arch not in mobilenet_arch.ARCHS:
         return f"unknown --arch {config.arch!r}: expected one of {', '.join(mobilenet_arch.ARCHS)}"
-    if config.resolution is not None:
-        minimum = min_resolution(config.arch)
-        if config.resolution < minimum:
-            return f"--resolution {config.resolution} is too small for MobileNet{config.arch.upper()}: expected at least {minimum} (its total stride)"
+    if config.resolution is not None and (problem := resolution_problem(config.arch, config.resolution)):
+        return problem
     if config.dropout is not None and config.dropout >= 1:
         return f"--dropout {config.dropout}: expected a value in [0, 1)"
     if config.label_smoothing >= 1:
@@ -285,3 +283,11 @@ def dataset_problem(dataset: str, data_dir: str | None = None) -> str | None:
 
 def min_resolution(arch: str) -> int:
     return mobilenet_arch.total_stride(mobilenet_arch.architecture(arch))
+
+
+def resolution_problem(arch: str, resolution: int) -> str | None:
+    """Why `arch` cannot take `resolution`-pixel inputs (smaller than its total stride), or None."""
+    minimum = min_resolution(arch)
+    if resolution < minimum:
+        return f"resolution {resolution} is too small for MobileNet{arch.upper()}: expected at least {minimum} (its total stride)"
+    return None

@@ -70,9 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def flag_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags on their own, found without jax or torch."""
-    minimum = config_lib.min_resolution(args.arch)
-    if args.resolution is not None and args.resolution < minimum:
-        return f"--resolution {args.resolution} is too small for MobileNet{args.arch.upper()}: expected at least {minimum} (its total stride)"
+    if args.resolution is not None and (problem := config_lib.resolution_problem(args.arch, args.resolution)):
+        return problem
     if not Path(args.weights).is_file():
         return f"--weights {args.weights}: no such file"
     return config_lib.dataset_problem(args.dataset, args.data_dir)
@@ -92,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = data.dataset_info(args.dataset, args.data_dir)
         resolution = args.resolution or info.default_resolution
-        minimum = config_lib.min_resolution(args.arch)
-        if resolution < minimum:
-            raise ValueError(f"resolution {resolution} is too small for MobileNet{args.arch.upper()}: expected at least {minimum}")
+        problem = config_lib.resolution_problem(args.arch, resolution)
+        if problem:
+            raise ValueError(problem)
         batches = data.eval_batches(args.dataset, resolution=resolution, global_batch_size=args.batch_size, data_dir=args.data_dir)
         if args.framework == "jax":
             accuracy = evaluate_jax(weights_io.load_as_flax(args.weights, args.arch, args.width), args.arch, args.width, batches)

@@ -54,9 +54,9 @@ def plan(config: config_lib.Config) -> Plan:
 
     info = data.dataset_info(config.dataset, config.data_dir)
     resolution = config.resolution or info.default_resolution
-    minimum = config_lib.min_resolution(config.arch)
-    if resolution < minimum:
-        raise ValueError(f"resolution {resolution} is too small for MobileNet{config.arch.upper()}: expected at least {minimum}")
+    problem = config_lib.resolution_problem(config.arch, resolution)
+    if problem:
+        raise ValueError(problem)
     if config.framework == "jax":
         problem = distributed.check_batch_size(config.batch_size)
         if problem:
@@ -141,7 +141,7 @@ def _train_jax(config, run_plan: Plan, workdir: Path) -> dict:
 
     mesh = distributed.make_mesh()
     state_sharding, batch_sharding = distributed.replicated(mesh), distributed.batch_sharded(mesh)
-    model = _flax_model(config, run_plan.num_classes)
+    model = step_lib.model_for(config, run_plan.num_classes)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     # Initialised under jit straight into the replicated sharding (device_put of host values onto
     # a multi-process sharding is refused).
@@ -176,16 +176,6 @@ def _train_jax(config, run_plan: Plan, workdir: Path) -> dict:
     return result
 
 
-def _flax_model(config, num_classes: int):
-    import jax.numpy as jnp
-
-    from flax_mobilenet import create_model
-
-    dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
-    kwargs = {} if config.dropout is None else {"dropout": config.dropout}
-    return create_model(config.arch, config.width, num_classes, dtype=dtype, **kwargs)
-
-
 def _initial_state(config, run_plan: Plan, model, key):
     import jax
 
@@ -208,7 +198,7 @@ def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
     import parity
     import torch_ref
     from flax_mobilenet import init_variables
-    from train import checkpoint, optim, torch_step
+    from train import checkpoint, optim, step as step_lib, torch_step
 
     if config.dropout is None:
         model = torch_ref.create_model(config.arch, config.width, run_plan.num_classes)
@@ -216,7 +206,7 @@ def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
         model = torch_ref.create_model(config.arch, config.width, run_plan.num_classes, dropout=config.dropout)
     # Start from the weights JAX would start from, so the two runs differ only in the framework.
     init_key, _ = jax.random.split(jax.random.key(config.seed))
-    variables = init_variables(_flax_model(config, run_plan.num_classes), init_key, run_plan.resolution)
+    variables = init_variables(step_lib.model_for(config, run_plan.num_classes), init_key, run_plan.resolution)
     model.load_state_dict(parity.flax_to_torch(jax.device_get(variables), config.arch))
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     optimizer = torch_step.make_optimizer(config, model)

@@ -19,13 +19,21 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from flax_mobilenet import MobileNet, init_variables
+from flax_mobilenet import MobileNet, create_model, init_variables
 
 
 class TrainState(train_state.TrainState):
     """Flax's TrainState plus the BatchNorm running statistics, which are state, not parameters."""
 
     batch_stats: Any
+
+
+def model_for(config, num_classes: int) -> MobileNet:
+    """The Flax model `config` (train.config.Config) describes: `--precision bf16` computes in
+    bfloat16 with float32 parameters."""
+    dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
+    kwargs = {} if config.dropout is None else {"dropout": config.dropout}
+    return create_model(config.arch, config.width, num_classes, dtype=dtype, **kwargs)
 
 
 def create_train_state(
