@@ -48,6 +48,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from train import malloc
+
 FRAMEWORKS = ("jax", "jax-xla-dw", "torch", "torch-compile")
 DEFAULT_FRAMEWORKS = ("jax", "torch", "torch-compile")
 NUM_CLASSES = 1000
@@ -263,6 +265,9 @@ def _peak_rss_growth(framework: str, arch: str, resolution: int, batch: int, pre
 
 
 def _import_and_measure(framework: str, arch: str, resolution: int, batch: int, precision: str) -> float:
+    from train import malloc
+
+    malloc.keep_step_buffers()  # as in the process that measures speed
     import jax  # noqa: F401  (imported before the baseline: both frameworks' imports are not counted)
     import torch  # noqa: F401
 
@@ -487,6 +492,7 @@ def write_json(path: str, payload: dict) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    tuned_malloc = malloc.keep_step_buffers()
     if args.repeats < 1:
         print("train.bench: error: --repeats must be at least 1", file=sys.stderr)
         return 2
@@ -496,8 +502,8 @@ def main(argv=None) -> int:
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         print(f"train.bench: error: --out {args.out}: its directory does not exist", file=sys.stderr)
         return 2
-    info = machine()
-    print(f"machine: {info['cpu']}, {info['cores']} cores; jax {info['jax_backend']}, torch {info['torch_device']}", flush=True)
+    info = machine() | {"malloc": "keep_step_buffers" if tuned_malloc else "default"}
+    print(f"machine: {info['cpu']}, {info['cores']} cores; jax {info['jax_backend']}, torch {info['torch_device']}; malloc {info['malloc']}", flush=True)
     if args.depthwise:
         rows = depthwise_microbench(args.repeats)
         print(depthwise_table(rows, "3x3 depthwise, batch 32, 56x56, 144 ch"))

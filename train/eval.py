@@ -15,6 +15,7 @@ import numpy as np
 
 import mobilenet_arch
 from train import config as config_lib
+from train import malloc
 
 
 def evaluate_jax(variables: dict, arch: str, width: float, batches) -> float:
@@ -79,6 +80,7 @@ def flag_problem(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    malloc.keep_step_buffers()
     prog = "train.eval"
     problem = flag_problem(args)
     if problem:

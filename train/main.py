@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from train import config as config_lib
+from train import malloc
 
 
 class NonFiniteLoss(RuntimeError):
@@ -400,6 +401,7 @@ def _print(chief: bool, message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = config_lib.parse_config(argv)
+    malloc.keep_step_buffers()
     prog = "train.main"
     problem = config_lib.dataset_problem(config.dataset, config.data_dir)
     if problem:
