@@ -107,6 +107,43 @@ class PointwiseConv(nn.Module):
         return product(x, kernel.reshape(channels, self.features))
 
 
+class PatchConv(nn.Module):
+    """A bias-free k x k convolution (groups 1), stored as `nn.Conv` stores it, computed on the CPU
+    as one matrix product of its k*k*C patches with the kernel.
+
+    For the stem (3 input channels) XLA:CPU's convolution ran at about 12 GFLOP/s: 28-30 ms of V1's
+    224 step at batch 16, forward, against 13 ms for writing the 27-channel patches and multiplying
+    (bench/NOTES.md). The kernel gradient is then the patches' product with the cotangent.
+    Elsewhere XLA's convolution stays (cuDNN, the TPU's convolution unit).
+    """
+
+    features: int
+    kernel_size: int
+    stride: int
+    padding: int
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s, p, channels = self.kernel_size, self.stride, self.padding, x.shape[-1]
+        kernel = self.param("kernel", conv_init, (k, k, channels, self.features), jnp.float32)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        if jax.default_backend() != "cpu":
+            return lax.conv_general_dilated(
+                x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        n, h, w, _ = x.shape
+        ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        # Tap (i, j) of every output position, concatenated in the kernel's (i, j, channel) order.
+        taps = [
+            lax.slice(xp, (0, i, j, 0), (n, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, channels), (1, s, s, 1))
+            for i in range(k)
+            for j in range(k)
+        ]
+        return pointwise_conv(jnp.concatenate(taps, axis=-1), kernel.reshape(k * k * channels, self.features))
+
+
 def _channel_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 import mobilenet_arch
-from flax_mobilenet.layers import BatchNorm, DepthwiseConv, PointwiseConv, classifier_init, conv_init
+from flax_mobilenet.layers import BatchNorm, DepthwiseConv, PatchConv, PointwiseConv, classifier_init
 
 Dtype = Any
 
@@ -41,18 +41,10 @@ class ConvBN(nn.Module):
             conv = DepthwiseConv(layer.kernel_size, layer.stride, layer.padding, dtype=self.dtype, name="conv")
         elif layer.kernel_size == 1 and layer.stride == 1 and layer.groups == 1:
             conv = PointwiseConv(layer.out_channels, dtype=self.dtype, name="conv")
+        elif layer.groups == 1:
+            conv = PatchConv(layer.out_channels, layer.kernel_size, layer.stride, layer.padding, dtype=self.dtype, name="conv")
         else:
-            conv = nn.Conv(
-                layer.out_channels,
-                (layer.kernel_size, layer.kernel_size),
-                strides=layer.stride,
-                padding=[(layer.padding, layer.padding)] * 2,
-                feature_group_count=layer.groups,
-                use_bias=False,
-                dtype=self.dtype,
-                kernel_init=conv_init,
-                name="conv",
-            )
+            raise NotImplementedError(f"{layer}: a grouped convolution that is not depthwise")
         x = BatchNorm(dtype=self.dtype, name="bn")(conv(x), train)
         return ACTIVATIONS[self.activation](x) if layer.activation else x
 

@@ -193,3 +193,28 @@ def test_pointwise_conv_gradients_equal_autodiff_of_the_channel_product(dtype):
     for got, want in zip(jax.jit(got_vjp)(g), want_vjp(g)):
         assert got.dtype == want.dtype == dtype
         assert rel_l2(got, want) < tolerance
+
+
+# The dense k x k convolution (the stem) as patches times the kernel (flax_mobilenet.layers.PatchConv)
+# computes XLA's convolution: the same k*k*C products per output, summed in another order, so
+# float32 rounding only (FP32_RTOL), forward and both gradients; stored under the same "kernel".
+@pytest.mark.parametrize("shape,k,stride,padding", CASES, ids=IDS)
+def test_patch_conv_equals_xla_conv_forward_and_gradients(shape, k, stride, padding):
+    from flax_mobilenet.layers import PatchConv
+
+    layer = PatchConv(features=6, kernel_size=k, stride=stride, padding=padding)
+    x = jax.random.normal(jax.random.key(sum(shape)), shape)
+    variables = layer.init(jax.random.key(1), x)
+    assert variables["params"]["kernel"].shape == (k, k, shape[-1], 6)
+
+    def xla_conv(variables, x):
+        pad = ((padding, padding), (padding, padding))
+        return jax.lax.conv_general_dilated(x, variables["params"]["kernel"], (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    want_y, want_vjp = jax.vjp(xla_conv, variables, x)
+    got_y, got_vjp = jax.vjp(jax.jit(layer.apply), variables, x)
+    assert got_y.shape == want_y.shape and rel_l2(got_y, want_y) < FP32_RTOL
+    g = jax.random.normal(jax.random.key(2), want_y.shape)
+    (got_dv, got_dx), (want_dv, want_dx) = got_vjp(g), want_vjp(g)
+    assert rel_l2(got_dv["params"]["kernel"], want_dv["params"]["kernel"]) < FP32_RTOL
+    assert rel_l2(got_dx, want_dx) < FP32_RTOL
