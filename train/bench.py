@@ -265,8 +265,6 @@ def _peak_rss_growth(framework: str, arch: str, resolution: int, batch: int, pre
 
 
 def _import_and_measure(framework: str, arch: str, resolution: int, batch: int, precision: str) -> float:
-    from train import malloc
-
     malloc.keep_step_buffers()  # as in the process that measures speed
     import jax  # noqa: F401  (imported before the baseline: both frameworks' imports are not counted)
     import torch  # noqa: F401
