@@ -84,23 +84,23 @@ def _taps_sum(xp, taps, out_hw, stride, out_dtype):
     layer's BatchNorm and activation, or their backward) into each tap and computes it k*k times,
     which measured slower than writing the padded array once.
     """
-    ho, wo = out_hw
     acc = _accumulation_dtype(out_dtype)
     total = None
     for i in range(taps.shape[0]):
         for j in range(taps.shape[1]):
-            window = lax.slice(
-                xp,
-                (0, i, j, 0),
-                (xp.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, xp.shape[3]),
-                (1, stride, stride, 1),
-            )
-            term = window.astype(acc) * taps[i, j].astype(acc)
+            term = tap_window(xp, i, j, out_hw, stride).astype(acc) * taps[i, j].astype(acc)
             total = term if total is None else total + term
     return total.astype(out_dtype)
 
 
-def _padded_input(x, k, stride, padding):
+def tap_window(xp: jax.Array, i: int, j: int, out_hw: tuple[int, int], stride: int) -> jax.Array:
+    """What kernel tap (i, j) sees at every output position: xp[:, stride*o + i, stride*q + j, :]."""
+    ho, wo = out_hw
+    limit = (xp.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, xp.shape[3])
+    return lax.slice(xp, (0, i, j, 0), limit, (1, stride, stride, 1))
+
+
+def padded_input(x, k, stride, padding):
     """x padded by `padding` on every side (as PyTorch pads), and the output size."""
     h, w = x.shape[1], x.shape[2]
     ho, wo = _output_size(h, k, stride, padding), _output_size(w, k, stride, padding)
@@ -114,7 +114,7 @@ def shifted_depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, paddi
 
 
 def _fwd(x, kernel, stride, padding):
-    xp, out_hw = _padded_input(x, kernel.shape[0], stride, padding)
+    xp, out_hw = padded_input(x, kernel.shape[0], stride, padding)
     y = _taps_sum(xp, kernel[:, :, 0, :], out_hw, stride, jnp.result_type(x, kernel))
     # The padded input is kept rather than x: the kernel gradient reads it, and it is written once.
     return y, (xp, kernel)

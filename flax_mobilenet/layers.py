@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
-from flax_mobilenet.depthwise import depthwise_conv2d
+from flax_mobilenet.depthwise import depthwise_conv2d, padded_input, tap_window
 
 Dtype = Any
 
@@ -132,15 +132,9 @@ class PatchConv(nn.Module):
             return lax.conv_general_dilated(
                 x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC")
             )
-        n, h, w, _ = x.shape
-        ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-        xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        xp, out_hw = padded_input(x, k, s, p)
         # Tap (i, j) of every output position, concatenated in the kernel's (i, j, channel) order.
-        taps = [
-            lax.slice(xp, (0, i, j, 0), (n, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, channels), (1, s, s, 1))
-            for i in range(k)
-            for j in range(k)
-        ]
+        taps = [tap_window(xp, i, j, out_hw, s) for i in range(k) for j in range(k)]
         return pointwise_conv(jnp.concatenate(taps, axis=-1), kernel.reshape(k * k * channels, self.features))
 
 
