@@ -1,7 +1,7 @@
 """The depthwise convolution of both models, in one place so that its implementation can be chosen
 per backend without touching the models.
 
-Two implementations compute the same function:
+Three implementations compute the same function:
 
 - ``"xla"``: `lax.conv_general_dilated` with `feature_group_count=C`. XLA's CPU backend lowers a
   grouped convolution to a slow generic loop, forward and (much worse) backward: about 10x slower
@@ -12,9 +12,14 @@ Two implementations compute the same function:
   same form, because autodiff of the slices would produce k*k padded full-size buffers; the input
   gradient is split into stride*stride phases so that a stride-2 layer does no multiply by zero.
 
-``"auto"`` (the default) picks "shifted" on the CPU and "xla" elsewhere, from
+- ``"native"``: CPU kernels of our own through `jax.ffi` (`flax_mobilenet.native`), forward, input
+  gradient and kernel gradient, each one pass over its operands with no padded copy. float32 and
+  float64 only; other dtypes, and machines where the kernels cannot be built (no C++ compiler),
+  fall back to "shifted". Differentiable once (the gradients are custom calls themselves).
+
+``"auto"`` (the default) picks "native" on the CPU and "xla" elsewhere, from
 `jax.default_backend()` at trace time. The environment variable ``FLAX_MOBILENET_DEPTHWISE``
-(xla | shifted | auto) overrides it; like any trace-time choice it applies to functions traced
+(xla | shifted | native | auto) overrides it; like any trace-time choice it applies to functions traced
 after it is set (a jitted function already compiled keeps the implementation it was traced with).
 """
 
@@ -27,10 +32,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flax_mobilenet import native
+
 ENV_VAR = "FLAX_MOBILENET_DEPTHWISE"
-IMPLEMENTATIONS = ("xla", "shifted")
+IMPLEMENTATIONS = ("xla", "shifted", "native")
 # Measured in bench/NOTES.md; only the CPU has been measured, so other backends keep XLA's conv.
-AUTO = {"cpu": "shifted"}
+AUTO = {"cpu": "native"}
 
 
 def implementation(backend: str | None = None) -> str:
@@ -45,7 +52,10 @@ def implementation(backend: str | None = None) -> str:
 
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """Depthwise 2-D convolution of NHWC `x` with a (k, k, 1, C) kernel, symmetric padding."""
-    if implementation() == "shifted":
+    choice = implementation()
+    if choice == "native":
+        return native_depthwise_conv2d(x, kernel, stride, padding)
+    if choice == "shifted":
         return shifted_depthwise_conv2d(x, kernel, stride, padding)
     return xla_depthwise_conv2d(x, kernel, stride, padding)
 
@@ -208,3 +218,32 @@ def _kernel_grad(xp, g, kernel, stride):
 
 
 shifted_depthwise_conv2d.defvjp(_fwd, _bwd)
+
+
+def native_depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """`xla_depthwise_conv2d` by the `flax_mobilenet.native` CPU kernels, where they are built and
+    take the dtype; else by `shifted_depthwise_conv2d`."""
+    if native.supports(x, kernel) and native.available():
+        return _native(x, kernel, stride, padding)
+    return shifted_depthwise_conv2d(x, kernel, stride, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _native(x, kernel, stride, padding):
+    return _native_fwd(x, kernel, stride, padding)[0]
+
+
+def _native_fwd(x, kernel, stride, padding):
+    k = kernel.shape[0]
+    out_hw = (_output_size(x.shape[1], k, stride, padding), _output_size(x.shape[2], k, stride, padding))
+    return native.forward(x, kernel[:, :, 0, :], out_hw, stride, padding), (x, kernel)
+
+
+def _native_bwd(stride, padding, residuals, g):
+    x, kernel = residuals
+    dx = native.input_grad(g, kernel[:, :, 0, :], x.shape[1:3], stride, padding)
+    dk = native.kernel_grad(x, g, kernel.shape[0], stride, padding)
+    return dx, dk[:, :, None, :]
+
+
+_native.defvjp(_native_fwd, _native_bwd)

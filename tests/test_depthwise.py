@@ -1,5 +1,6 @@
-"""The depthwise convolution: the shifted form computes what XLA's grouped convolution computes,
-forward and backward, and the implementation is chosen per backend unless overridden."""
+"""The depthwise convolution: the shifted form and the native CPU kernels compute what XLA's grouped
+convolution computes, forward and backward, and the implementation is chosen per backend unless
+overridden."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 import torch_ref
-from flax_mobilenet import create_model, depthwise
-from flax_mobilenet.depthwise import shifted_depthwise_conv2d, xla_depthwise_conv2d
+from flax_mobilenet import create_model, depthwise, native
+from flax_mobilenet.depthwise import native_depthwise_conv2d, shifted_depthwise_conv2d, xla_depthwise_conv2d
 from parity import torch_to_flax
 
 # (input NHWC, kernel size, stride, padding): odd and even sides, the models' 3x3 at strides 1
@@ -22,6 +23,9 @@ CASES = [
     ((1, 8, 8, 3), 3, 2, 1),
     ((1, 11, 7, 4), 5, 2, 2),
     ((1, 7, 7, 3), 3, 1, 0),
+    # 85 channels: the native kernels' channel blocks of 64, 16 and 1 all run; 3 x 12 output rows
+    # are more than the kernel gradient's 32 partial sums, so some partials take 2 rows.
+    ((3, 23, 12, 85), 3, 2, 1),
 ]
 IDS = [f"{'x'.join(map(str, s))}-k{k}-s{st}-p{p}" for s, k, st, p in CASES]
 
@@ -52,28 +56,39 @@ def _grads(fn, x, kernel, stride, padding):
 FP32_RTOL = 1e-6
 
 
+# Both forms of ours, each against XLA's grouped convolution.
+FORMS = {"shifted": shifted_depthwise_conv2d, "native": native_depthwise_conv2d}
+
+
+@pytest.fixture(params=list(FORMS))
+def form(request):
+    if request.param == "native":
+        assert native.available(), "the native kernels did not build on this machine (see the warning)"
+    return FORMS[request.param]
+
+
 @pytest.mark.parametrize("shape,k,stride,padding", CASES, ids=IDS)
-def test_shifted_forward_equals_xla_conv_fp32(shape, k, stride, padding):
+def test_forward_equals_xla_conv_fp32(form, shape, k, stride, padding):
     x, kernel = _inputs(shape, k)
     want = xla_depthwise_conv2d(x, kernel, stride, padding)
-    got = jax.jit(shifted_depthwise_conv2d, static_argnums=(2, 3))(x, kernel, stride, padding)
+    got = jax.jit(form, static_argnums=(2, 3))(x, kernel, stride, padding)
     assert got.shape == want.shape
     assert rel_l2(got, want) < FP32_RTOL
 
 
 @pytest.mark.parametrize("shape,k,stride,padding", CASES, ids=IDS)
-def test_shifted_input_gradient_equals_xla_conv_fp32(shape, k, stride, padding):
+def test_input_gradient_equals_xla_conv_fp32(form, shape, k, stride, padding):
     x, kernel = _inputs(shape, k)
     want = _grads(xla_depthwise_conv2d, x, kernel, stride, padding)[0]
-    got = _grads(shifted_depthwise_conv2d, x, kernel, stride, padding)[0]
+    got = _grads(form, x, kernel, stride, padding)[0]
     assert rel_l2(got, want) < FP32_RTOL
 
 
 @pytest.mark.parametrize("shape,k,stride,padding", CASES, ids=IDS)
-def test_shifted_kernel_gradient_equals_xla_conv_fp32(shape, k, stride, padding):
+def test_kernel_gradient_equals_xla_conv_fp32(form, shape, k, stride, padding):
     x, kernel = _inputs(shape, k)
     want = _grads(xla_depthwise_conv2d, x, kernel, stride, padding)[1]
-    got = _grads(shifted_depthwise_conv2d, x, kernel, stride, padding)[1]
+    got = _grads(form, x, kernel, stride, padding)[1]
     assert rel_l2(got, want) < FP32_RTOL
 
 
@@ -126,10 +141,10 @@ def _primitives(fn, *args) -> set[str]:
     return {eqn.primitive.name for eqn in jax.make_jaxpr(fn)(*args).eqns}
 
 
-def test_auto_picks_shifted_on_cpu_and_xla_elsewhere(monkeypatch):
+def test_auto_picks_native_on_cpu_and_xla_elsewhere(monkeypatch):
     monkeypatch.delenv(depthwise.ENV_VAR, raising=False)
     assert jax.default_backend() == "cpu"
-    assert depthwise.implementation() == "shifted"
+    assert depthwise.implementation() == "native"
     assert depthwise.implementation("gpu") == "xla"
     assert depthwise.implementation("tpu") == "xla"
 
@@ -142,11 +157,19 @@ def test_env_override_chooses_the_implementation_that_gets_traced(monkeypatch):
     monkeypatch.setenv(depthwise.ENV_VAR, "shifted")
     assert "conv_general_dilated" not in trace()
     assert "custom_vjp_call" in trace()
+    assert "ffi_call" not in _jaxpr_text(x, kernel)
+    monkeypatch.setenv(depthwise.ENV_VAR, "native")
+    assert "ffi_call" in _jaxpr_text(x, kernel)
+
+
+def _jaxpr_text(x, kernel) -> str:
+    """The traced depthwise layer, nested jaxprs (the custom VJP's body) included."""
+    return str(jax.make_jaxpr(lambda x, k: depthwise.depthwise_conv2d(x, k, 1, 1))(x, kernel))
 
 
 def test_env_override_rejects_an_unknown_implementation(monkeypatch):
     monkeypatch.setenv(depthwise.ENV_VAR, "pallas")
-    with pytest.raises(ValueError, match="FLAX_MOBILENET_DEPTHWISE='pallas': expected one of auto, xla, shifted"):
+    with pytest.raises(ValueError, match="FLAX_MOBILENET_DEPTHWISE='pallas': expected one of auto, xla, shifted, native"):
         depthwise.implementation()
 
 

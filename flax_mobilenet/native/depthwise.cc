@@ -1,0 +1,287 @@
+// The depthwise convolution on the CPU as XLA FFI custom calls: forward, input gradient and
+// kernel gradient, NHWC, one pass over each operand and no padded copy.
+//
+// XLA's CPU backend computes a depthwise layer either as a grouped convolution (a slow generic
+// loop) or, in flax_mobilenet's "shifted" form, as k*k separate fusions and reductions that each
+// read or write a full-size activation (bench/NOTES.md sections 1, 5 and 6). Here each output
+// channel block is summed in registers over its taps (forward, input gradient) or over an output
+// row (kernel gradient), channels innermost so that the compiler vectorises the channel loop.
+//
+// Built by flax_mobilenet/native/__init__.py with the system C++ compiler against the XLA FFI
+// headers that jaxlib ships (jax.ffi.include_dir()).
+//
+// Sums are deterministic: work is split into a fixed number of blocks that depends on the shape
+// only, never on which thread runs which block, and partial sums are added in a fixed order.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ------------------------------------------------------------------ parallel loop on XLA's pool
+
+// body(b) for b in [0, blocks), on the calling thread and the XLA CPU intra-op thread pool.
+// The caller claims blocks too, and waits only for blocks that another thread has claimed, so a
+// helper task that starts late (its thread busy with another op) finds nothing to do and exits:
+// no deadlock whatever the pool is doing. The state lives as long as the last helper holding it.
+struct Blocks {
+  std::function<void(int64_t)> body;
+  int64_t count = 0;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t done = 0;
+
+  void Work() {
+    int64_t mine = 0;
+    for (int64_t b; (b = next.fetch_add(1)) < count; ++mine) body(b);
+    if (mine == 0) return;
+    std::lock_guard<std::mutex> lock(mu);
+    done += mine;
+    if (done == count) cv.notify_all();
+  }
+};
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> body) {
+  if (count <= 0) return;
+  auto state = std::make_shared<Blocks>();
+  state->body = std::move(body);
+  state->count = count;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([state] { state->Work(); });
+  state->Work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done == state->count; });
+}
+
+// ------------------------------------------------------------------ shapes
+
+struct Shape {
+  int64_t n, h, w, c;   // input
+  int64_t k, s, p;      // kernel size, stride, padding (the same on both sides, as PyTorch pads)
+  int64_t ho, wo;       // output
+
+  // Taps [first, last) of one output coordinate `o` that land inside an input of size `size`.
+  void TapRange(int64_t o, int64_t size, int64_t* first, int64_t* last) const {
+    const int64_t origin = o * s - p;
+    *first = std::max<int64_t>(0, -origin);
+    *last = std::min<int64_t>(k, size - origin);
+  }
+};
+
+// Channel blocks: CB channels summed in registers. 64 floats (8 AVX2 or 4 AVX-512 registers) keep
+// enough independent multiply-adds in flight; 16 and then 1 take the remainder.
+template <int CB, typename F>
+inline int64_t ForBlocks(int64_t c, int64_t channels, F&& f) {
+  for (; c + CB <= channels; c += CB) f(std::integral_constant<int, CB>{}, c);
+  return c;
+}
+
+template <typename F>
+inline void ForChannelBlocks(int64_t channels, F&& f) {
+  int64_t c = 0;
+  c = ForBlocks<64>(c, channels, f);
+  c = ForBlocks<16>(c, channels, f);
+  ForBlocks<1>(c, channels, f);
+}
+
+// ------------------------------------------------------------------ forward
+
+// y[n, oh, ow, c] = sum_{i, j} x[n, oh*s - p + i, ow*s - p + j, c] * k[i, j, c], taps in row-major
+// order (as the "shifted" form adds them), for one output row (n, oh).
+template <typename T>
+void ForwardRow(const Shape& d, const T* __restrict x, const T* __restrict k, T* __restrict y, int64_t row) {
+  const int64_t n = row / d.ho, oh = row % d.ho;
+  int64_t i0, i1;
+  d.TapRange(oh, d.h, &i0, &i1);
+  for (int64_t ow = 0; ow < d.wo; ++ow) {
+    int64_t j0, j1;
+    d.TapRange(ow, d.w, &j0, &j1);
+    T* __restrict out = y + (row * d.wo + ow) * d.c;
+    // Index of x[n, oh*s - p, ow*s - p, 0], which may lie in the padding: only taps inside are read.
+    const int64_t origin = ((n * d.h + oh * d.s - d.p) * d.w + ow * d.s - d.p) * d.c;
+    ForChannelBlocks(d.c, [&](auto cb, int64_t c) {
+      constexpr int CB = decltype(cb)::value;
+      T acc[CB] = {};
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const T* xp = x + origin + (i * d.w + j) * d.c + c;
+          const T* kp = k + (i * d.k + j) * d.c + c;
+          for (int e = 0; e < CB; ++e) acc[e] += xp[e] * kp[e];
+        }
+      }
+      for (int e = 0; e < CB; ++e) out[c + e] = acc[e];
+    });
+  }
+}
+
+// ------------------------------------------------------------------ input gradient
+
+// dx[n, ih, iw, c] = sum of g[n, oh, ow, c] * k[i, j, c] over the taps with oh*s - p + i = ih and
+// ow*s - p + j = iw: a gather, so each input element is written once, for one input row (n, ih).
+template <typename T>
+void InputGradRow(const Shape& d, const T* __restrict g, const T* __restrict k, T* __restrict dx, int64_t row) {
+  const int64_t n = row / d.h, ih = row % d.h;
+  for (int64_t iw = 0; iw < d.w; ++iw) {
+    T* __restrict out = dx + (row * d.w + iw) * d.c;
+    ForChannelBlocks(d.c, [&](auto cb, int64_t c) {
+      constexpr int CB = decltype(cb)::value;
+      T acc[CB] = {};
+      for (int64_t i = 0; i < d.k; ++i) {
+        const int64_t t = ih + d.p - i;  // = oh * s
+        if (t < 0 || t % d.s != 0 || t / d.s >= d.ho) continue;
+        const T* grow = g + (n * d.ho + t / d.s) * d.wo * d.c;
+        for (int64_t j = 0; j < d.k; ++j) {
+          const int64_t u = iw + d.p - j;  // = ow * s
+          if (u < 0 || u % d.s != 0 || u / d.s >= d.wo) continue;
+          const T* gp = grow + (u / d.s) * d.c + c;
+          const T* kp = k + (i * d.k + j) * d.c + c;
+          for (int e = 0; e < CB; ++e) acc[e] += gp[e] * kp[e];
+        }
+      }
+      for (int e = 0; e < CB; ++e) out[c + e] = acc[e];
+    });
+  }
+}
+
+// ------------------------------------------------------------------ kernel gradient
+
+// partial[i, j, c] += sum over ow of x[n, oh*s - p + i, ow*s - p + j, c] * g[n, oh, ow, c], for one
+// output row (n, oh): the sum over the row is held in registers and added to the partial once.
+template <typename T>
+void KernelGradRow(const Shape& d, const T* __restrict x, const T* __restrict g, T* __restrict partial, int64_t row) {
+  const int64_t n = row / d.ho, oh = row % d.ho;
+  int64_t i0, i1;
+  d.TapRange(oh, d.h, &i0, &i1);
+  const T* grow = g + row * d.wo * d.c;
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* xrow = x + (n * d.h + oh * d.s - d.p + i) * d.w * d.c;
+    for (int64_t j = 0; j < d.k; ++j) {
+      // Output columns whose tap j lands inside the row: 0 <= ow*s - p + j < w.
+      const int64_t ow0 = std::max<int64_t>(0, (d.p - j + d.s - 1) / d.s);
+      const int64_t ow1 = std::min<int64_t>(d.wo, (d.w - 1 + d.p - j) / d.s + 1);
+      if (ow0 >= ow1) continue;
+      T* __restrict dk = partial + (i * d.k + j) * d.c;
+      ForChannelBlocks(d.c, [&](auto cb, int64_t c) {
+        constexpr int CB = decltype(cb)::value;
+        T acc[CB] = {};
+        for (int64_t ow = ow0; ow < ow1; ++ow) {
+          const T* xp = xrow + (ow * d.s - d.p + j) * d.c + c;
+          const T* gp = grow + ow * d.c + c;
+          for (int e = 0; e < CB; ++e) acc[e] += xp[e] * gp[e];
+        }
+        for (int e = 0; e < CB; ++e) dk[c + e] += acc[e];
+      });
+    }
+  }
+}
+
+// Rows of the kernel gradient per partial sum: a fixed number of partials (a function of the
+// shape alone) keeps the result independent of the thread count and of the schedule.
+constexpr int64_t kKernelGradPartials = 32;
+
+// ------------------------------------------------------------------ FFI handlers
+
+ffi::Error CheckShape(const Shape& d) {
+  if (d.k < 1 || d.s < 1 || d.p < 0 || d.ho < 1 || d.wo < 1 ||
+      d.ho != (d.h + 2 * d.p - d.k) / d.s + 1 || d.wo != (d.w + 2 * d.p - d.k) / d.s + 1) {
+    return ffi::Error::InvalidArgument("depthwise: inconsistent shapes, stride or padding");
+  }
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType DT>
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT, 3> k, ffi::ResultBuffer<DT, 4> y,
+                   int64_t stride, int64_t padding) {
+  auto xd = x.dimensions(), yd = y->dimensions(), kd = k.dimensions();
+  const Shape d{xd[0], xd[1], xd[2], xd[3], kd[0], stride, padding, yd[1], yd[2]};
+  if (auto e = CheckShape(d); e.failure()) return e;
+  if (kd[1] != d.k || kd[2] != d.c || yd[0] != d.n || yd[3] != d.c)
+    return ffi::Error::InvalidArgument("depthwise forward: kernel or output shape does not match the input");
+  const auto* xp = x.typed_data();
+  const auto* kp = k.typed_data();
+  auto* yp = y->typed_data();
+  ParallelFor(pool, d.n * d.ho, [&](int64_t row) { ForwardRow(d, xp, kp, yp, row); });
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType DT>
+ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<DT, 4> g, ffi::Buffer<DT, 3> k, ffi::ResultBuffer<DT, 4> dx,
+                     int64_t stride, int64_t padding) {
+  auto gd = g.dimensions(), xd = dx->dimensions(), kd = k.dimensions();
+  const Shape d{xd[0], xd[1], xd[2], xd[3], kd[0], stride, padding, gd[1], gd[2]};
+  if (auto e = CheckShape(d); e.failure()) return e;
+  if (kd[1] != d.k || kd[2] != d.c || gd[0] != d.n || gd[3] != d.c)
+    return ffi::Error::InvalidArgument("depthwise input gradient: kernel or cotangent shape does not match");
+  const auto* gp = g.typed_data();
+  const auto* kp = k.typed_data();
+  auto* dxp = dx->typed_data();
+  ParallelFor(pool, d.n * d.h, [&](int64_t row) { InputGradRow(d, gp, kp, dxp, row); });
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType DT>
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT, 4> g, ffi::ResultBuffer<DT, 3> dk,
+                      int64_t stride, int64_t padding) {
+  using T = ffi::NativeType<DT>;
+  auto xd = x.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
+  const Shape d{xd[0], xd[1], xd[2], xd[3], kd[0], stride, padding, gd[1], gd[2]};
+  if (auto e = CheckShape(d); e.failure()) return e;
+  if (kd[1] != d.k || kd[2] != d.c || gd[0] != d.n || gd[3] != d.c)
+    return ffi::Error::InvalidArgument("depthwise kernel gradient: input, cotangent or kernel shape does not match");
+  const int64_t rows = d.n * d.ho, taps = d.k * d.k * d.c;
+  const int64_t parts = std::min(rows, kKernelGradPartials);
+  std::vector<T> partial(parts * taps, T(0));
+  const auto* xp = x.typed_data();
+  const auto* gp = g.typed_data();
+  ParallelFor(pool, parts, [&](int64_t b) {
+    for (int64_t row = rows * b / parts; row < rows * (b + 1) / parts; ++row)
+      KernelGradRow(d, xp, gp, partial.data() + b * taps, row);
+  });
+  T* out = dk->typed_data();
+  std::copy(partial.begin(), partial.begin() + taps, out);
+  for (int64_t b = 1; b < parts; ++b)
+    for (int64_t t = 0; t < taps; ++t) out[t] += partial[b * taps + t];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define FLAX_MOBILENET_DEPTHWISE_HANDLERS(SUFFIX, DT)                                                       \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseForward##SUFFIX, Forward<DT>,                                     \
+                                ffi::Ffi::Bind()                                                           \
+                                    .Ctx<ffi::ThreadPool>()                                                \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR3<DT>>()                                             \
+                                    .Ret<ffi::BufferR4<DT>>()                                             \
+                                    .Attr<int64_t>("stride")                                               \
+                                    .Attr<int64_t>("padding"));                                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseInputGrad##SUFFIX, InputGrad<DT>,                                 \
+                                ffi::Ffi::Bind()                                                           \
+                                    .Ctx<ffi::ThreadPool>()                                                \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR3<DT>>()                                             \
+                                    .Ret<ffi::BufferR4<DT>>()                                             \
+                                    .Attr<int64_t>("stride")                                               \
+                                    .Attr<int64_t>("padding"));                                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseKernelGrad##SUFFIX, KernelGrad<DT>,                               \
+                                ffi::Ffi::Bind()                                                           \
+                                    .Ctx<ffi::ThreadPool>()                                                \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Ret<ffi::BufferR3<DT>>()                                             \
+                                    .Attr<int64_t>("stride")                                               \
+                                    .Attr<int64_t>("padding"));
+
+FLAX_MOBILENET_DEPTHWISE_HANDLERS(F32, ffi::F32)
+FLAX_MOBILENET_DEPTHWISE_HANDLERS(F64, ffi::F64)

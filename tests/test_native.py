@@ -1,0 +1,156 @@
+"""The native CPU kernels (flax_mobilenet.native): float64 exactness, determinism, the dtypes they
+take, and what happens where they cannot be built. Their float32 agreement with XLA's
+convolution is in test_depthwise.py, beside the shifted form's."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_mobilenet import depthwise, native
+from flax_mobilenet.depthwise import native_depthwise_conv2d, xla_depthwise_conv2d
+
+
+@pytest.fixture(autouse=True)
+def _built():
+    assert native.available(), "the native kernels did not build on this machine (see the warning)"
+
+
+def _operands(shape, k, stride, padding, dtype=jnp.float32):
+    kx, kk, kg = jax.random.split(jax.random.key(sum(shape) + k), 3)
+    x = jax.random.normal(kx, shape, dtype)
+    kernel = jax.random.normal(kk, (k, k, 1, shape[-1]), dtype)
+    out = jax.eval_shape(lambda: xla_depthwise_conv2d(x, kernel, stride, padding))
+    return x, kernel, jax.random.normal(kg, out.shape, dtype)
+
+
+def _value_and_grads(fn, x, kernel, g, stride, padding):
+    y, vjp = jax.vjp(lambda x, k: fn(x, k, stride, padding), x, kernel)
+    return (y, *vjp(g))
+
+
+# float64: the same products as XLA's convolution summed in another order, so the difference is
+# float64 rounding (~1e-16 relative per sum); 1e-12 leaves room for sums of a few hundred terms
+# while any indexing mistake would show at order 1.
+@pytest.mark.parametrize("stride", [1, 2])
+def test_float64_forward_and_gradients_equal_xla_conv(stride):
+    with jax.enable_x64(True):
+        x, kernel, g = _operands((2, 13, 10, 21), 3, stride, 1, jnp.float64)
+        got = _value_and_grads(jax.jit(native_depthwise_conv2d, static_argnums=(2, 3)), x, kernel, g, stride, 1)
+        want = _value_and_grads(xla_depthwise_conv2d, x, kernel, g, stride, 1)
+        assert "ffi_call" in str(jax.make_jaxpr(native_depthwise_conv2d, static_argnums=(2, 3))(x, kernel, stride, 1))
+        for a, b in zip(got, want):
+            assert a.dtype == jnp.float64
+            assert np.linalg.norm(np.asarray(a - b)) / np.linalg.norm(np.asarray(b)) < 1e-12
+
+
+def test_kernel_gradient_is_the_same_bits_on_every_run():
+    # Rows are shared out to XLA's threads as they come free, but summed in partials fixed by the
+    # shape (depthwise.cc, kKernelGradPartials), so the result may not depend on the schedule.
+    x, kernel, g = _operands((8, 40, 40, 48), 3, 1, 1)
+    grad = jax.jit(lambda x, g: native.kernel_grad(x, g, 3, 1, 1))
+    first = np.asarray(grad(x, g))
+    for _ in range(5):
+        np.testing.assert_array_equal(np.asarray(grad(x, g)), first)
+
+
+@pytest.mark.parametrize("dtypes", [(jnp.bfloat16, jnp.bfloat16), (jnp.float16, jnp.float16), (jnp.float32, jnp.bfloat16)])
+def test_other_dtypes_take_the_shifted_form(dtypes):
+    x = jnp.ones((1, 6, 6, 4), dtypes[0])
+    kernel = jnp.ones((3, 3, 1, 4), dtypes[1])
+    assert not native.supports(x, kernel)
+    text = str(jax.make_jaxpr(native_depthwise_conv2d, static_argnums=(2, 3))(x, kernel, 1, 1))
+    assert "ffi_call" not in text and "custom_vjp_call" in text
+
+
+def test_the_kernels_refuse_a_dtype_they_do_not_have():
+    x = jnp.ones((1, 6, 6, 4), jnp.bfloat16)
+    with pytest.raises(TypeError, match="one dtype among"):
+        native.forward(x, jnp.ones((3, 3, 4), jnp.bfloat16), (6, 6), 1, 1)
+
+
+def test_a_missing_compiler_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    with pytest.raises(RuntimeError, match=r"no C\+\+ compiler .*no-such-c\+\+.* on PATH \(set CXX\)"):
+        native._build()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_build_names_the_command_and_leaves_no_library(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails, printing nothing
+    with pytest.raises(RuntimeError, match=r"^false -O3 .* failed: \(no output\)$"):
+        native._build()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_build_is_cached_by_source_compiler_and_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    first = native._build()
+    assert first.parent == tmp_path and first.suffix == ".so"
+    stamp = first.stat().st_mtime_ns
+    assert native._build() == first and first.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    monkeypatch.setenv("CXX", "g++")
+    assert native._build() != first  # another compiler command: another library
+
+
+def test_where_the_kernels_cannot_be_built_the_layer_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(native, "_registered", lambda: "no C++ compiler 'c++' on PATH (set CXX)")
+    native._warn_once.cache_clear()
+    x, kernel, _ = _operands((1, 6, 6, 4), 3, 1, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = str(jax.make_jaxpr(lambda x, k: depthwise.depthwise_conv2d(x, k, 1, 1))(x, kernel))
+        jax.make_jaxpr(lambda x, k: depthwise.depthwise_conv2d(x, k, 1, 1))(x, kernel)
+    assert "ffi_call" not in text and "custom_vjp_call" in text
+    messages = [str(w.message) for w in caught]
+    assert messages == ["flax_mobilenet: the native depthwise kernels are not available (no C++ compiler 'c++' on PATH (set CXX)); using the pure-JAX form"]
+    native._warn_once.cache_clear()
+
+
+SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from flax_mobilenet.depthwise import native_depthwise_conv2d, xla_depthwise_conv2d
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+x = jax.random.normal(jax.random.key(0), (8, 12, 12, 24))
+w = jax.random.normal(jax.random.key(1), (3, 3, 1, 24))
+for stride in (1, 2):
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w, stride, 1) ** 2)
+    step = jax.jit(jax.value_and_grad(loss(native_depthwise_conv2d), (0, 1)))
+    xs, ws = jax.device_put(x, NamedSharding(mesh, P("data"))), jax.device_put(w, NamedSharding(mesh, P()))
+    hlo = step.lower(xs, ws).compile().as_text()
+    assert "all-gather" not in hlo, "an operand was gathered onto every device"
+    got, want = step(xs, ws), jax.value_and_grad(loss(xla_depthwise_conv2d), (0, 1))(x, w)
+    assert got[1][0].sharding.spec == P("data"), got[1][0].sharding
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)) < 1e-6
+print("ok")
+"""
+
+
+def test_a_batch_sharded_over_devices_runs_the_kernels_per_device_without_gathering():
+    # 4 CPU devices need a fresh process (the flag is read when JAX starts). Each device runs the
+    # kernels on its own 2 images, the kernel gradient's partial sums are summed over devices, and
+    # the result equals XLA's convolution on the whole batch up to float32 rounding (FP32 1e-6,
+    # as in test_depthwise.py).
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_jaxlib_older_than_tested_is_one_clear_error(monkeypatch):
+    import jaxlib
+
+    monkeypatch.setattr(jaxlib, "__version__", "0.4.35")
+    with pytest.raises(RuntimeError, match=r"^jaxlib 0.4.35 is older than 0.10, the oldest tested$"):
+        native._build()
