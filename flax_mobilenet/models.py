@@ -24,9 +24,6 @@ from flax_mobilenet.layers import BatchNorm, DepthwiseConv, PatchConv, Pointwise
 
 Dtype = Any
 
-ACTIVATIONS = {"relu6": jax.nn.relu6, "relu": jax.nn.relu}
-
-
 class ConvBN(nn.Module):
     """Convolution (no bias), BatchNorm, and the activation when the layer has one."""
 
@@ -45,8 +42,8 @@ class ConvBN(nn.Module):
             conv = PatchConv(layer.out_channels, layer.kernel_size, layer.stride, layer.padding, dtype=self.dtype, name="conv")
         else:
             raise NotImplementedError(f"{layer}: a grouped convolution that is not depthwise")
-        x = BatchNorm(dtype=self.dtype, name="bn")(conv(x), train)
-        return ACTIVATIONS[self.activation](x) if layer.activation else x
+        activation = self.activation if layer.activation else None
+        return BatchNorm(dtype=self.dtype, activation=activation, name="bn")(conv(x), train)
 
 
 class Block(nn.Module):
