@@ -11,16 +11,16 @@ Three implementations compute the same function:
   fuses this into one elementwise loop. Its gradient is written by hand (`jax.custom_vjp`) in the
   same form, because autodiff of the slices would produce k*k padded full-size buffers; the input
   gradient is split into stride*stride phases so that a stride-2 layer does no multiply by zero.
-
 - ``"native"``: CPU kernels of our own through `jax.ffi` (`flax_mobilenet.native`), forward, input
   gradient and kernel gradient, each one pass over its operands with no padded copy. float32 and
   float64 only; other dtypes, and machines where the kernels cannot be built (no C++ compiler),
-  fall back to "shifted". Differentiable once (the gradients are custom calls themselves).
+  fall back to "shifted". Differentiable once (the gradients are custom calls themselves; for
+  higher derivatives set FLAX_MOBILENET_DEPTHWISE=shifted).
 
 ``"auto"`` (the default) picks "native" on the CPU and "xla" elsewhere, from
 `jax.default_backend()` at trace time. The environment variable ``FLAX_MOBILENET_DEPTHWISE``
-(xla | shifted | native | auto) overrides it; like any trace-time choice it applies to functions traced
-after it is set (a jitted function already compiled keeps the implementation it was traced with).
+(xla | shifted | native | auto) overrides it; like any trace-time choice it applies to functions
+traced after it is set (a jitted function already compiled keeps the implementation it was traced with).
 """
 
 from __future__ import annotations
