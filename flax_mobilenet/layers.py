@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
+from flax_mobilenet import native
 from flax_mobilenet.depthwise import depthwise_conv2d, padded_input, tap_window
 
 Dtype = Any
@@ -28,6 +30,22 @@ ACTIVATIONS = {"relu6": jax.nn.relu6, "relu": jax.nn.relu}
 _PASSES = {"relu6": lambda y: (y > 0) & (y < 6), "relu": lambda y: y > 0}
 
 
+# Where BatchNorm's backward computes its two sums: "native" (one read of g, y and x in a CPU
+# kernel of flax_mobilenet.native; float32/float64, else "xla") or "xla" (two XLA reductions).
+# "auto" is native on the CPU; the environment variable overrides it at trace time. Both are
+# differentiable again (second derivatives).
+BATCH_NORM_ENV = "FLAX_MOBILENET_BATCHNORM"
+
+
+def batch_norm_sums(backend: str | None = None) -> str:
+    choice = os.environ.get(BATCH_NORM_ENV, "auto").strip().lower() or "auto"
+    if choice == "auto":
+        return "native" if (backend or jax.default_backend()) == "cpu" else "xla"
+    if choice not in ("native", "xla"):
+        raise ValueError(f"{BATCH_NORM_ENV}={choice!r}: expected one of auto, native, xla")
+    return choice
+
+
 def _batch_axes(x):
     return tuple(range(x.ndim - 1))
 
@@ -41,6 +59,7 @@ def batch_norm_train(x, scale, bias, epsilon: float, activation: str | None, dty
     standard BatchNorm backward, as PyTorch's): autodiff would keep the centred input and the
     pre-activation as residuals, i.e. write two more activation-sized arrays per layer and read
     them back; this keeps only x and the output, and recomputes the rest inside the fused passes.
+    The backward's two sums run where `batch_norm_sums()` says.
     """
     return _bn_fwd(x, scale, bias, epsilon, activation, dtype)[0]
 
@@ -64,19 +83,43 @@ def _bn_fwd(x, scale, bias, epsilon, activation, dtype):
     return (y, mean, var), (x, y, scale, mean, rstd)
 
 
+def _passed(g, y, activation):
+    """The cotangent g where `activation`'s output y lets the gradient through."""
+    return g if activation is None else jnp.where(_PASSES[activation](y), g, 0)
+
+
+def _backward_sums_xla(g, y, x, mean, activation):
+    """sum(g') and sum(g' * (x - mean)) per channel, g' = `_passed(g, y, activation)`."""
+    kept = _passed(g, y, activation)
+    axes = _batch_axes(x)
+    return kept.sum(axes), (kept * (x - mean)).sum(axes)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _backward_sums_native(g, y, x, mean, activation):
+    """`_backward_sums_xla` in one read of g, y and x (flax_mobilenet.native)."""
+    return native.batch_norm_backward_sums(g, y, x, mean, activation)
+
+
+@_backward_sums_native.defjvp
+def _backward_sums_native_jvp(activation, primals, tangents):
+    # The tangents in XLA's form (linear, so transposable), so that the BatchNorm VJP stays
+    # differentiable: grad of grad of a model works with the native sums too.
+    _, d_sums = jax.jvp(lambda *a: _backward_sums_xla(*a, activation), primals, tangents)
+    return _backward_sums_native(*primals, activation), d_sums
+
+
 def _bn_bwd(epsilon, activation, dtype, residuals, cotangents):
     x, y, scale, mean, rstd = residuals
     g, g_mean, g_var = cotangents
-    axes = _batch_axes(x)
     count = x.size // x.shape[-1]
     x32 = x.astype(mean.dtype)
     g32 = g.astype(mean.dtype)
-    if activation is not None:
-        g32 = jnp.where(_PASSES[activation](y), g32, 0)
+    native_sums = batch_norm_sums() == "native" and native.supports(g32, y, x32, mean) and native.available()
+    g_bias, g_centred = (_backward_sums_native if native_sums else _backward_sums_xla)(g32, y, x32, mean, activation)
+    g_scale = g_centred * rstd
     xhat = (x32 - mean) * rstd
-    g_bias = g32.sum(axes)
-    g_scale = (g32 * xhat).sum(axes)
-    dx = (scale * rstd) * (g32 - g_bias / count - xhat * (g_scale / count))
+    dx = (scale * rstd) * (_passed(g32, y, activation) - g_bias / count - xhat * (g_scale / count))
     # The batch statistics are outputs too (for the running averages): their cotangents, zero in
     # training, are added for exactness.
     dx = dx + g_mean / count + g_var * (2.0 / count) * (x32 - mean)

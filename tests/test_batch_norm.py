@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax_mobilenet import layers, native
 from flax_mobilenet.layers import ACTIVATIONS, BatchNorm, batch_norm_train
 
 
@@ -39,9 +40,14 @@ def _rel(a, b):
 # two differ by float64 rounding over sums of ~100 terms (~1e-15 relative), so 1e-12. The
 # cotangents of the batch mean and variance (outputs for the running statistics) are non-zero
 # here, so that their terms are checked too.
+@pytest.mark.parametrize("sums", ["native", "xla"])
 @pytest.mark.parametrize("activation", [None, "relu6", "relu"])
-def test_vjp_equals_autodiff_in_float64(activation):
+def test_vjp_equals_autodiff_in_float64(activation, sums, monkeypatch):
+    # The backward's two sums in the native kernel (one pass) or as XLA reductions.
+    monkeypatch.setenv(layers.BATCH_NORM_ENV, sums)
     with jax.enable_x64(True):
+        if sums == "native":
+            assert native.available()
         x, scale, bias, cotangents = _operands(jnp.float64)
         args = (1e-5, activation, jnp.dtype(jnp.float64))
         got_out, got_vjp = jax.vjp(lambda x, s, b: batch_norm_train(x, s, b, *args), x, scale, bias)
@@ -51,9 +57,32 @@ def test_vjp_equals_autodiff_in_float64(activation):
             assert jnp.any(y == 0) and jnp.any(y == 6) and jnp.any((y > 0) & (y < 6))
         for got, want in zip(got_out, want_out):
             assert _rel(got, want) == 0  # the same forward expressions
-        for got, want in zip(jax.jit(got_vjp)(cotangents), want_vjp(cotangents)):
+        backward = jax.jit(got_vjp)
+        assert ("ffi_call" in str(jax.make_jaxpr(backward)(cotangents))) == (sums == "native")
+        for got, want in zip(backward(cotangents), want_vjp(cotangents)):
             assert got.dtype == want.dtype
             assert _rel(got, want) < 1e-12
+
+
+# Second derivatives (grad of a function of the gradient) go through the backward's sums: with
+# the native kernel their tangents are XLA's (a custom_jvp), so the result is autodiff's to float64
+# rounding, as above (1e-12). Without that rule this raised (no derivative of the custom call).
+@pytest.mark.parametrize("sums", ["native", "xla"])
+def test_second_derivatives_equal_autodiff_in_float64(sums, monkeypatch):
+    monkeypatch.setenv(layers.BATCH_NORM_ENV, sums)
+    with jax.enable_x64(True):
+        x, scale, bias, (g, _, _) = _operands(jnp.float64)
+        args = (1e-5, "relu6", jnp.dtype(jnp.float64))
+
+        def gradient_norm(bn):
+            loss = lambda x, s, b: jnp.sum(bn(x, s, b, *args)[0] * g)
+            return lambda x, s, b: sum(jnp.sum(d**2) for d in jax.grad(loss, (0, 1, 2))(x, s, b))
+
+        got = jax.jit(jax.grad(gradient_norm(batch_norm_train), (0, 1, 2)))
+        assert ("ffi_call" in str(jax.make_jaxpr(got)(x, scale, bias))) == (sums == "native")
+        want = jax.grad(gradient_norm(_autodiff), (0, 1, 2))(x, scale, bias)
+        for a, b in zip(got(x, scale, bias), want):
+            assert _rel(a, b) < 1e-12
 
 
 # bf16 activations with float32 statistics (train.main --precision bf16): the output is rounded
@@ -81,3 +110,13 @@ def test_the_module_applies_its_activation_in_both_modes_and_updates_running_sta
     y_eval = layer.apply(variables, x, train=False)  # initial statistics: mean 0, variance 1
     np.testing.assert_allclose(y_eval, jax.nn.relu6(x / np.sqrt(1 + 1e-5)), rtol=1e-6)
     assert float(y_eval.min()) == 0 and float(y_eval.max()) == 6
+
+
+def test_the_sums_are_native_on_the_cpu_unless_overridden(monkeypatch):
+    monkeypatch.delenv(layers.BATCH_NORM_ENV, raising=False)
+    assert layers.batch_norm_sums() == "native" and layers.batch_norm_sums("gpu") == "xla"
+    monkeypatch.setenv(layers.BATCH_NORM_ENV, "xla")
+    assert layers.batch_norm_sums() == "xla"
+    monkeypatch.setenv(layers.BATCH_NORM_ENV, "cudnn")
+    with pytest.raises(ValueError, match="^FLAX_MOBILENET_BATCHNORM='cudnn': expected one of auto, native, xla$"):
+        layers.batch_norm_sums()

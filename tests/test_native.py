@@ -50,7 +50,7 @@ def test_float64_forward_and_gradients_equal_xla_conv(stride):
 
 def test_kernel_gradient_is_the_same_bits_on_every_run():
     # Rows are shared out to XLA's threads as they come free, but summed in partials fixed by the
-    # shape (depthwise.cc, kKernelGradPartials), so the result may not depend on the schedule.
+    # shape (kernels.cc, kKernelGradPartials), so the result may not depend on the schedule.
     x, kernel, g = _operands((8, 40, 40, 48), 3, 1, 1)
     grad = jax.jit(lambda x, g: native.kernel_grad(x, g, 3, 1, 1))
     first = np.asarray(grad(x, g))
@@ -109,7 +109,7 @@ def test_where_the_kernels_cannot_be_built_the_layer_falls_back_with_one_warning
         jax.make_jaxpr(lambda x, k: depthwise.depthwise_conv2d(x, k, 1, 1))(x, kernel)
     assert "ffi_call" not in text and "custom_vjp_call" in text
     messages = [str(w.message) for w in caught]
-    assert messages == ["flax_mobilenet: the native depthwise kernels are not available (no C++ compiler 'c++' on PATH (set CXX)); using the pure-JAX form"]
+    assert messages == ["flax_mobilenet: the native CPU kernels are not available (no C++ compiler 'c++' on PATH (set CXX)); using the pure-JAX forms"]
     native._warn_once.cache_clear()
 
 
@@ -120,6 +120,18 @@ from flax_mobilenet.depthwise import native_depthwise_conv2d, xla_depthwise_conv
 mesh = Mesh(np.asarray(jax.devices()), ("data",))
 x = jax.random.normal(jax.random.key(0), (8, 12, 12, 24))
 w = jax.random.normal(jax.random.key(1), (3, 3, 1, 24))
+from flax_mobilenet.native import batch_norm_backward_sums
+g, y = jax.random.normal(jax.random.key(2), x.shape), jax.nn.relu6(3 * x)
+mean = x.mean((0, 1, 2))
+sums = jax.jit(lambda *a: batch_norm_backward_sums(*a, "relu6"))
+shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
+hlo = sums.lower(shard(g), shard(y), shard(x), mean).compile().as_text()
+assert "all-gather" not in hlo, "BatchNorm's sums gathered their operands"
+got = sums(shard(g), shard(y), shard(x), mean)
+kept = np.where((np.asarray(y) > 0) & (np.asarray(y) < 6), np.asarray(g), 0)
+want = (kept.sum((0, 1, 2)), (kept * (np.asarray(x) - np.asarray(mean))).sum((0, 1, 2)))
+for a, b in zip(got, want):
+    assert np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b) < 1e-6
 for stride in (1, 2):
     loss = lambda f: lambda x, w: jnp.sum(f(x, w, stride, 1) ** 2)
     step = jax.jit(jax.value_and_grad(loss(native_depthwise_conv2d), (0, 1)))
@@ -136,9 +148,9 @@ print("ok")
 
 def test_a_batch_sharded_over_devices_runs_the_kernels_per_device_without_gathering():
     # 4 CPU devices need a fresh process (the flag is read when JAX starts). Each device runs the
-    # kernels on its own 2 images, the kernel gradient's partial sums are summed over devices, and
-    # the result equals XLA's convolution on the whole batch up to float32 rounding (FP32 1e-6,
-    # as in test_depthwise.py).
+    # kernels on its own 2 images, the kernel gradient's and BatchNorm's partial sums are summed
+    # over devices, and the results equal XLA's convolution and numpy's sums on the whole batch up
+    # to float32 rounding (FP32 1e-6, as in test_depthwise.py).
     import os
     import subprocess
     import sys
@@ -154,3 +166,51 @@ def test_a_jaxlib_older_than_tested_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(jaxlib, "__version__", "0.4.35")
     with pytest.raises(RuntimeError, match=r"^jaxlib 0.4.35 is older than 0.10, the oldest tested$"):
         native._build()
+
+
+# float64: the kernel sums the same terms in another order (runs of rows, then blocks in double),
+# so float64 rounding only; 1e-12 as above. Each activation's mask is exercised at both ends.
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+def test_batch_norm_backward_sums_equal_numpy_in_float64(activation):
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(4), 3)
+        x = jax.random.normal(keys[0], (3, 9, 7, 85), jnp.float64)
+        g = jax.random.normal(keys[1], x.shape, jnp.float64)
+        y = {None: x, "relu": jax.nn.relu(x), "relu6": jax.nn.relu6(4 * x)}[activation]
+        mean = x.mean((0, 1, 2)) + 0.1
+        got = jax.jit(native.batch_norm_backward_sums, static_argnums=4)(g, y, x, mean, activation)
+        yn = np.asarray(y)
+        passes = {None: np.ones(yn.shape, bool), "relu": yn > 0, "relu6": (yn > 0) & (yn < 6)}[activation]
+        kept = np.where(passes, np.asarray(g), 0)
+        want = (kept.sum((0, 1, 2)), (kept * (np.asarray(x) - np.asarray(mean))).sum((0, 1, 2)))
+        for a, b in zip(got, want):
+            assert a.dtype == jnp.float64
+            assert np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b) < 1e-12
+
+
+def test_batch_norm_backward_sums_in_float32_are_close_to_float64_and_the_same_bits_on_every_run():
+    # 12,544 rows: 32 blocks of runs of 64 rows, shared out to XLA's threads as they come free but
+    # added in an order fixed by the shape. Each float32 run sums 64 terms, then the runs and
+    # blocks add in double: float32 rounding of a 64-term sum, well under FP32 1e-6 (as in
+    # test_depthwise.py) in relative L2.
+    keys = jax.random.split(jax.random.key(5), 2)
+    x = jax.random.normal(keys[0], (16, 28, 28, 40))
+    g = jax.random.normal(keys[1], x.shape)
+    y = jax.nn.relu6(3 * x)
+    mean = x.mean((0, 1, 2))
+    sums = jax.jit(native.batch_norm_backward_sums, static_argnums=4)
+    first = [np.asarray(a) for a in sums(g, y, x, mean, "relu6")]
+    for _ in range(5):
+        assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(first, sums(g, y, x, mean, "relu6")))
+    xn, gn, yn = (np.asarray(a, np.float64) for a in (x, g, y))
+    kept = np.where((yn > 0) & (yn < 6), gn, 0)
+    want = (kept.sum((0, 1, 2)), (kept * (xn - np.asarray(mean, np.float64))).sum((0, 1, 2)))
+    for a, b in zip(first, want):
+        assert a.dtype == np.float32
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-6
+
+
+def test_batch_norm_backward_sums_refuse_mixed_dtypes():
+    x = jnp.ones((1, 2, 2, 3), jnp.bfloat16)
+    with pytest.raises(TypeError, match="one dtype among"):
+        native.batch_norm_backward_sums(x, x, x, jnp.zeros(3, jnp.float32), "relu6")

@@ -1,5 +1,6 @@
-"""CPU kernels of our own, called from XLA through `jax.ffi`: the depthwise convolution's forward,
-input gradient and kernel gradient (depthwise.cc beside this file).
+"""CPU kernels of our own, called from XLA through `jax.ffi` (kernels.cc beside this file): the
+depthwise convolution's forward, input gradient and kernel gradient, and the two sums of
+BatchNorm's backward.
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``)
 against the XLA FFI headers that jaxlib ships, for this machine's processor, and kept in a cache
@@ -27,9 +28,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-SOURCE = Path(__file__).with_name("depthwise.cc")
+SOURCE = Path(__file__).with_name("kernels.cc")
 CACHE_ENV = "FLAX_MOBILENET_CACHE"
-# The dtypes with a kernel, and the suffix of their handlers' symbols in depthwise.cc.
+# The dtypes with a kernel, and the suffix of their handlers' symbols in kernels.cc.
 DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
 OPS = ("Forward", "InputGrad", "KernelGrad")
 
@@ -77,7 +78,7 @@ def _build() -> Path:
     for part in (SOURCE.read_bytes(), " ".join(_command(Path("out"))).encode(), jaxlib.__version__.encode(), _processor_flags().encode()):
         key.update(part)
         key.update(b"\0")
-    target = _cache_dir() / f"depthwise-{key.hexdigest()[:16]}.so"
+    target = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     if shutil.which(_command(target)[0]) is None:
@@ -105,6 +106,7 @@ def _registered() -> str | None:
         for op in OPS:
             symbol = f"Depthwise{op}{suffix}"
             jax.ffi.register_ffi_target(_target(op, suffix), jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        jax.ffi.register_ffi_target(_target("BackwardSums", suffix), jax.ffi.pycapsule(getattr(library, f"BatchNormBackwardSums{suffix}")), platform="cpu")
     return None
 
 
@@ -122,7 +124,7 @@ def available() -> bool:
 
 @functools.cache
 def _warn_once(problem: str) -> None:
-    warnings.warn(f"flax_mobilenet: the native depthwise kernels are not available ({problem}); using the pure-JAX form", stacklevel=3)
+    warnings.warn(f"flax_mobilenet: the native CPU kernels are not available ({problem}); using the pure-JAX forms", stacklevel=3)
 
 
 def supports(*arrays) -> bool:
@@ -235,3 +237,51 @@ def input_grad(g: jax.Array, taps: jax.Array, in_hw: tuple[int, int], stride: in
 def kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int, padding: int) -> jax.Array:
     """The gradient of `forward` with respect to taps (k, k, C), for the cotangent g."""
     return _partitioned()["KernelGrad"](x, g, k, stride, padding)
+
+
+# ----------------------------------------------------------------------------- BatchNorm's sums
+
+# The activations BatchNorm's backward reads its mask off (kernels.cc, BackwardSums).
+ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
+
+
+def _backward_sums_run(g, y, x, mean, activation):
+    out = jax.ShapeDtypeStruct((x.shape[-1],), x.dtype)
+    call = jax.ffi.ffi_call(_target("BackwardSums", DTYPES[np.dtype(x.dtype)]), (out, out), vmap_method="sequential")
+    return call(g, y, x, mean, activation=np.int64(ACTIVATION_CODES[activation]))
+
+
+@functools.cache
+def _backward_sums_partitioned():
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    def partition(activation, mesh, arg_shapes, result_shape):
+        axes = _batch_axes(arg_shapes[0].sharding)
+        images = _per_image(arg_shapes[0].sharding, mesh)
+
+        def lower(g, y, x, mean):
+            sums = _backward_sums_run(g, y, x, mean, activation)
+            return sums if axes is None else tuple(jax.lax.psum(part, axes) for part in sums)
+
+        replicated = _replicated(mesh)
+        return mesh, lower, (replicated, replicated), (images, images, images, replicated)
+
+    def infer(activation, mesh, arg_shapes, result_shape):
+        return (_replicated(mesh), _replicated(mesh))
+
+    fn = custom_partitioning(_backward_sums_run, static_argnums=(4,))
+    fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule="n h w c, n h w c, n h w c, c -> c, c",
+                     reduction_factors=("n", "h", "w"))  # fmt: skip
+    return fn
+
+
+def batch_norm_backward_sums(g, y, x, mean, activation: str | None) -> tuple[jax.Array, jax.Array]:
+    """sum(g') and sum(g' * (x - mean)) per channel over N, H and W (NHWC operands of one dtype),
+    g' being g where `activation`'s output y passes the gradient (all of g for None): one read of
+    g, y and x, where XLA's two reductions read them twice."""
+    problem = _registered()
+    if problem is not None:
+        raise RuntimeError(f"the native kernels are not available: {problem}")
+    if not supports(g, y, x, mean):
+        raise TypeError(f"native kernels take one dtype among {sorted(map(str, DTYPES))}, got {[str(a.dtype) for a in (g, y, x, mean)]}")
+    return _backward_sums_partitioned()(g, y, x, mean, activation)

@@ -255,6 +255,80 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------ BatchNorm's backward sums
+
+// sum(g') and sum(g' * (x - mean)) per channel in one read of g, y and x, where g' is g where the
+// activation passes the gradient, read off its output y (ACT 0: all, 1: relu y > 0, 2: relu6
+// 0 < y < 6). Rows are cut into blocks (at most kSumBlocks, at least kRun rows each: a function
+// of the shape alone, so the result does not depend on the threads), each summed in runs of kRun
+// rows in T and the runs added in double; the blocks are added in order.
+constexpr int64_t kSumBlocks = 32;
+constexpr int64_t kRun = 64;
+
+template <int ACT, typename T>
+void BackwardSumsBlock(const T* __restrict g, const T* __restrict y, const T* __restrict x, const T* __restrict mean,
+                       int64_t first, int64_t last, int64_t c, double* __restrict sum, double* __restrict dot,
+                       T* __restrict run_sum, T* __restrict run_dot) {
+  for (int64_t start = first; start < last; start += kRun) {
+    const int64_t end = std::min(last, start + kRun);
+    std::fill(run_sum, run_sum + c, T(0));
+    std::fill(run_dot, run_dot + c, T(0));
+    for (int64_t r = start; r < end; ++r) {
+      const T* gr = g + r * c;
+      const T* yr = y + r * c;
+      const T* xr = x + r * c;
+      for (int64_t k = 0; k < c; ++k) {
+        const T out = yr[k];
+        const bool passes = ACT == 0 || (ACT == 1 ? out > T(0) : (out > T(0)) & (out < T(6)));
+        const T grad = passes ? gr[k] : T(0);
+        run_sum[k] += grad;
+        run_dot[k] += grad * (xr[k] - mean[k]);
+      }
+    }
+    for (int64_t k = 0; k < c; ++k) {
+      sum[k] += run_sum[k];
+      dot[k] += run_dot[k];
+    }
+  }
+}
+
+template <ffi::DataType DT>
+ffi::Error BackwardSums(ffi::ThreadPool pool, ffi::BufferR4<DT> g, ffi::BufferR4<DT> y, ffi::BufferR4<DT> x,
+                        ffi::BufferR1<DT> mean, ffi::ResultBufferR1<DT> sum_g, ffi::ResultBufferR1<DT> sum_gx,
+                        int64_t activation) {
+  using T = ffi::NativeType<DT>;
+  auto xd = x.dimensions();
+  const int64_t c = xd[3], rows = xd[0] * xd[1] * xd[2];
+  if (g.element_count() != x.element_count() || y.element_count() != x.element_count() ||
+      mean.dimensions()[0] != c || sum_g->dimensions()[0] != c || sum_gx->dimensions()[0] != c ||
+      activation < 0 || activation > 2)
+    return ffi::Error::InvalidArgument("batch norm backward sums: shapes or activation do not match");
+  const int64_t blocks = std::clamp<int64_t>(rows / kRun, 1, kSumBlocks);
+  std::vector<double> sums(blocks * c, 0.0), dots(blocks * c, 0.0);
+  const T *gp = g.typed_data(), *yp = y.typed_data(), *xp = x.typed_data(), *mp = mean.typed_data();
+  ParallelFor(pool, blocks, [&](int64_t b) {
+    std::vector<T> run(2 * c);
+    const int64_t first = rows * b / blocks, last = rows * (b + 1) / blocks;
+    double* sum = sums.data() + b * c;
+    double* dot = dots.data() + b * c;
+    if (activation == 0) BackwardSumsBlock<0>(gp, yp, xp, mp, first, last, c, sum, dot, run.data(), run.data() + c);
+    if (activation == 1) BackwardSumsBlock<1>(gp, yp, xp, mp, first, last, c, sum, dot, run.data(), run.data() + c);
+    if (activation == 2) BackwardSumsBlock<2>(gp, yp, xp, mp, first, last, c, sum, dot, run.data(), run.data() + c);
+  });
+  T* sum_result = sum_g->typed_data();
+  T* dot_result = sum_gx->typed_data();
+  for (int64_t k = 0; k < c; ++k) {
+    double sum = 0, dot = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      sum += sums[b * c + k];
+      dot += dots[b * c + k];
+    }
+    sum_result[k] = T(sum);
+    dot_result[k] = T(dot);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define FLAX_MOBILENET_DEPTHWISE_HANDLERS(SUFFIX, DT)                                                       \
@@ -285,3 +359,18 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT
 
 FLAX_MOBILENET_DEPTHWISE_HANDLERS(F32, ffi::F32)
 FLAX_MOBILENET_DEPTHWISE_HANDLERS(F64, ffi::F64)
+
+#define FLAX_MOBILENET_BATCH_NORM_HANDLERS(SUFFIX, DT)                                                       \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormBackwardSums##SUFFIX, BackwardSums<DT>,                            \
+                                ffi::Ffi::Bind()                                                           \
+                                    .Ctx<ffi::ThreadPool>()                                                \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR1<DT>>()                                             \
+                                    .Ret<ffi::BufferR1<DT>>()                                             \
+                                    .Ret<ffi::BufferR1<DT>>()                                             \
+                                    .Attr<int64_t>("activation"));
+
+FLAX_MOBILENET_BATCH_NORM_HANDLERS(F32, ffi::F32)
+FLAX_MOBILENET_BATCH_NORM_HANDLERS(F64, ffi::F64)
