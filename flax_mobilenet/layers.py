@@ -30,14 +30,15 @@ ACTIVATIONS = {"relu6": jax.nn.relu6, "relu": jax.nn.relu}
 _PASSES = {"relu6": lambda y: (y > 0) & (y < 6), "relu": lambda y: y > 0}
 
 
-# Where BatchNorm's backward computes its two sums: "native" (one read of g, y and x in a CPU
-# kernel of flax_mobilenet.native; float32/float64, else "xla") or "xla" (two XLA reductions).
-# "auto" is native on the CPU; the environment variable overrides it at trace time. Both are
-# differentiable again (second derivatives).
+# Where training-mode BatchNorm computes its reductions (the batch statistics, and the backward's
+# two sums): "native" (CPU kernels of flax_mobilenet.native, one read of their operands each;
+# float32/float64, else "xla") or "xla" (XLA's reductions, two reads each). "auto" is native on
+# the CPU; the environment variable overrides it at trace time. Both are differentiable again
+# (second derivatives): the native kernels' tangents are XLA's.
 BATCH_NORM_ENV = "FLAX_MOBILENET_BATCHNORM"
 
 
-def batch_norm_sums(backend: str | None = None) -> str:
+def batch_norm_reductions(backend: str | None = None) -> str:
     choice = os.environ.get(BATCH_NORM_ENV, "auto").strip().lower() or "auto"
     if choice == "auto":
         return "native" if (backend or jax.default_backend()) == "cpu" else "xla"
@@ -59,20 +60,39 @@ def batch_norm_train(x, scale, bias, epsilon: float, activation: str | None, dty
     standard BatchNorm backward, as PyTorch's): autodiff would keep the centred input and the
     pre-activation as residuals, i.e. write two more activation-sized arrays per layer and read
     them back; this keeps only x and the output, and recomputes the rest inside the fused passes.
-    The backward's two sums run where `batch_norm_sums()` says.
+    The statistics and the backward's two sums run where `batch_norm_reductions()` says.
     """
     return _bn_fwd(x, scale, bias, epsilon, activation, dtype)[0]
 
 
-def _bn_stats(x32):
+def _native_reductions(*arrays) -> bool:
+    """Whether BatchNorm's reductions over these operands, as they come (no conversion), run in
+    the native kernels."""
+    return batch_norm_reductions() == "native" and native.supports(*arrays) and native.available()
+
+
+def _statistics_xla(x32):
     axes = _batch_axes(x32)
     mean = x32.mean(axes)
     return mean, jnp.square(x32 - mean).mean(axes)
 
 
+@jax.custom_jvp
+def _statistics_native(x32):
+    """`_statistics_xla` in one read of x (flax_mobilenet.native)."""
+    return native.batch_norm_statistics(x32)
+
+
+@_statistics_native.defjvp
+def _statistics_native_jvp(primals, tangents):
+    # XLA's tangents (linear, so transposable): the VJP of batch_norm_train stays differentiable.
+    _, d_statistics = jax.jvp(_statistics_xla, primals, tangents)
+    return _statistics_native(*primals), d_statistics
+
+
 def _bn_fwd(x, scale, bias, epsilon, activation, dtype):
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean, var = _bn_stats(x32)
+    mean, var = (_statistics_native if _native_reductions(x) else _statistics_xla)(x32)
     # Centred before scaling: folded into x * mul + (bias - mean * mul), the gradient through the
     # batch mean subtracts two large sums, and measured 100x less accurate than PyTorch's against
     # float64 (1.6e-3 against 1.5e-5, V1 at 64 px, batch 16).
@@ -103,8 +123,7 @@ def _backward_sums_native(g, y, x, mean, activation):
 
 @_backward_sums_native.defjvp
 def _backward_sums_native_jvp(activation, primals, tangents):
-    # The tangents in XLA's form (linear, so transposable), so that the BatchNorm VJP stays
-    # differentiable: grad of grad of a model works with the native sums too.
+    # As `_statistics_native_jvp`.
     _, d_sums = jax.jvp(lambda *a: _backward_sums_xla(*a, activation), primals, tangents)
     return _backward_sums_native(*primals, activation), d_sums
 
@@ -115,8 +134,8 @@ def _bn_bwd(epsilon, activation, dtype, residuals, cotangents):
     count = x.size // x.shape[-1]
     x32 = x.astype(mean.dtype)
     g32 = g.astype(mean.dtype)
-    native_sums = batch_norm_sums() == "native" and native.supports(g32, y, x32, mean) and native.available()
-    g_bias, g_centred = (_backward_sums_native if native_sums else _backward_sums_xla)(g32, y, x32, mean, activation)
+    sums = _backward_sums_native if _native_reductions(g, y, x, mean) else _backward_sums_xla
+    g_bias, g_centred = sums(g32, y, x32, mean, activation)
     g_scale = g_centred * rstd
     xhat = (x32 - mean) * rstd
     dx = (scale * rstd) * (_passed(g32, y, activation) - g_bias / count - xhat * (g_scale / count))

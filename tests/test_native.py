@@ -120,11 +120,17 @@ from flax_mobilenet.depthwise import native_depthwise_conv2d, xla_depthwise_conv
 mesh = Mesh(np.asarray(jax.devices()), ("data",))
 x = jax.random.normal(jax.random.key(0), (8, 12, 12, 24))
 w = jax.random.normal(jax.random.key(1), (3, 3, 1, 24))
-from flax_mobilenet.native import batch_norm_backward_sums
+from flax_mobilenet.native import batch_norm_backward_sums, batch_norm_statistics
+shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
+# Images of different means per device, so that the variance's spread term counts.
+x_spread = x + jnp.arange(8.0)[:, None, None, None]
+statistics = jax.jit(batch_norm_statistics)
+assert "all-gather" not in statistics.lower(shard(x_spread)).compile().as_text(), "BatchNorm's statistics gathered x"
+for a, b in zip(statistics(shard(x_spread)), (np.mean(x_spread, (0, 1, 2)), np.var(x_spread, (0, 1, 2)))):
+    assert np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b) < 1e-6
 g, y = jax.random.normal(jax.random.key(2), x.shape), jax.nn.relu6(3 * x)
 mean = x.mean((0, 1, 2))
 sums = jax.jit(lambda *a: batch_norm_backward_sums(*a, "relu6"))
-shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
 hlo = sums.lower(shard(g), shard(y), shard(x), mean).compile().as_text()
 assert "all-gather" not in hlo, "BatchNorm's sums gathered their operands"
 got = sums(shard(g), shard(y), shard(x), mean)
@@ -208,6 +214,31 @@ def test_batch_norm_backward_sums_in_float32_are_close_to_float64_and_the_same_b
     for a, b in zip(first, want):
         assert a.dtype == np.float32
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-6
+
+
+# float64: the same sums in another order (runs of 64 rows, each two-pass, merged in double):
+# float64 rounding, 1e-12 as above. float32: each run's sums in float32 over 64 terms, then
+# double: float32 rounding, well under FP32 1e-6; measured 4e-8 to 1e-7 in max relative error
+# per channel, against XLA's two reductions' 1e-7 to 2e-7. A mean 1000 standard deviations from
+# zero checks that the variance does not cancel (a one-pass sum of squares would lose it all in
+# float32).
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("shape", [(3, 9, 7, 85), (16, 28, 28, 40), (1, 1, 1, 4)])
+def test_batch_norm_statistics_equal_numpy(shape, dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        x = jax.random.normal(jax.random.key(6), shape, dtype) * jnp.linspace(0.5, 2, shape[-1], dtype=dtype) + 1000
+        statistics = jax.jit(native.batch_norm_statistics)
+        got = statistics(x)
+        assert all(np.array_equal(a, b) for a, b in zip(got, statistics(x)))  # fixed order: same bits
+        xn = np.asarray(x, np.float64)
+        want = (xn.mean((0, 1, 2)), xn.var((0, 1, 2)))
+        bound = 1e-12 if dtype == jnp.float64 else 1e-6
+        for a, b in zip(got, want):
+            assert a.dtype == dtype and a.shape == shape[-1:]
+            if shape[:3] == (1, 1, 1):
+                assert np.array_equal(np.asarray(a, np.float64), b)  # one row: the row, variance 0
+            else:
+                assert np.max(np.abs(np.asarray(a, np.float64) - b) / np.abs(b)) < bound
 
 
 def test_batch_norm_backward_sums_refuse_mixed_dtypes():

@@ -93,8 +93,8 @@ def shared_run(tmp_path_factory, compile_cache, name: str, flags: list[str]) -> 
 
 @pytest.fixture(scope="session")
 def baseline(tmp_path_factory, compile_cache) -> Path:
-    """Eight steps on one device, checkpointing every two: the reference of this file's,
-    test_train_distributed's and test_train_end_to_end's comparisons."""
+    """Eight steps on one device, checkpointing every two: the reference of this file's and
+    test_train_end_to_end's comparisons."""
     return shared_run(tmp_path_factory, compile_cache, "baseline-run", [*TINY, "--max-steps", "8", "--checkpoint-every", "2"])
 
 

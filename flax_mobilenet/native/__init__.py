@@ -1,6 +1,6 @@
 """CPU kernels of our own, called from XLA through `jax.ffi` (kernels.cc beside this file): the
-depthwise convolution's forward, input gradient and kernel gradient, and the two sums of
-BatchNorm's backward.
+depthwise convolution's forward, input gradient and kernel gradient, and BatchNorm's batch
+statistics and the two sums of its backward.
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``)
 against the XLA FFI headers that jaxlib ships, for this machine's processor, and kept in a cache
@@ -106,7 +106,8 @@ def _registered() -> str | None:
         for op in OPS:
             symbol = f"Depthwise{op}{suffix}"
             jax.ffi.register_ffi_target(_target(op, suffix), jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-        jax.ffi.register_ffi_target(_target("BackwardSums", suffix), jax.ffi.pycapsule(getattr(library, f"BatchNormBackwardSums{suffix}")), platform="cpu")
+        for op in ("BackwardSums", "Statistics"):
+            jax.ffi.register_ffi_target(_target(op, suffix), jax.ffi.pycapsule(getattr(library, f"BatchNorm{op}{suffix}")), platform="cpu")
     return None
 
 
@@ -239,7 +240,7 @@ def kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int, padding: int) -
     return _partitioned()["KernelGrad"](x, g, k, stride, padding)
 
 
-# ----------------------------------------------------------------------------- BatchNorm's sums
+# ----------------------------------------------------------------------------- BatchNorm
 
 # The activations BatchNorm's backward reads its mask off (kernels.cc, BackwardSums).
 ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
@@ -275,13 +276,57 @@ def _backward_sums_partitioned():
     return fn
 
 
+def _statistics_run(x):
+    out = jax.ShapeDtypeStruct((x.shape[-1],), x.dtype)
+    return jax.ffi.ffi_call(_target("Statistics", DTYPES[np.dtype(x.dtype)]), (out, out), vmap_method="sequential")(x)
+
+
+@functools.cache
+def _statistics_partitioned():
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    def partition(mesh, arg_shapes, result_shape):
+        axes = _batch_axes(arg_shapes[0].sharding)
+
+        def lower(x):
+            mean, var = _statistics_run(x)
+            if axes is None:
+                return mean, var
+            # Each device holds as many images (jax shards a dimension evenly): the global mean is
+            # the mean of the devices' means, the variance adds their spread around it.
+            total = jax.lax.pmean(mean, axes)
+            return total, jax.lax.pmean(var + jax.lax.square(mean - total), axes)
+
+        replicated = _replicated(mesh)
+        return mesh, lower, (replicated, replicated), (_per_image(arg_shapes[0].sharding, mesh),)
+
+    def infer(mesh, arg_shapes, result_shape):
+        return (_replicated(mesh), _replicated(mesh))
+
+    fn = custom_partitioning(_statistics_run)
+    fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule="n h w c -> c, c", reduction_factors=("n", "h", "w"))
+    return fn
+
+
+def _checked(*arrays) -> None:
+    problem = _registered()
+    if problem is not None:
+        raise RuntimeError(f"the native kernels are not available: {problem}")
+    if not supports(*arrays):
+        raise TypeError(f"native kernels take one dtype among {sorted(map(str, DTYPES))}, got {[str(a.dtype) for a in arrays]}")
+
+
+def batch_norm_statistics(x) -> tuple[jax.Array, jax.Array]:
+    """Per-channel mean and biased variance over N, H and W of NHWC x, in one read of x (each run
+    of 64 rows, in cache, read twice: the variance is two-pass within it; the runs are merged in
+    double), where XLA's mean and centred square read x twice."""
+    _checked(x)
+    return _statistics_partitioned()(x)
+
+
 def batch_norm_backward_sums(g, y, x, mean, activation: str | None) -> tuple[jax.Array, jax.Array]:
     """sum(g') and sum(g' * (x - mean)) per channel over N, H and W (NHWC operands of one dtype),
     g' being g where `activation`'s output y passes the gradient (all of g for None): one read of
     g, y and x, where XLA's two reductions read them twice."""
-    problem = _registered()
-    if problem is not None:
-        raise RuntimeError(f"the native kernels are not available: {problem}")
-    if not supports(g, y, x, mean):
-        raise TypeError(f"native kernels take one dtype among {sorted(map(str, DTYPES))}, got {[str(a.dtype) for a in (g, y, x, mean)]}")
+    _checked(g, y, x, mean)
     return _backward_sums_partitioned()(g, y, x, mean, activation)

@@ -329,6 +329,82 @@ ffi::Error BackwardSums(ffi::ThreadPool pool, ffi::BufferR4<DT> g, ffi::BufferR4
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------ BatchNorm's statistics
+
+// Per-channel mean and biased variance in one read of x. Each run of kRun rows (in cache) is read
+// twice, in T: its sum, giving an approximate mean a, then the deviations from a and their
+// squares. The run's exact mean and sum of squared deviations follow as a + s/m and q - s*s/m (the
+// corrected two-pass algorithm: a's rounding, large when the mean is far from 0, cancels). The
+// runs are merged into their block's mean and sum of squared deviations in double (Chan et al.'s
+// pairwise update), and the blocks (split as in BackwardSums) are merged in order.
+template <typename T>
+void StatisticsBlock(const T* __restrict x, int64_t first, int64_t last, int64_t c, double* __restrict mean,
+                     double* __restrict m2, T* __restrict approx, T* __restrict dev, T* __restrict square) {
+  double n = 0;
+  for (int64_t start = first; start < last; start += kRun) {
+    const int64_t end = std::min(last, start + kRun);
+    const double m = double(end - start);
+    std::fill(approx, approx + c, T(0));
+    std::fill(dev, dev + c, T(0));
+    std::fill(square, square + c, T(0));
+    for (int64_t r = start; r < end; ++r) {
+      const T* xr = x + r * c;
+      for (int64_t k = 0; k < c; ++k) approx[k] += xr[k];
+    }
+    for (int64_t k = 0; k < c; ++k) approx[k] /= T(m);
+    for (int64_t r = start; r < end; ++r) {
+      const T* xr = x + r * c;
+      for (int64_t k = 0; k < c; ++k) {
+        const T d = xr[k] - approx[k];
+        dev[k] += d;
+        square[k] += d * d;
+      }
+    }
+    const double total = n + m, weight = m / total, cross = n * m / total;
+    for (int64_t k = 0; k < c; ++k) {
+      const double s = double(dev[k]);
+      const double delta = double(approx[k]) + s / m - mean[k];
+      mean[k] += delta * weight;
+      m2[k] += (double(square[k]) - s * s / m) + delta * delta * cross;
+    }
+    n = total;
+  }
+}
+
+template <ffi::DataType DT>
+ffi::Error Statistics(ffi::ThreadPool pool, ffi::BufferR4<DT> x, ffi::ResultBufferR1<DT> mean_out,
+                      ffi::ResultBufferR1<DT> var_out) {
+  using T = ffi::NativeType<DT>;
+  auto xd = x.dimensions();
+  const int64_t c = xd[3], rows = xd[0] * xd[1] * xd[2];
+  if (rows == 0 || mean_out->dimensions()[0] != c || var_out->dimensions()[0] != c)
+    return ffi::Error::InvalidArgument("batch norm statistics: empty input or result shapes do not match");
+  const int64_t blocks = std::clamp<int64_t>(rows / kRun, 1, kSumBlocks);
+  std::vector<double> means(blocks * c, 0.0), m2s(blocks * c, 0.0);
+  const T* xp = x.typed_data();
+  ParallelFor(pool, blocks, [&](int64_t b) {
+    std::vector<T> run(3 * c);
+    const int64_t first = rows * b / blocks, last = rows * (b + 1) / blocks;
+    StatisticsBlock(xp, first, last, c, means.data() + b * c, m2s.data() + b * c, run.data(), run.data() + c,
+                    run.data() + 2 * c);
+  });
+  T* mean_result = mean_out->typed_data();
+  T* var_result = var_out->typed_data();
+  for (int64_t k = 0; k < c; ++k) {
+    double n = 0, mean = 0, m2 = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const double m = double(rows * (b + 1) / blocks - rows * b / blocks), total = n + m;
+      const double delta = means[b * c + k] - mean;
+      mean += delta * m / total;
+      m2 += m2s[b * c + k] + delta * delta * n * m / total;
+      n = total;
+    }
+    mean_result[k] = T(mean);
+    var_result[k] = T(m2 / n);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define FLAX_MOBILENET_DEPTHWISE_HANDLERS(SUFFIX, DT)                                                       \
@@ -370,7 +446,13 @@ FLAX_MOBILENET_DEPTHWISE_HANDLERS(F64, ffi::F64)
                                     .Arg<ffi::BufferR1<DT>>()                                             \
                                     .Ret<ffi::BufferR1<DT>>()                                             \
                                     .Ret<ffi::BufferR1<DT>>()                                             \
-                                    .Attr<int64_t>("activation"));
+                                    .Attr<int64_t>("activation"));                                        \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormStatistics##SUFFIX, Statistics<DT>,                                \
+                                ffi::Ffi::Bind()                                                           \
+                                    .Ctx<ffi::ThreadPool>()                                                \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Ret<ffi::BufferR1<DT>>()                                             \
+                                    .Ret<ffi::BufferR1<DT>>());
 
 FLAX_MOBILENET_BATCH_NORM_HANDLERS(F32, ffi::F32)
 FLAX_MOBILENET_BATCH_NORM_HANDLERS(F64, ffi::F64)
