@@ -32,7 +32,8 @@ SOURCE = Path(__file__).with_name("kernels.cc")
 CACHE_ENV = "FLAX_MOBILENET_CACHE"
 # The dtypes with a kernel, and the suffix of their handlers' symbols in kernels.cc.
 DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
-OPS = ("Forward", "InputGrad", "KernelGrad")
+# The handlers in kernels.cc, each defined for every dtype (symbol: op + suffix).
+OPS = ("DepthwiseForward", "DepthwiseInputGrad", "DepthwiseKernelGrad", "BatchNormStatistics", "BatchNormBackwardSums")
 
 
 def _cache_dir() -> Path:
@@ -104,15 +105,12 @@ def _registered() -> str | None:
         return f"{type(error).__name__}: {error}" if not isinstance(error, RuntimeError) else str(error)
     for suffix in DTYPES.values():
         for op in OPS:
-            symbol = f"Depthwise{op}{suffix}"
-            jax.ffi.register_ffi_target(_target(op, suffix), jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-        for op in ("BackwardSums", "Statistics"):
-            jax.ffi.register_ffi_target(_target(op, suffix), jax.ffi.pycapsule(getattr(library, f"BatchNorm{op}{suffix}")), platform="cpu")
+            jax.ffi.register_ffi_target(_target(op, suffix), jax.ffi.pycapsule(getattr(library, f"{op}{suffix}")), platform="cpu")
     return None
 
 
 def _target(op: str, suffix: str) -> str:
-    return f"flax_mobilenet_depthwise_{op.lower()}_{suffix.lower()}"
+    return f"flax_mobilenet_{op.lower()}_{suffix.lower()}"
 
 
 def available() -> bool:
@@ -194,7 +192,7 @@ def _kernel_grad_partitioned():
     from jax.experimental.custom_partitioning import custom_partitioning
 
     def run(x, g, k, stride, padding):
-        return _call("KernelGrad", (k, k, x.shape[3]), (x, g), stride, padding)
+        return _call("DepthwiseKernelGrad", (k, k, x.shape[3]), (x, g), stride, padding)
 
     def partition(k, stride, padding, mesh, arg_shapes, result_shape):
         axes = _batch_axes(arg_shapes[0].sharding)
@@ -219,8 +217,8 @@ def _kernel_grad_partitioned():
 def _partitioned():
     # Made on first use, so that importing the package never depends on this API's version.
     return {
-        "Forward": _batch_parallel("Forward", "n h w c, i j c -> n o q c"),
-        "InputGrad": _batch_parallel("InputGrad", "n o q c, i j c -> n h w c"),
+        "Forward": _batch_parallel("DepthwiseForward", "n h w c, i j c -> n o q c"),
+        "InputGrad": _batch_parallel("DepthwiseInputGrad", "n o q c, i j c -> n h w c"),
         "KernelGrad": _kernel_grad_partitioned(),
     }
 
@@ -248,7 +246,7 @@ ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
 def _backward_sums_run(g, y, x, mean, activation):
     out = jax.ShapeDtypeStruct((x.shape[-1],), x.dtype)
-    call = jax.ffi.ffi_call(_target("BackwardSums", DTYPES[np.dtype(x.dtype)]), (out, out), vmap_method="sequential")
+    call = jax.ffi.ffi_call(_target("BatchNormBackwardSums", DTYPES[np.dtype(x.dtype)]), (out, out), vmap_method="sequential")
     return call(g, y, x, mean, activation=np.int64(ACTIVATION_CODES[activation]))
 
 
@@ -278,7 +276,7 @@ def _backward_sums_partitioned():
 
 def _statistics_run(x):
     out = jax.ShapeDtypeStruct((x.shape[-1],), x.dtype)
-    return jax.ffi.ffi_call(_target("Statistics", DTYPES[np.dtype(x.dtype)]), (out, out), vmap_method="sequential")(x)
+    return jax.ffi.ffi_call(_target("BatchNormStatistics", DTYPES[np.dtype(x.dtype)]), (out, out), vmap_method="sequential")(x)
 
 
 @functools.cache
