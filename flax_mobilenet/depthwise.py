@@ -26,7 +26,6 @@ traced after it is set (a jitted function already compiled keeps the implementat
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +41,7 @@ AUTO = {"cpu": "native"}
 
 def implementation(backend: str | None = None) -> str:
     """The implementation `depthwise_conv2d` uses now: the env override, else the backend's default."""
-    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if choice == "auto":
-        return AUTO.get(backend or jax.default_backend(), "xla")
-    if choice not in IMPLEMENTATIONS:
-        raise ValueError(f"{ENV_VAR}={choice!r}: expected one of auto, {', '.join(IMPLEMENTATIONS)}")
-    return choice
+    return native.choose(ENV_VAR, IMPLEMENTATIONS, AUTO, backend)
 
 
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -39,12 +38,7 @@ BATCH_NORM_ENV = "FLAX_MOBILENET_BATCHNORM"
 
 
 def batch_norm_reductions(backend: str | None = None) -> str:
-    choice = os.environ.get(BATCH_NORM_ENV, "auto").strip().lower() or "auto"
-    if choice == "auto":
-        return "native" if (backend or jax.default_backend()) == "cpu" else "xla"
-    if choice not in ("native", "xla"):
-        raise ValueError(f"{BATCH_NORM_ENV}={choice!r}: expected one of auto, native, xla")
-    return choice
+    return native.choose(BATCH_NORM_ENV, ("native", "xla"), {"cpu": "native"}, backend)
 
 
 def _batch_axes(x):

@@ -10,7 +10,8 @@ version and the processor's flags; later processes load it from there. Building 
 seconds once.
 
 Where it cannot be built (no compiler, a failed build), `available()` is False, a warning says
-why once, and `flax_mobilenet.depthwise` uses its pure-JAX form instead.
+why once, and the callers use their pure-JAX forms instead: `flax_mobilenet.depthwise` the
+shifted convolution, `flax_mobilenet.layers` XLA's reductions. `choose` is how both pick.
 """
 
 from __future__ import annotations
@@ -132,16 +133,32 @@ def supports(*arrays) -> bool:
     return len(dtypes) == 1 and dtypes.pop() in DTYPES
 
 
-def _call(op: str, out_shape: tuple[int, ...], operands, stride: int, padding: int) -> jax.Array:
+def choose(env_var: str, options: tuple[str, ...], auto: dict[str, str], backend: str | None = None) -> str:
+    """The implementation named by `env_var` (one of `options`, or "auto": `auto`'s entry for the
+    backend, else "xla"), read at trace time."""
+    choice = os.environ.get(env_var, "auto").strip().lower() or "auto"
+    if choice == "auto":
+        return auto.get(backend or jax.default_backend(), "xla")
+    if choice not in options:
+        raise ValueError(f"{env_var}={choice!r}: expected one of auto, {', '.join(options)}")
+    return choice
+
+
+def _kernel(op: str, operands, *shapes):
+    """The ffi_call of handler `op` for the operands' dtype, with one output of each shape in that
+    dtype; a clear error where the kernels cannot run."""
     problem = _registered()
     if problem is not None:
-        raise RuntimeError(f"the native depthwise kernels are not available: {problem}")
+        raise RuntimeError(f"the native kernels are not available: {problem}")
     if not supports(*operands):
-        raise TypeError(f"native depthwise kernels take one dtype among {sorted(map(str, DTYPES))}, got {[str(a.dtype) for a in operands]}")
+        raise TypeError(f"native kernels take one dtype among {sorted(map(str, DTYPES))}, got {[str(a.dtype) for a in operands]}")
     dtype = np.dtype(operands[0].dtype)
-    return jax.ffi.ffi_call(_target(op, DTYPES[dtype]), jax.ShapeDtypeStruct(out_shape, dtype), vmap_method="sequential")(
-        *operands, stride=np.int64(stride), padding=np.int64(padding)
-    )
+    out = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape in shapes)
+    return jax.ffi.ffi_call(_target(op, DTYPES[dtype]), out if len(out) > 1 else out[0], vmap_method="sequential")
+
+
+def _call(op: str, out_shape: tuple[int, ...], operands, stride: int, padding: int) -> jax.Array:
+    return _kernel(op, operands, out_shape)(*operands, stride=np.int64(stride), padding=np.int64(padding))
 
 
 # Under `jax.jit` with the batch sharded over devices (train.distributed), XLA would gather a custom
@@ -245,8 +262,8 @@ ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
 
 def _backward_sums_run(g, y, x, mean, activation):
-    out = jax.ShapeDtypeStruct((x.shape[-1],), x.dtype)
-    call = jax.ffi.ffi_call(_target("BatchNormBackwardSums", DTYPES[np.dtype(x.dtype)]), (out, out), vmap_method="sequential")
+    channels = x.shape[-1:]
+    call = _kernel("BatchNormBackwardSums", (g, y, x, mean), channels, channels)
     return call(g, y, x, mean, activation=np.int64(ACTIVATION_CODES[activation]))
 
 
@@ -275,8 +292,8 @@ def _backward_sums_partitioned():
 
 
 def _statistics_run(x):
-    out = jax.ShapeDtypeStruct((x.shape[-1],), x.dtype)
-    return jax.ffi.ffi_call(_target("BatchNormStatistics", DTYPES[np.dtype(x.dtype)]), (out, out), vmap_method="sequential")(x)
+    channels = x.shape[-1:]
+    return _kernel("BatchNormStatistics", (x,), channels, channels)(x)
 
 
 @functools.cache
@@ -306,19 +323,10 @@ def _statistics_partitioned():
     return fn
 
 
-def _checked(*arrays) -> None:
-    problem = _registered()
-    if problem is not None:
-        raise RuntimeError(f"the native kernels are not available: {problem}")
-    if not supports(*arrays):
-        raise TypeError(f"native kernels take one dtype among {sorted(map(str, DTYPES))}, got {[str(a.dtype) for a in arrays]}")
-
-
 def batch_norm_statistics(x) -> tuple[jax.Array, jax.Array]:
     """Per-channel mean and biased variance over N, H and W of NHWC x, in one read of x (each run
     of 64 rows, in cache, read twice: the variance is two-pass within it; the runs are merged in
     double), where XLA's mean and centred square read x twice."""
-    _checked(x)
     return _statistics_partitioned()(x)
 
 
@@ -326,5 +334,4 @@ def batch_norm_backward_sums(g, y, x, mean, activation: str | None) -> tuple[jax
     """sum(g') and sum(g' * (x - mean)) per channel over N, H and W (NHWC operands of one dtype),
     g' being g where `activation`'s output y passes the gradient (all of g for None): one read of
     g, y and x, where XLA's two reductions read them twice."""
-    _checked(g, y, x, mean)
     return _backward_sums_partitioned()(g, y, x, mean, activation)

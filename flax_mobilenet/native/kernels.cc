@@ -265,6 +265,14 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT
 constexpr int64_t kSumBlocks = 32;
 constexpr int64_t kRun = 64;
 
+// The rows' split into blocks for the per-channel reductions below.
+struct RowBlocks {
+  int64_t rows, count;
+  explicit RowBlocks(int64_t rows) : rows(rows), count(std::clamp<int64_t>(rows / kRun, 1, kSumBlocks)) {}
+  int64_t First(int64_t b) const { return rows * b / count; }
+  int64_t Size(int64_t b) const { return First(b + 1) - First(b); }
+};
+
 template <int ACT, typename T>
 void BackwardSumsBlock(const T* __restrict g, const T* __restrict y, const T* __restrict x, const T* __restrict mean,
                        int64_t first, int64_t last, int64_t c, double* __restrict sum, double* __restrict dot,
@@ -303,12 +311,12 @@ ffi::Error BackwardSums(ffi::ThreadPool pool, ffi::BufferR4<DT> g, ffi::BufferR4
       mean.dimensions()[0] != c || sum_g->dimensions()[0] != c || sum_gx->dimensions()[0] != c ||
       activation < 0 || activation > 2)
     return ffi::Error::InvalidArgument("batch norm backward sums: shapes or activation do not match");
-  const int64_t blocks = std::clamp<int64_t>(rows / kRun, 1, kSumBlocks);
-  std::vector<double> sums(blocks * c, 0.0), dots(blocks * c, 0.0);
+  const RowBlocks blocks(rows);
+  std::vector<double> sums(blocks.count * c, 0.0), dots(blocks.count * c, 0.0);
   const T *gp = g.typed_data(), *yp = y.typed_data(), *xp = x.typed_data(), *mp = mean.typed_data();
-  ParallelFor(pool, blocks, [&](int64_t b) {
+  ParallelFor(pool, blocks.count, [&](int64_t b) {
     std::vector<T> run(2 * c);
-    const int64_t first = rows * b / blocks, last = rows * (b + 1) / blocks;
+    const int64_t first = blocks.First(b), last = blocks.First(b + 1);
     double* sum = sums.data() + b * c;
     double* dot = dots.data() + b * c;
     if (activation == 0) BackwardSumsBlock<0>(gp, yp, xp, mp, first, last, c, sum, dot, run.data(), run.data() + c);
@@ -319,7 +327,7 @@ ffi::Error BackwardSums(ffi::ThreadPool pool, ffi::BufferR4<DT> g, ffi::BufferR4
   T* dot_result = sum_gx->typed_data();
   for (int64_t k = 0; k < c; ++k) {
     double sum = 0, dot = 0;
-    for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t b = 0; b < blocks.count; ++b) {
       sum += sums[b * c + k];
       dot += dots[b * c + k];
     }
@@ -337,6 +345,14 @@ ffi::Error BackwardSums(ffi::ThreadPool pool, ffi::BufferR4<DT> g, ffi::BufferR4
 // corrected two-pass algorithm: a's rounding, large when the mean is far from 0, cancels). The
 // runs are merged into their block's mean and sum of squared deviations in double (Chan et al.'s
 // pairwise update), and the blocks (split as in BackwardSums) are merged in order.
+// Chan et al.'s pairwise update: the mean and sum of squared deviations of n values, joined by m
+// more with their own mean and sum of squared deviations.
+inline void MergeMoments(double n, double m, double other_mean, double other_m2, double* mean, double* m2) {
+  const double total = n + m, delta = other_mean - *mean;
+  *mean += delta * (m / total);
+  *m2 += other_m2 + delta * delta * (n * m / total);
+}
+
 template <typename T>
 void StatisticsBlock(const T* __restrict x, int64_t first, int64_t last, int64_t c, double* __restrict mean,
                      double* __restrict m2, T* __restrict approx, T* __restrict dev, T* __restrict square) {
@@ -360,14 +376,11 @@ void StatisticsBlock(const T* __restrict x, int64_t first, int64_t last, int64_t
         square[k] += d * d;
       }
     }
-    const double total = n + m, weight = m / total, cross = n * m / total;
     for (int64_t k = 0; k < c; ++k) {
       const double s = double(dev[k]);
-      const double delta = double(approx[k]) + s / m - mean[k];
-      mean[k] += delta * weight;
-      m2[k] += (double(square[k]) - s * s / m) + delta * delta * cross;
+      MergeMoments(n, m, double(approx[k]) + s / m, double(square[k]) - s * s / m, &mean[k], &m2[k]);
     }
-    n = total;
+    n += m;
   }
 }
 
@@ -379,25 +392,22 @@ ffi::Error Statistics(ffi::ThreadPool pool, ffi::BufferR4<DT> x, ffi::ResultBuff
   const int64_t c = xd[3], rows = xd[0] * xd[1] * xd[2];
   if (rows == 0 || mean_out->dimensions()[0] != c || var_out->dimensions()[0] != c)
     return ffi::Error::InvalidArgument("batch norm statistics: empty input or result shapes do not match");
-  const int64_t blocks = std::clamp<int64_t>(rows / kRun, 1, kSumBlocks);
-  std::vector<double> means(blocks * c, 0.0), m2s(blocks * c, 0.0);
+  const RowBlocks blocks(rows);
+  std::vector<double> means(blocks.count * c, 0.0), m2s(blocks.count * c, 0.0);
   const T* xp = x.typed_data();
-  ParallelFor(pool, blocks, [&](int64_t b) {
+  ParallelFor(pool, blocks.count, [&](int64_t b) {
     std::vector<T> run(3 * c);
-    const int64_t first = rows * b / blocks, last = rows * (b + 1) / blocks;
-    StatisticsBlock(xp, first, last, c, means.data() + b * c, m2s.data() + b * c, run.data(), run.data() + c,
+    StatisticsBlock(xp, blocks.First(b), blocks.First(b + 1), c, means.data() + b * c, m2s.data() + b * c, run.data(), run.data() + c,
                     run.data() + 2 * c);
   });
   T* mean_result = mean_out->typed_data();
   T* var_result = var_out->typed_data();
   for (int64_t k = 0; k < c; ++k) {
     double n = 0, mean = 0, m2 = 0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const double m = double(rows * (b + 1) / blocks - rows * b / blocks), total = n + m;
-      const double delta = means[b * c + k] - mean;
-      mean += delta * m / total;
-      m2 += m2s[b * c + k] + delta * delta * n * m / total;
-      n = total;
+    for (int64_t b = 0; b < blocks.count; ++b) {
+      const double m = double(blocks.Size(b));
+      MergeMoments(n, m, means[b * c + k], m2s[b * c + k], &mean, &m2);
+      n += m;
     }
     mean_result[k] = T(mean);
     var_result[k] = T(m2 / n);
