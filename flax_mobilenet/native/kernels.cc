@@ -192,22 +192,27 @@ constexpr int64_t kKernelGradPartials = 32;
 
 // ------------------------------------------------------------------ FFI handlers
 
-ffi::Error CheckShape(const Shape& d) {
-  if (d.k < 1 || d.s < 1 || d.p < 0 || d.ho < 1 || d.wo < 1 ||
-      d.ho != (d.h + 2 * d.p - d.k) / d.s + 1 || d.wo != (d.w + 2 * d.p - d.k) / d.s + 1) {
+// The layer's shape from the dimensions of its input side (x, or dx), its kernel (k, k, C) and
+// its output side (y, or the cotangent g), checked: `mismatch` is the error when they disagree.
+template <typename Dims>
+ffi::Error LayerShape(Dims in, Dims kernel, Dims out, int64_t stride, int64_t padding, const char* mismatch, Shape* d) {
+  *d = Shape{in[0], in[1], in[2], in[3], kernel[0], stride, padding, out[1], out[2]};
+  if (d->k < 1 || d->s < 1 || d->p < 0 || d->ho < 1 || d->wo < 1 ||
+      d->ho != (d->h + 2 * d->p - d->k) / d->s + 1 || d->wo != (d->w + 2 * d->p - d->k) / d->s + 1) {
     return ffi::Error::InvalidArgument("depthwise: inconsistent shapes, stride or padding");
   }
+  if (kernel[1] != d->k || kernel[2] != d->c || out[0] != d->n || out[3] != d->c) return ffi::Error::InvalidArgument(mismatch);
   return ffi::Error::Success();
 }
 
 template <ffi::DataType DT>
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT, 3> k, ffi::ResultBuffer<DT, 4> y,
                    int64_t stride, int64_t padding) {
-  auto xd = x.dimensions(), yd = y->dimensions(), kd = k.dimensions();
-  const Shape d{xd[0], xd[1], xd[2], xd[3], kd[0], stride, padding, yd[1], yd[2]};
-  if (auto e = CheckShape(d); e.failure()) return e;
-  if (kd[1] != d.k || kd[2] != d.c || yd[0] != d.n || yd[3] != d.c)
-    return ffi::Error::InvalidArgument("depthwise forward: kernel or output shape does not match the input");
+  Shape d;
+  if (auto e = LayerShape(x.dimensions(), k.dimensions(), y->dimensions(), stride, padding,
+                          "depthwise forward: kernel or output shape does not match the input", &d);
+      e.failure())
+    return e;
   const auto* xp = x.typed_data();
   const auto* kp = k.typed_data();
   auto* yp = y->typed_data();
@@ -218,11 +223,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT, 3
 template <ffi::DataType DT>
 ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<DT, 4> g, ffi::Buffer<DT, 3> k, ffi::ResultBuffer<DT, 4> dx,
                      int64_t stride, int64_t padding) {
-  auto gd = g.dimensions(), xd = dx->dimensions(), kd = k.dimensions();
-  const Shape d{xd[0], xd[1], xd[2], xd[3], kd[0], stride, padding, gd[1], gd[2]};
-  if (auto e = CheckShape(d); e.failure()) return e;
-  if (kd[1] != d.k || kd[2] != d.c || gd[0] != d.n || gd[3] != d.c)
-    return ffi::Error::InvalidArgument("depthwise input gradient: kernel or cotangent shape does not match");
+  Shape d;
+  if (auto e = LayerShape(dx->dimensions(), k.dimensions(), g.dimensions(), stride, padding,
+                          "depthwise input gradient: kernel or cotangent shape does not match", &d);
+      e.failure())
+    return e;
   const auto* gp = g.typed_data();
   const auto* kp = k.typed_data();
   auto* dxp = dx->typed_data();
@@ -234,11 +239,11 @@ template <ffi::DataType DT>
 ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT, 4> g, ffi::ResultBuffer<DT, 3> dk,
                       int64_t stride, int64_t padding) {
   using T = ffi::NativeType<DT>;
-  auto xd = x.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
-  const Shape d{xd[0], xd[1], xd[2], xd[3], kd[0], stride, padding, gd[1], gd[2]};
-  if (auto e = CheckShape(d); e.failure()) return e;
-  if (kd[1] != d.k || kd[2] != d.c || gd[0] != d.n || gd[3] != d.c)
-    return ffi::Error::InvalidArgument("depthwise kernel gradient: input, cotangent or kernel shape does not match");
+  Shape d;
+  if (auto e = LayerShape(x.dimensions(), dk->dimensions(), g.dimensions(), stride, padding,
+                          "depthwise kernel gradient: input, cotangent or kernel shape does not match", &d);
+      e.failure())
+    return e;
   const int64_t rows = d.n * d.ho, taps = d.k * d.k * d.c;
   const int64_t parts = std::min(rows, kKernelGradPartials);
   std::vector<T> partial(parts * taps, T(0));
