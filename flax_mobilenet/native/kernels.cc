@@ -350,14 +350,6 @@ ffi::Error BackwardSums(ffi::ThreadPool pool, ffi::BufferR4<DT> g, ffi::BufferR4
 // corrected two-pass algorithm: a's rounding, large when the mean is far from 0, cancels). The
 // runs are merged into their block's mean and sum of squared deviations in double (Chan et al.'s
 // pairwise update), and the blocks (split as in BackwardSums) are merged in order.
-// Chan et al.'s pairwise update: the mean and sum of squared deviations of n values, joined by m
-// more with their own mean and sum of squared deviations.
-inline void MergeMoments(double n, double m, double other_mean, double other_m2, double* mean, double* m2) {
-  const double total = n + m, delta = other_mean - *mean;
-  *mean += delta * (m / total);
-  *m2 += other_m2 + delta * delta * (n * m / total);
-}
-
 template <typename T>
 void StatisticsBlock(const T* __restrict x, int64_t first, int64_t last, int64_t c, double* __restrict mean,
                      double* __restrict m2, T* __restrict approx, T* __restrict dev, T* __restrict square) {
@@ -381,11 +373,14 @@ void StatisticsBlock(const T* __restrict x, int64_t first, int64_t last, int64_t
         square[k] += d * d;
       }
     }
+    const double total = n + m, weight = m / total, cross = n * m / total;
     for (int64_t k = 0; k < c; ++k) {
       const double s = double(dev[k]);
-      MergeMoments(n, m, double(approx[k]) + s / m, double(square[k]) - s * s / m, &mean[k], &m2[k]);
+      const double delta = double(approx[k]) + s / m - mean[k];
+      mean[k] += delta * weight;
+      m2[k] += (double(square[k]) - s * s / m) + delta * delta * cross;
     }
-    n += m;
+    n = total;
   }
 }
 
@@ -410,9 +405,11 @@ ffi::Error Statistics(ffi::ThreadPool pool, ffi::BufferR4<DT> x, ffi::ResultBuff
   for (int64_t k = 0; k < c; ++k) {
     double n = 0, mean = 0, m2 = 0;
     for (int64_t b = 0; b < blocks.count; ++b) {
-      const double m = double(blocks.Size(b));
-      MergeMoments(n, m, means[b * c + k], m2s[b * c + k], &mean, &m2);
-      n += m;
+      const double m = double(blocks.Size(b)), total = n + m;
+      const double delta = means[b * c + k] - mean;
+      mean += delta * m / total;
+      m2 += m2s[b * c + k] + delta * delta * n * m / total;
+      n = total;
     }
     mean_result[k] = T(mean);
     var_result[k] = T(m2 / n);
