@@ -14,8 +14,8 @@ Three implementations compute the same function:
 - ``"native"``: CPU kernels of our own through `jax.ffi` (`flax_mobilenet.native`), forward, input
   gradient and kernel gradient, each one pass over its operands with no padded copy. float32 and
   float64 only; other dtypes, and machines where the kernels cannot be built (no C++ compiler),
-  fall back to "shifted". Differentiable once (the gradients are custom calls themselves; for
-  higher derivatives set FLAX_MOBILENET_DEPTHWISE=shifted).
+  fall back to "shifted". The kernels are JAX primitives: jit, vmap, forward and reverse mode and
+  higher derivatives all go through them (each kernel's derivatives are the other two).
 
 ``"auto"`` (the default) picks "native" on the CPU and "xla" elsewhere, from
 `jax.default_backend()` at trace time. The environment variable ``FLAX_MOBILENET_DEPTHWISE``
@@ -218,26 +218,7 @@ def native_depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, paddin
     """`xla_depthwise_conv2d` by the `flax_mobilenet.native` CPU kernels, where they are built and
     take the dtype; else by `shifted_depthwise_conv2d`."""
     if native.supports(x, kernel) and native.available():
-        return _native(x, kernel, stride, padding)
+        k = kernel.shape[0]
+        out_hw = (_output_size(x.shape[1], k, stride, padding), _output_size(x.shape[2], k, stride, padding))
+        return native.forward(x, kernel[:, :, 0, :], out_hw, stride, padding)
     return shifted_depthwise_conv2d(x, kernel, stride, padding)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _native(x, kernel, stride, padding):
-    return _native_fwd(x, kernel, stride, padding)[0]
-
-
-def _native_fwd(x, kernel, stride, padding):
-    k = kernel.shape[0]
-    out_hw = (_output_size(x.shape[1], k, stride, padding), _output_size(x.shape[2], k, stride, padding))
-    return native.forward(x, kernel[:, :, 0, :], out_hw, stride, padding), (x, kernel)
-
-
-def _native_bwd(stride, padding, residuals, g):
-    x, kernel = residuals
-    dx = native.input_grad(g, kernel[:, :, 0, :], x.shape[1:3], stride, padding)
-    dk = native.kernel_grad(x, g, kernel.shape[0], stride, padding)
-    return dx, dk[:, :, None, :]
-
-
-_native.defvjp(_native_fwd, _native_bwd)

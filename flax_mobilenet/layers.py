@@ -219,10 +219,7 @@ class PointwiseConv(nn.Module):
         channels = x.shape[-1]
         kernel = self.param("kernel", conv_init, (1, 1, channels, self.features), jnp.float32)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        # The hand-written VJP is for XLA:CPU's sake (see pointwise_conv); elsewhere autodiff's own
-        # transpose stays, and with it forward-mode differentiation (custom_vjp has none).
-        product = pointwise_conv if jax.default_backend() == "cpu" else _channel_product
-        return product(x, kernel.reshape(channels, self.features))
+        return pointwise_conv(x, kernel.reshape(channels, self.features))
 
 
 class PatchConv(nn.Module):
@@ -256,33 +253,14 @@ class PatchConv(nn.Module):
         return pointwise_conv(jnp.concatenate(taps, axis=-1), kernel.reshape(k * k * channels, self.features))
 
 
-def _channel_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-
-
-@jax.custom_vjp
 def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x (..., in) times kernel (in, out) over the channel axis, with its VJP written out.
+    """x (..., in) times kernel (in, out) over the channel axis, as one product over the flattened
+    pixels (a free reshape of NHWC).
 
-    Autodiff's kernel gradient (the transpose of the product) reaches XLA:CPU in a form whose layout
-    assignment transposes the cotangent into (out, pixels) before the matrix product, fused into the
+    Flattened, autodiff's kernel gradient is x^T g over the pixels, reading both operands in their
+    own layout. Contracted over N, H and W instead, it reached XLA:CPU in a form whose layout
+    assignment transposed the cotangent into (out, pixels) before the product, fused into the
     producer (the BatchNorm backward) as a strided write: 172 ms of V1's 224 training step at the
-    first 1x1 layer alone. The same product written as x^T g over the flattened pixels reads both
-    operands in their own layout, with the same result (bench/NOTES.md).
+    first 1x1 layer alone (bench/NOTES.md).
     """
-    return _channel_product(x, kernel)
-
-
-def _pointwise_fwd(x, kernel):
-    return _channel_product(x, kernel), (x, kernel)
-
-
-def _pointwise_bwd(residuals, g):
-    x, kernel = residuals
-    dx = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-    pixels = (-1, x.shape[-1]), (-1, g.shape[-1])
-    dkernel = lax.dot_general(x.reshape(pixels[0]), g.reshape(pixels[1]), (((0,), (0,)), ((), ())))
-    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
-
-
-pointwise_conv.defvjp(_pointwise_fwd, _pointwise_bwd)
+    return jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[-1])

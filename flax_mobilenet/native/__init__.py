@@ -1,6 +1,7 @@
 """CPU kernels of our own, called from XLA through `jax.ffi` (kernels.cc beside this file): the
 depthwise convolution's forward, input gradient and kernel gradient, and BatchNorm's batch
-statistics and the two sums of its backward.
+statistics and the two sums of its backward. Each is a JAX primitive (end of this file), so that
+jit, vmap and autodiff to any order go through them.
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``)
 against the XLA FFI headers that jaxlib ships, for this machine's processor, and kept in a cache
@@ -27,7 +28,12 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
+from jax._src import dispatch
+from jax.interpreters import ad, batching, mlir
 
 SOURCE = Path(__file__).with_name("kernels.cc")
 CACHE_ENV = "FLAX_MOBILENET_CACHE"
@@ -144,17 +150,22 @@ def choose(env_var: str, options: tuple[str, ...], auto: dict[str, str], backend
     return choice
 
 
-def _kernel(op: str, operands, *shapes):
-    """The ffi_call of handler `op` for the operands' dtype, with one output of each shape in that
-    dtype; a clear error where the kernels cannot run."""
+def _check(*operands) -> None:
+    """A clear error where the kernels cannot run on these operands."""
     problem = _registered()
     if problem is not None:
         raise RuntimeError(f"the native kernels are not available: {problem}")
     if not supports(*operands):
         raise TypeError(f"native kernels take one dtype among {sorted(map(str, DTYPES))}, got {[str(a.dtype) for a in operands]}")
+
+
+def _kernel(op: str, operands, *shapes):
+    """The ffi_call of handler `op` for the operands' dtype, with one output of each shape in that
+    dtype."""
+    _check(*operands)
     dtype = np.dtype(operands[0].dtype)
     out = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape in shapes)
-    return jax.ffi.ffi_call(_target(op, DTYPES[dtype]), out if len(out) > 1 else out[0], vmap_method="sequential")
+    return jax.ffi.ffi_call(_target(op, DTYPES[dtype]), out if len(out) > 1 else out[0])
 
 
 def _call(op: str, out_shape: tuple[int, ...], operands, stride: int, padding: int) -> jax.Array:
@@ -240,21 +251,6 @@ def _partitioned():
     }
 
 
-def forward(x: jax.Array, taps: jax.Array, out_hw: tuple[int, int], stride: int, padding: int) -> jax.Array:
-    """y[n, o, q, c] = sum_{i,j} x[n, s*o - p + i, s*q - p + j, c] * taps[i, j, c], zero outside x."""
-    return _partitioned()["Forward"](x, taps, tuple(out_hw), stride, padding)
-
-
-def input_grad(g: jax.Array, taps: jax.Array, in_hw: tuple[int, int], stride: int, padding: int) -> jax.Array:
-    """The gradient of `forward` with respect to x, for the cotangent g."""
-    return _partitioned()["InputGrad"](g, taps, tuple(in_hw), stride, padding)
-
-
-def kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int, padding: int) -> jax.Array:
-    """The gradient of `forward` with respect to taps (k, k, C), for the cotangent g."""
-    return _partitioned()["KernelGrad"](x, g, k, stride, padding)
-
-
 # ----------------------------------------------------------------------------- BatchNorm
 
 # The activations BatchNorm's backward reads its mask off (kernels.cc, BackwardSums).
@@ -323,15 +319,175 @@ def _statistics_partitioned():
     return fn
 
 
+# ----------------------------------------------------------------------------- JAX primitives
+
+# Each kernel is a JAX primitive of its own, so that every transformation goes through it:
+# - jit: lowered (on the CPU) to the custom_partitioning forms above;
+# - vmap: the mapped axis is folded into the kernel's images where the other operands are shared,
+#   else into its channels (every kernel treats channels independently), so one call runs the map;
+# - autodiff: the three depthwise kernels are bilinear, and each one's transposes are the other
+#   two, being the partial derivatives of one trilinear form <forward(x, taps), g>: forward mode,
+#   reverse mode and higher derivatives all run the kernels. BatchNorm's kernels take their
+#   derivatives from `flax_mobilenet.layers` (custom_jvp rules with XLA's tangents).
+
+
+def _primitive(name: str, impl, abstract_eval, batch_rule, multiple_results: bool = False):
+    """The primitive `name` computed by `impl` (its jit lowering too), its vmap rule
+    `batch_rule(primitive)`."""
+    primitive = Primitive(f"flax_mobilenet_{name}")
+    primitive.multiple_results = multiple_results
+    primitive.def_impl(impl)
+    primitive.def_abstract_eval(abstract_eval)
+    mlir.register_lowering(primitive, mlir.lower_fun(impl, multiple_results=multiple_results), platform="cpu")
+    batching.primitive_batchers[primitive] = batch_rule(primitive)
+    # The lowering is custom_partitioning's, which needs the devices when it is lowered; jit gives
+    # them only to the primitives in this set (custom_partitioning adds its own the same way). A
+    # private set: where a jax lacks it, only a batch sharded over devices fails to lower.
+    getattr(dispatch, "prim_requires_devices_during_lowering", set()).add(primitive)
+    return primitive
+
+
+def _mapped_size(args, dims) -> int:
+    return next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+
+
+def _into_channels(args, dims, size):
+    """Each operand with the mapped axis folded into its channels (the last axis, in every kernel)
+    as channel v * C + c; an unmapped operand is repeated for each v."""
+    folded = []
+    for a, d in zip(args, dims):
+        if d is None:
+            a = jnp.broadcast_to(a[..., None, :], (*a.shape[:-1], size, a.shape[-1]))
+        else:
+            a = jnp.moveaxis(a, d, -2)
+        folded.append(a.reshape(*a.shape[:-2], size * a.shape[-1]))
+    return folded
+
+
+def _out_of_channels(out, size):
+    """The mapped axis back out of the channels of an output: (..., V * C) -> (..., V, C)."""
+    return out.reshape(*out.shape[:-1], size, out.shape[-1] // size), out.ndim - 1
+
+
+def _per_channel_batch_rule(primitive):
+    def rule(args, dims, **params):
+        size = _mapped_size(args, dims)
+        outs = primitive.bind(*_into_channels(args, dims, size), **params)
+        if not primitive.multiple_results:
+            return _out_of_channels(outs, size)
+        unfolded = [_out_of_channels(out, size) for out in outs]
+        return [out for out, _ in unfolded], [dim for _, dim in unfolded]
+
+    return rule
+
+
+def _image_batch_rule(primitive):
+    """For a kernel whose output has its first operand's images: a map over the images alone
+    (shared taps) folds into the batch, (V, N, ...) -> (V * N, ...); else into the channels."""
+
+    def rule(args, dims, **params):
+        (a, taps), (a_dim, taps_dim) = args, dims
+        if taps_dim is not None:
+            return _per_channel_batch_rule(primitive)(args, dims, **params)
+        a = jnp.moveaxis(a, a_dim, 0)
+        out = primitive.bind(a.reshape(-1, *a.shape[2:]), taps, **params)
+        return out.reshape(a.shape[0], -1, *out.shape[1:]), 0
+
+    return rule
+
+
+def _activation_aval(a, hw):
+    return ShapedArray((a.shape[0], *hw, a.shape[3]), a.dtype)
+
+
+_forward_p = _primitive(
+    "depthwise_forward",
+    lambda x, taps, *, out_hw, stride, padding: _partitioned()["Forward"](x, taps, out_hw, stride, padding),
+    lambda x, taps, *, out_hw, stride, padding: _activation_aval(x, out_hw),
+    _image_batch_rule,
+)
+_input_grad_p = _primitive(
+    "depthwise_input_grad",
+    lambda g, taps, *, in_hw, stride, padding: _partitioned()["InputGrad"](g, taps, in_hw, stride, padding),
+    lambda g, taps, *, in_hw, stride, padding: _activation_aval(g, in_hw),
+    _image_batch_rule,
+)
+_kernel_grad_p = _primitive(
+    "depthwise_kernel_grad",
+    lambda x, g, *, k, stride, padding: _partitioned()["KernelGrad"](x, g, k, stride, padding),
+    lambda x, g, *, k, stride, padding: ShapedArray((k, k, x.shape[3]), x.dtype),
+    _per_channel_batch_rule,
+)
+
+
+def forward(x: jax.Array, taps: jax.Array, out_hw: tuple[int, int], stride: int, padding: int) -> jax.Array:
+    """y[n, o, q, c] = sum_{i,j} x[n, s*o - p + i, s*q - p + j, c] * taps[i, j, c], zero outside x."""
+    _check(x, taps)
+    return _forward_p.bind(x, taps, out_hw=tuple(out_hw), stride=int(stride), padding=int(padding))
+
+
+def input_grad(g: jax.Array, taps: jax.Array, in_hw: tuple[int, int], stride: int, padding: int) -> jax.Array:
+    """The gradient of `forward` with respect to x, for the cotangent g."""
+    _check(g, taps)
+    return _input_grad_p.bind(g, taps, in_hw=tuple(in_hw), stride=int(stride), padding=int(padding))
+
+
+def kernel_grad(x: jax.Array, g: jax.Array, k: int, stride: int, padding: int) -> jax.Array:
+    """The gradient of `forward` with respect to taps (k, k, C), for the cotangent g."""
+    _check(x, g)
+    return _kernel_grad_p.bind(x, g, k=int(k), stride=int(stride), padding=int(padding))
+
+
+# The transposes (cotangent `ct`; the operand being transposed is an undefined primal, of which
+# only the shape is known).
+ad.defbilinear(
+    _forward_p,
+    lambda ct, x, taps, *, out_hw, stride, padding: input_grad(ct, taps, x.aval.shape[1:3], stride, padding),
+    lambda ct, x, taps, *, out_hw, stride, padding: kernel_grad(x, ct, taps.aval.shape[0], stride, padding),
+)
+ad.defbilinear(
+    _input_grad_p,
+    lambda ct, g, taps, *, in_hw, stride, padding: forward(ct, taps, g.aval.shape[1:3], stride, padding),
+    lambda ct, g, taps, *, in_hw, stride, padding: kernel_grad(ct, g, taps.aval.shape[0], stride, padding),
+)
+ad.defbilinear(
+    _kernel_grad_p,
+    lambda ct, x, g, *, k, stride, padding: input_grad(g, ct, x.aval.shape[1:3], stride, padding),
+    lambda ct, x, g, *, k, stride, padding: forward(x, ct, g.aval.shape[1:3], stride, padding),
+)
+
+
+def _channels_aval(x):
+    return ShapedArray(x.shape[-1:], x.dtype)
+
+
+_statistics_p = _primitive(
+    "batch_norm_statistics",
+    lambda x: _statistics_partitioned()(x),
+    lambda x: (_channels_aval(x), _channels_aval(x)),
+    _per_channel_batch_rule,
+    multiple_results=True,
+)
+_backward_sums_p = _primitive(
+    "batch_norm_backward_sums",
+    lambda g, y, x, mean, *, activation: _backward_sums_partitioned()(g, y, x, mean, activation),
+    lambda g, y, x, mean, *, activation: (_channels_aval(x), _channels_aval(x)),
+    _per_channel_batch_rule,
+    multiple_results=True,
+)
+
+
 def batch_norm_statistics(x) -> tuple[jax.Array, jax.Array]:
     """Per-channel mean and biased variance over N, H and W of NHWC x, in one read of x (each run
     of 64 rows, in cache, read twice: the variance is two-pass within it; the runs are merged in
     double), where XLA's mean and centred square read x twice."""
-    return _statistics_partitioned()(x)
+    _check(x)
+    return tuple(_statistics_p.bind(x))
 
 
 def batch_norm_backward_sums(g, y, x, mean, activation: str | None) -> tuple[jax.Array, jax.Array]:
     """sum(g') and sum(g' * (x - mean)) per channel over N, H and W (NHWC operands of one dtype),
     g' being g where `activation`'s output y passes the gradient (all of g for None): one read of
     g, y and x, where XLA's two reductions read them twice."""
-    return _backward_sums_partitioned()(g, y, x, mean, activation)
+    _check(g, y, x, mean)
+    return tuple(_backward_sums_p.bind(g, y, x, mean, activation=activation))

@@ -1,0 +1,168 @@
+"""The native CPU kernels under JAX's transformations: jit, vmap, forward mode, reverse mode and
+higher derivatives give what the same transformation of XLA's forms gives (the kernels are JAX
+primitives whose derivatives are the other kernels, flax_mobilenet.native)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_mobilenet import create_model, depthwise, init_variables, layers, native
+from flax_mobilenet.depthwise import native_depthwise_conv2d, xla_depthwise_conv2d
+
+# Everything here runs in float64: the native kernels sum the same products as XLA in another
+# order, so the two differ by float64 rounding (~1e-16 relative per operation). 1e-12 leaves room
+# for the sums of a few hundred terms and the chains of derivatives below, while a wrong
+# derivative, transpose or batching rule shows at order 1.
+FLOAT64 = 1e-12
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    assert native.available(), "the native kernels did not build on this machine (see the warning)"
+    with jax.enable_x64(True):
+        yield
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _assert_close(got, want, bound=FLOAT64):
+    got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == jnp.float64
+        assert _rel(a, b) < bound
+
+
+def _operands():
+    kx, kk = jax.random.split(jax.random.key(3))
+    return jax.random.normal(kx, (2, 9, 8, 5), jnp.float64), jax.random.normal(kk, (3, 3, 1, 5), jnp.float64)
+
+
+def _scalar(conv, stride):
+    """A non-linear scalar of the layer's output, so that derivatives past the first are not zero."""
+    return lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel, stride, 1)))
+
+
+def _grad_norm(f):
+    return lambda x, kernel: sum(jnp.sum(t**2) for t in jax.grad(f, (0, 1))(x, kernel))
+
+
+# Each transformation of a function f(conv) of the layer, applied to (x, kernel).
+TRANSFORMATIONS = {
+    "jvp": lambda f: lambda x, k: jax.jvp(f, (x, k), (jnp.cos(x), -k))[1],
+    "grad": lambda f: jax.grad(f, (0, 1)),
+    "grad of grad": lambda f: jax.grad(_grad_norm(f), (0, 1)),
+    "third derivative": lambda f: jax.grad(lambda x, k: jnp.sum(jax.grad(_grad_norm(f), 1)(x, k) ** 2), (0, 1)),
+    "hessian (forward over reverse)": lambda f: jax.hessian(f, 1),
+    "per-example gradients (vmap of grad)": lambda f: jax.vmap(jax.grad(lambda x, k: f(x[None], k), (0, 1)), (0, None)),
+    "an ensemble of kernels (vmap over the kernel)": lambda f: jax.vmap(jax.grad(f, (0, 1)), (None, 0)),
+}
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name", TRANSFORMATIONS)
+def test_each_transformation_of_the_native_layer_equals_the_same_of_xla_conv(name, stride):
+    x, kernel = _operands()
+    if name.startswith("an ensemble"):
+        kernel = jnp.stack([kernel, -kernel, 0.5 * kernel])
+    transform = TRANSFORMATIONS[name]
+    got = jax.jit(transform(_scalar(native_depthwise_conv2d, stride)))(x, kernel)
+    want = transform(_scalar(xla_depthwise_conv2d, stride))(x, kernel)
+    _assert_close(got, want)
+    # The transformed function runs the kernels, not a fallback.
+    assert "flax_mobilenet_depthwise" in str(jax.make_jaxpr(transform(_scalar(native_depthwise_conv2d, stride)))(x, kernel))
+
+
+# Where the map's axis goes: into the images when only the input is mapped, into the channels when
+# the kernel is; in any position of the operand.
+@pytest.mark.parametrize("in_axes", [(0, None), (2, None), (None, 0), (0, 0), (3, 1)])
+def test_vmap_of_the_layer_equals_a_loop(in_axes):
+    x, kernel = _operands()
+    xs = jnp.stack([x, 2 * x, x + 1], axis=in_axes[0]) if in_axes[0] is not None else x
+    ks = jnp.stack([kernel, -kernel, 0.5 * kernel], axis=in_axes[1]) if in_axes[1] is not None else kernel
+    got = jax.jit(jax.vmap(lambda x, k: native_depthwise_conv2d(x, k, 2, 1), in_axes))(xs, ks)
+    take = lambda a, axis, i: a if axis is None else jnp.take(a, i, axis)  # noqa: E731
+    want = jnp.stack([xla_depthwise_conv2d(take(xs, in_axes[0], i), take(ks, in_axes[1], i), 2, 1) for i in range(3)])
+    _assert_close(got, want)
+
+
+def test_vmap_of_batch_norm_reductions_equals_numpy_per_element():
+    keys = jax.random.split(jax.random.key(4), 2)
+    x = jax.random.normal(keys[0], (3, 2, 6, 5, 7), jnp.float64) * 2 + 1
+    g, y = jax.random.normal(keys[1], x.shape, jnp.float64), jax.nn.relu6(3 * x)
+    mean, var = jax.jit(jax.vmap(native.batch_norm_statistics))(x)
+    _assert_close((mean, var), (x.mean((1, 2, 3)), x.var((1, 2, 3))))
+    # The mean shared by the mapped elements (unmapped), and mapped.
+    for mean_axis, m in [(None, mean[0]), (0, mean)]:
+        sums = jax.jit(jax.vmap(lambda g, y, x, m: native.batch_norm_backward_sums(g, y, x, m, "relu6"), (0, 0, 0, mean_axis)))(g, y, x, m)
+        kept = np.where((np.asarray(y) > 0) & (np.asarray(y) < 6), np.asarray(g), 0)
+        centred = np.asarray(x) - (np.asarray(m) if mean_axis is None else np.asarray(m)[:, None, None, None])
+        _assert_close(sums, (kept.sum((1, 2, 3)), (kept * centred).sum((1, 2, 3))))
+
+
+# The whole model, MobileNetV2 (width 0.25, 32 px, 10 classes) in float64: the transformations
+# users apply to a model, with the native kernels (the CPU's default) against XLA's forms.
+# The Hessian-vector product through 52 training-mode BatchNorms is ill-conditioned: XLA's own
+# forms differ from themselves by 1.9e-12 between eager and jitted evaluation, and move by 1.2e-11
+# when the parameters are scaled by 1 + 1e-15 (measured). 1e-10 is above that rounding and far
+# below a wrong rule's O(1); the first-order transformations measured 1e-16 to 1e-15.
+MODEL_BOUND = 1e-10
+def _model():
+    model = create_model("v2", 0.25, 10, dtype=jnp.float64)
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), init_variables(model, jax.random.key(0), 32))
+    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3), jnp.float64)
+    return model, variables, images
+
+
+def _eval_logits(model):
+    return lambda variables, images: model.apply(variables, images, train=False)
+
+
+def _train_loss(model, batch_stats, images):
+    def loss(params):
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+        return jnp.sum(jnp.sin(logits))
+
+    return loss
+
+
+MODEL_TRANSFORMATIONS = {
+    "an ensemble of parameters (vmap of eval)": lambda model, v, images: jax.vmap(_eval_logits(model), (0, None))(
+        jax.tree.map(lambda a: jnp.stack([a, 1.1 * a]), v), images
+    ),
+    "per-example gradients in eval mode (vmap of grad)": lambda model, v, images: jax.vmap(
+        jax.grad(lambda p, x: jnp.sum(jnp.sin(_eval_logits(model)({**v, "params": p}, x[None])))), (None, 0)
+    )(v["params"], images),
+    "forward mode in eval mode (jvp)": lambda model, v, images: jax.jvp(
+        lambda p: _eval_logits(model)({**v, "params": p}, images), (v["params"],), (jax.tree.map(jnp.cos, v["params"]),)
+    )[1],
+    "hessian-vector product in train mode (grad of grad)": lambda model, v, images: jax.grad(
+        lambda p: sum(jnp.vdot(a, jnp.cos(b)) for a, b in zip(jax.tree.leaves(jax.grad(_train_loss(model, v["batch_stats"], images))(p)), jax.tree.leaves(v["params"])))
+    )(v["params"]),
+}
+
+
+@pytest.mark.parametrize("name", MODEL_TRANSFORMATIONS)
+def test_model_transformations_with_the_native_kernels_equal_xla_forms(name, monkeypatch):
+    model, variables, images = _model()
+    transform = MODEL_TRANSFORMATIONS[name]
+    for env in (depthwise.ENV_VAR, layers.BATCH_NORM_ENV):
+        monkeypatch.setenv(env, "native")
+    jitted = jax.jit(lambda v, x: transform(model, v, x))
+    assert "flax_mobilenet_depthwise" in str(jax.make_jaxpr(jitted)(variables, images))
+    got = jitted(variables, images)
+    for env in (depthwise.ENV_VAR, layers.BATCH_NORM_ENV):
+        monkeypatch.setenv(env, "xla")
+    want = jax.jit(lambda v, x: transform(model, v, x))(variables, images)
+    # One relative error over all the parameters' results: some are zero but for rounding (the
+    # Hessian's rows for a BatchNorm bias that the next BatchNorm cancels: norm 1e-10 against
+    # 1e7 for the whole product), so their own relative error would compare rounding with rounding.
+    flat = lambda tree: jnp.concatenate([a.ravel() for a in jax.tree.leaves(tree)])  # noqa: E731
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    _assert_close(flat(got), flat(want), MODEL_BOUND)
