@@ -1,6 +1,7 @@
 """The native CPU kernels under JAX's transformations: jit, vmap, forward mode, reverse mode and
 higher derivatives give what the same transformation of XLA's forms gives (the kernels are JAX
-primitives whose derivatives are the other kernels, flax_mobilenet.native)."""
+primitives whose derivatives are the other kernels, flax_mobilenet.native), and jax.export
+serializes XLA's forms in their place."""
 
 from __future__ import annotations
 
@@ -166,3 +167,22 @@ def test_model_transformations_with_the_native_kernels_equal_xla_forms(name, mon
     flat = lambda tree: jnp.concatenate([a.ravel() for a in jax.tree.leaves(tree)])  # noqa: E731
     assert jax.tree.structure(got) == jax.tree.structure(want)
     _assert_close(flat(got), flat(want), MODEL_BOUND)
+
+
+# jax.export serializes code to run elsewhere, where these kernels may not be built: the kernels
+# are exported as XLA's own operations (no custom call left), and the exported functions compute
+# what the native ones compute (MODEL_BOUND, for the same reason as above: 52 BatchNorms' VJPs).
+def test_jax_export_serializes_xla_operations_that_compute_the_same():
+    import re
+
+    from jax import export
+
+    model, variables, images = _model()
+    logits = jax.jit(_eval_logits(model))
+    grad = jax.jit(lambda p, x: jax.grad(_train_loss(model, variables["batch_stats"], x))(p))
+    for fn, args in ((logits, (variables, images)), (grad, (variables["params"], images))):
+        assert "flax_mobilenet_" in fn.lower(*args).as_text(), "the native kernels are not in the jitted function"
+        exported = export.export(fn)(*args)
+        assert re.findall(r"custom_call @(\w+)", exported.mlir_module()) == []
+        flat = lambda tree: jnp.concatenate([a.ravel() for a in jax.tree.leaves(tree)])  # noqa: E731
+        _assert_close(flat(exported.call(*args)), flat(fn(*args)), MODEL_BOUND)

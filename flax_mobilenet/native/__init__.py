@@ -322,7 +322,8 @@ def _statistics_partitioned():
 # ----------------------------------------------------------------------------- JAX primitives
 
 # Each kernel is a JAX primitive of its own, so that every transformation goes through it:
-# - jit: lowered (on the CPU) to the custom_partitioning forms above;
+# - jit: lowered on the CPU to the custom_partitioning forms above; elsewhere, and for jax.export,
+#   to XLA's own operations;
 # - vmap: the mapped axis is folded into the kernel's images where the other operands are shared,
 #   else into its channels (every kernel treats channels independently), so one call runs the map;
 # - autodiff: the three depthwise kernels are bilinear, and each one's transposes are the other
@@ -331,14 +332,23 @@ def _statistics_partitioned():
 #   derivatives from `flax_mobilenet.layers` (custom_jvp rules with XLA's tangents).
 
 
-def _primitive(name: str, impl, abstract_eval, batch_rule, multiple_results: bool = False):
-    """The primitive `name` computed by `impl` (its jit lowering too), its vmap rule
-    `batch_rule(primitive)`."""
+def _primitive(name: str, impl, portable, abstract_eval, batch_rule, multiple_results: bool = False):
+    """The primitive `name` computed by `impl` on the CPU, by `portable` (the same function in
+    XLA's own operations) elsewhere and in `jax.export`'s serialized code, which may run where these
+    kernels are not built; `batch_rule(primitive)` is its vmap rule."""
     primitive = Primitive(f"flax_mobilenet_{name}")
     primitive.multiple_results = multiple_results
     primitive.def_impl(impl)
     primitive.def_abstract_eval(abstract_eval)
-    mlir.register_lowering(primitive, mlir.lower_fun(impl, multiple_results=multiple_results), platform="cpu")
+    native_rule = mlir.lower_fun(impl, multiple_results=multiple_results)
+    portable_rule = mlir.lower_fun(portable, multiple_results=multiple_results)
+
+    def cpu_rule(ctx, *args, **params):
+        exporting = ctx.module_context.lowering_parameters.for_export
+        return (portable_rule if exporting else native_rule)(ctx, *args, **params)
+
+    mlir.register_lowering(primitive, portable_rule)
+    mlir.register_lowering(primitive, cpu_rule, platform="cpu")
     batching.primitive_batchers[primitive] = batch_rule(primitive)
     # The lowering is custom_partitioning's, which needs the devices when it is lowered; jit gives
     # them only to the primitives in this set (custom_partitioning adds its own the same way). A
@@ -400,21 +410,44 @@ def _activation_aval(a, hw):
     return ShapedArray((a.shape[0], *hw, a.shape[3]), a.dtype)
 
 
+# The portable forms: XLA's depthwise convolution (flax_mobilenet.depthwise, imported when first
+# lowered: it imports this module) and its transposes.
+def _xla_forward(x, taps, *, out_hw, stride, padding):
+    from flax_mobilenet.depthwise import xla_depthwise_conv2d
+
+    return xla_depthwise_conv2d(x, taps[:, :, None, :], stride, padding)
+
+
+def _xla_input_grad(g, taps, *, in_hw, stride, padding):
+    x = jax.ShapeDtypeStruct((g.shape[0], *in_hw, g.shape[3]), g.dtype)
+    forward = functools.partial(_xla_forward, taps=taps, out_hw=g.shape[1:3], stride=stride, padding=padding)
+    return jax.linear_transpose(forward, x)(g)[0]
+
+
+def _xla_kernel_grad(x, g, *, k, stride, padding):
+    taps = jax.ShapeDtypeStruct((k, k, x.shape[3]), x.dtype)
+    forward = lambda taps: _xla_forward(x, taps, out_hw=g.shape[1:3], stride=stride, padding=padding)  # noqa: E731
+    return jax.linear_transpose(forward, taps)(g)[0]
+
+
 _forward_p = _primitive(
     "depthwise_forward",
     lambda x, taps, *, out_hw, stride, padding: _partitioned()["Forward"](x, taps, out_hw, stride, padding),
+    _xla_forward,
     lambda x, taps, *, out_hw, stride, padding: _activation_aval(x, out_hw),
     _image_batch_rule,
 )
 _input_grad_p = _primitive(
     "depthwise_input_grad",
     lambda g, taps, *, in_hw, stride, padding: _partitioned()["InputGrad"](g, taps, in_hw, stride, padding),
+    _xla_input_grad,
     lambda g, taps, *, in_hw, stride, padding: _activation_aval(g, in_hw),
     _image_batch_rule,
 )
 _kernel_grad_p = _primitive(
     "depthwise_kernel_grad",
     lambda x, g, *, k, stride, padding: _partitioned()["KernelGrad"](x, g, k, stride, padding),
+    _xla_kernel_grad,
     lambda x, g, *, k, stride, padding: ShapedArray((k, k, x.shape[3]), x.dtype),
     _per_channel_batch_rule,
 )
@@ -461,9 +494,23 @@ def _channels_aval(x):
     return ShapedArray(x.shape[-1:], x.dtype)
 
 
+# The portable forms: XLA's reductions (flax_mobilenet.layers, imported when first lowered).
+def _xla_statistics(x):
+    from flax_mobilenet.layers import _statistics_xla
+
+    return _statistics_xla(x)
+
+
+def _xla_backward_sums(g, y, x, mean, *, activation):
+    from flax_mobilenet.layers import _backward_sums_xla
+
+    return _backward_sums_xla(g, y, x, mean, activation)
+
+
 _statistics_p = _primitive(
     "batch_norm_statistics",
     lambda x: _statistics_partitioned()(x),
+    _xla_statistics,
     lambda x: (_channels_aval(x), _channels_aval(x)),
     _per_channel_batch_rule,
     multiple_results=True,
@@ -471,6 +518,7 @@ _statistics_p = _primitive(
 _backward_sums_p = _primitive(
     "batch_norm_backward_sums",
     lambda g, y, x, mean, *, activation: _backward_sums_partitioned()(g, y, x, mean, activation),
+    _xla_backward_sums,
     lambda g, y, x, mean, *, activation: (_channels_aval(x), _channels_aval(x)),
     _per_channel_batch_rule,
     multiple_results=True,
