@@ -33,7 +33,7 @@ _PASSES = {"relu6": lambda y: (y > 0) & (y < 6), "relu": lambda y: y > 0}
 # two sums): "native" (CPU kernels of flax_mobilenet.native, one read of their operands each;
 # float32/float64, else "xla") or "xla" (XLA's reductions, two reads each). "auto" is native on
 # the CPU; the environment variable overrides it at trace time. Both are differentiable again
-# (second derivatives): the native kernels' tangents are XLA's.
+# (second derivatives): the native kernels' tangents are XLA's forms below.
 BATCH_NORM_ENV = "FLAX_MOBILENET_BATCHNORM"
 
 
@@ -71,22 +71,9 @@ def _statistics_xla(x32):
     return mean, jnp.square(x32 - mean).mean(axes)
 
 
-@jax.custom_jvp
-def _statistics_native(x32):
-    """`_statistics_xla` in one read of x (flax_mobilenet.native)."""
-    return native.batch_norm_statistics(x32)
-
-
-@_statistics_native.defjvp
-def _statistics_native_jvp(primals, tangents):
-    # XLA's tangents (linear, so transposable): the VJP of batch_norm_train stays differentiable.
-    _, d_statistics = jax.jvp(_statistics_xla, primals, tangents)
-    return _statistics_native(*primals), d_statistics
-
-
 def _bn_fwd(x, scale, bias, epsilon, activation, dtype):
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean, var = (_statistics_native if _native_reductions(x) else _statistics_xla)(x32)
+    mean, var = (native.batch_norm_statistics if _native_reductions(x) else _statistics_xla)(x32)
     # Centred before scaling: folded into x * mul + (bias - mean * mul), the gradient through the
     # batch mean subtracts two large sums, and measured 100x less accurate than PyTorch's against
     # float64 (1.6e-3 against 1.5e-5, V1 at 64 px, batch 16).
@@ -109,26 +96,13 @@ def _backward_sums_xla(g, y, x, mean, activation):
     return kept.sum(axes), (kept * (x - mean)).sum(axes)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _backward_sums_native(g, y, x, mean, activation):
-    """`_backward_sums_xla` in one read of g, y and x (flax_mobilenet.native)."""
-    return native.batch_norm_backward_sums(g, y, x, mean, activation)
-
-
-@_backward_sums_native.defjvp
-def _backward_sums_native_jvp(activation, primals, tangents):
-    # As `_statistics_native_jvp`.
-    _, d_sums = jax.jvp(lambda *a: _backward_sums_xla(*a, activation), primals, tangents)
-    return _backward_sums_native(*primals, activation), d_sums
-
-
 def _bn_bwd(epsilon, activation, dtype, residuals, cotangents):
     x, y, scale, mean, rstd = residuals
     g, g_mean, g_var = cotangents
     count = x.size // x.shape[-1]
     x32 = x.astype(mean.dtype)
     g32 = g.astype(mean.dtype)
-    sums = _backward_sums_native if _native_reductions(g, y, x, mean) else _backward_sums_xla
+    sums = native.batch_norm_backward_sums if _native_reductions(g, y, x, mean) else _backward_sums_xla
     g_bias, g_centred = sums(g32, y, x32, mean, activation)
     g_scale = g_centred * rstd
     xhat = (x32 - mean) * rstd

@@ -328,8 +328,8 @@ def _statistics_partitioned():
 #   else into its channels (every kernel treats channels independently), so one call runs the map;
 # - autodiff: the three depthwise kernels are bilinear, and each one's transposes are the other
 #   two, being the partial derivatives of one trilinear form <forward(x, taps), g>: forward mode,
-#   reverse mode and higher derivatives all run the kernels. BatchNorm's kernels take their
-#   derivatives from `flax_mobilenet.layers` (custom_jvp rules with XLA's tangents).
+#   reverse mode and higher derivatives all run the kernels. BatchNorm's kernels take XLA's
+#   tangents (`_portable_jvp`).
 
 
 def _primitive(name: str, impl, portable, abstract_eval, batch_rule, multiple_results: bool = False):
@@ -507,6 +507,18 @@ def _xla_backward_sums(g, y, x, mean, *, activation):
     return _backward_sums_xla(g, y, x, mean, activation)
 
 
+def _portable_jvp(primitive, portable):
+    """The JVP rule: the kernel's value, the portable form's tangent (XLA's linear operations, which
+    transpose: so reverse mode and higher derivatives work too)."""
+
+    def rule(primals, tangents, **params):
+        tangents = [ad.instantiate_zeros(t) for t in tangents]
+        _, d_out = jax.jvp(functools.partial(portable, **params), tuple(primals), tuple(tangents))
+        return primitive.bind(*primals, **params), list(d_out)
+
+    ad.primitive_jvps[primitive] = rule
+
+
 _statistics_p = _primitive(
     "batch_norm_statistics",
     lambda x: _statistics_partitioned()(x),
@@ -523,6 +535,10 @@ _backward_sums_p = _primitive(
     _per_channel_batch_rule,
     multiple_results=True,
 )
+
+
+_portable_jvp(_statistics_p, _xla_statistics)
+_portable_jvp(_backward_sums_p, _xla_backward_sums)
 
 
 def batch_norm_statistics(x) -> tuple[jax.Array, jax.Array]:
