@@ -54,6 +54,18 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int)
     return xla_depthwise_conv2d(x, kernel, stride, padding)
 
 
+def depthwise_conv2d_affine(x, kernel, stride: int, padding: int, mul, add, activation: str | None) -> jax.Array:
+    """activation(depthwise_conv2d(x, kernel) * mul + add), mul and add per channel: the layer with
+    eval-mode BatchNorm and its activation. The native kernel applies them as it writes each output,
+    so no pass reads the convolution's output back; the other forms compose the same operations."""
+    if implementation() == "native" and native.supports(x, kernel, mul, add) and native.available():
+        return native.forward_affine(x, kernel[:, :, 0, :], mul, add, _native_out_hw(x, kernel, stride, padding), stride, padding, activation)
+    from flax_mobilenet.layers import ACTIVATIONS  # layers imports this module
+
+    y = depthwise_conv2d(x, kernel, stride, padding) * mul + add
+    return y if activation is None else ACTIVATIONS[activation](y)
+
+
 def xla_depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     return lax.conv_general_dilated(
         x,
@@ -218,7 +230,10 @@ def native_depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, paddin
     """`xla_depthwise_conv2d` by the `flax_mobilenet.native` CPU kernels, where they are built and
     take the dtype; else by `shifted_depthwise_conv2d`."""
     if native.supports(x, kernel) and native.available():
-        k = kernel.shape[0]
-        out_hw = (_output_size(x.shape[1], k, stride, padding), _output_size(x.shape[2], k, stride, padding))
-        return native.forward(x, kernel[:, :, 0, :], out_hw, stride, padding)
+        return native.forward(x, kernel[:, :, 0, :], _native_out_hw(x, kernel, stride, padding), stride, padding)
     return shifted_depthwise_conv2d(x, kernel, stride, padding)
+
+
+def _native_out_hw(x, kernel, stride, padding) -> tuple[int, int]:
+    k = kernel.shape[0]
+    return _output_size(x.shape[1], k, stride, padding), _output_size(x.shape[2], k, stride, padding)

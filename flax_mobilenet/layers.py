@@ -11,7 +11,7 @@ import flax.linen as nn
 from jax import lax
 
 from flax_mobilenet import native
-from flax_mobilenet.depthwise import depthwise_conv2d, padded_input, tap_window
+from flax_mobilenet.depthwise import depthwise_conv2d, depthwise_conv2d_affine, padded_input, tap_window
 
 Dtype = Any
 
@@ -153,12 +153,21 @@ class BatchNorm(nn.Module):
                 running_var.value = (1 - m) * running_var.value + m * unbiased
             return x
 
-        # Eval: the statistics are constants, so fold into one multiply-add per element.
-        mean, var = running_mean.value, running_var.value
-        mul = scale * jax.lax.rsqrt(var + self.epsilon)
-        add = bias - mean * mul
+        mul, add = eval_affine(scale, bias, running_mean.value, running_var.value, self.epsilon)
         y = x.astype(dtype) * mul.astype(dtype) + add.astype(dtype)
         return ACTIVATIONS[self.activation](y) if self.activation else y
+
+    def eval_affine(self) -> tuple[jax.Array, jax.Array]:
+        """`eval_affine` of this module's variables (bound, after initialisation)."""
+        params, stats = self.variables["params"], self.variables["batch_stats"]
+        return eval_affine(params["scale"], params["bias"], stats["mean"], stats["var"], self.epsilon)
+
+
+def eval_affine(scale, bias, mean, var, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """Eval-mode BatchNorm as one multiply-add per channel, x * mul + add: the statistics are
+    constants, so they fold into (mul, add)."""
+    mul = scale * jax.lax.rsqrt(var + epsilon)
+    return mul, bias - mean * mul
 
 
 class DepthwiseConv(nn.Module):
@@ -170,11 +179,16 @@ class DepthwiseConv(nn.Module):
     dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, affine: tuple[jax.Array, jax.Array] | None = None, activation: str | None = None) -> jax.Array:
+        """The convolution; with `affine` (eval-mode BatchNorm's (mul, add)), followed by it and
+        `activation` in one pass where the native kernels run (`depthwise_conv2d_affine`)."""
         k, channels = self.kernel_size, x.shape[-1]
         kernel = self.param("kernel", conv_init, (k, k, 1, channels), jnp.float32)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return depthwise_conv2d(x, kernel, self.stride, self.padding)
+        if affine is None:
+            return depthwise_conv2d(x, kernel, self.stride, self.padding)
+        mul, add = (a.astype(x.dtype) for a in affine)
+        return depthwise_conv2d_affine(x, kernel, self.stride, self.padding, mul, add, activation)
 
 
 class PointwiseConv(nn.Module):

@@ -48,6 +48,33 @@ def test_float64_forward_and_gradients_equal_xla_conv(stride):
             assert np.linalg.norm(np.asarray(a - b)) / np.linalg.norm(np.asarray(b)) < 1e-12
 
 
+# The forward with eval-mode BatchNorm and its activation applied as it writes (the inference
+# path of every depthwise layer): the same sums, then the same multiply-add, so float64 rounding
+# only (1e-12, as above); values on both sides of 0 and 6, so that each activation clips.
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_forward_with_batch_norm_and_activation_equals_the_composition_in_float64(stride, activation):
+    from flax_mobilenet.layers import ACTIVATIONS
+
+    with jax.enable_x64(True):
+        x, kernel, _ = _operands((2, 13, 10, 21), 3, stride, 1, jnp.float64)
+        mul = jnp.linspace(0.5, 3.0, 21, dtype=jnp.float64)
+        add = jnp.linspace(-2.0, 6.0, 21, dtype=jnp.float64)
+        got = jax.jit(lambda x: depthwise.depthwise_conv2d_affine(x, kernel, stride, 1, mul, add, activation))(x)
+        want = xla_depthwise_conv2d(x, kernel, stride, 1) * mul + add
+        want = ACTIVATIONS[activation](want) if activation else want
+        if activation == "relu6":
+            assert jnp.any(want == 0) and jnp.any(want == 6)
+        assert np.linalg.norm(np.asarray(got - want)) / np.linalg.norm(np.asarray(want)) < 1e-12
+
+
+def test_the_fused_forward_refuses_an_activation_it_does_not_have():
+    x, kernel, _ = _operands((1, 6, 6, 4), 3, 1, 1)
+    ones = jnp.ones((4,))
+    with pytest.raises(ValueError, match=r"^activation 'gelu': expected one of \[None, 'relu', 'relu6'\]$"):
+        native.forward_affine(x, kernel[:, :, 0], ones, ones, (6, 6), 1, 1, "gelu")
+
+
 def test_kernel_gradient_is_the_same_bits_on_every_run():
     # Rows are shared out to XLA's threads as they come free, but summed in partials fixed by the
     # shape (kernels.cc, kKernelGradPartials), so the result may not depend on the schedule.
@@ -138,6 +165,13 @@ kept = np.where((np.asarray(y) > 0) & (np.asarray(y) < 6), np.asarray(g), 0)
 want = (kept.sum((0, 1, 2)), (kept * (np.asarray(x) - np.asarray(mean))).sum((0, 1, 2)))
 for a, b in zip(got, want):
     assert np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b) < 1e-6
+from flax_mobilenet.depthwise import depthwise_conv2d_affine
+mul, add = jnp.linspace(0.5, 2.0, 24), jnp.linspace(-1.0, 3.0, 24)
+fused = jax.jit(lambda x, w: depthwise_conv2d_affine(x, w, 2, 1, mul, add, "relu6"))
+xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+assert "all-gather" not in fused.lower(xs, w).compile().as_text(), "the fused forward gathered x"
+want = jax.nn.relu6(xla_depthwise_conv2d(x, w, 2, 1) * mul + add)
+assert np.linalg.norm(np.asarray(fused(xs, w)) - np.asarray(want)) / np.linalg.norm(np.asarray(want)) < 1e-6
 for stride in (1, 2):
     loss = lambda f: lambda x, w: jnp.sum(f(x, w, stride, 1) ** 2)
     step = jax.jit(jax.value_and_grad(loss(native_depthwise_conv2d), (0, 1)))

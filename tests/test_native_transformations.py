@@ -66,18 +66,42 @@ TRANSFORMATIONS = {
 }
 
 
+# Eval-mode BatchNorm's multiply-add and ReLU6 after the layer, fused into the native forward
+# (depthwise_conv2d_affine) or composed after XLA's convolution; values on both sides of 0 and 6.
+MUL, ADD = np.linspace(0.5, 3.0, 5), np.linspace(-1.0, 5.0, 5)
+
+
+def _with_batch_norm(x, kernel, stride, padding):
+    return jax.nn.relu6(xla_depthwise_conv2d(x, kernel, stride, padding) * jnp.asarray(MUL) + jnp.asarray(ADD))
+
+
+def _native_with_batch_norm(x, kernel, stride, padding):
+    return depthwise.depthwise_conv2d_affine(x, kernel, stride, padding, jnp.asarray(MUL), jnp.asarray(ADD), "relu6")
+
+
+# Each layer: (its native form, its XLA form, the primitive the native form runs).
+LAYERS = {
+    "depthwise": (native_depthwise_conv2d, xla_depthwise_conv2d, "flax_mobilenet_depthwise_forward"),
+    "depthwise + eval BatchNorm + ReLU6": (_native_with_batch_norm, _with_batch_norm, "flax_mobilenet_depthwise_forward_affine"),
+}
+
+
+@pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("name", TRANSFORMATIONS)
-def test_each_transformation_of_the_native_layer_equals_the_same_of_xla_conv(name, stride):
+def test_each_transformation_of_the_native_layer_equals_the_same_of_xla_conv(name, stride, layer, monkeypatch):
+    monkeypatch.setenv(depthwise.ENV_VAR, "native")
+    native_layer, xla_layer, _ = LAYERS[layer]
     x, kernel = _operands()
     if name.startswith("an ensemble"):
         kernel = jnp.stack([kernel, -kernel, 0.5 * kernel])
     transform = TRANSFORMATIONS[name]
-    got = jax.jit(transform(_scalar(native_depthwise_conv2d, stride)))(x, kernel)
-    want = transform(_scalar(xla_depthwise_conv2d, stride))(x, kernel)
+    got = jax.jit(transform(_scalar(native_layer, stride)))(x, kernel)
+    want = transform(_scalar(xla_layer, stride))(x, kernel)
     _assert_close(got, want)
-    # The transformed function runs the kernels, not a fallback.
-    assert "flax_mobilenet_depthwise" in str(jax.make_jaxpr(transform(_scalar(native_depthwise_conv2d, stride)))(x, kernel))
+    # The transformed function runs the kernels, not a fallback. (All of these differentiate: the
+    # fused forward's derivatives are the unfused form's, so they run the plain forward.)
+    assert "flax_mobilenet_depthwise_forward[" in str(jax.make_jaxpr(transform(_scalar(native_layer, stride)))(x, kernel))
 
 
 # Where the map's axis goes: into the images when only the input is mapped, into the channels when
@@ -87,10 +111,13 @@ def test_vmap_of_the_layer_equals_a_loop(in_axes):
     x, kernel = _operands()
     xs = jnp.stack([x, 2 * x, x + 1], axis=in_axes[0]) if in_axes[0] is not None else x
     ks = jnp.stack([kernel, -kernel, 0.5 * kernel], axis=in_axes[1]) if in_axes[1] is not None else kernel
-    got = jax.jit(jax.vmap(lambda x, k: native_depthwise_conv2d(x, k, 2, 1), in_axes))(xs, ks)
     take = lambda a, axis, i: a if axis is None else jnp.take(a, i, axis)  # noqa: E731
-    want = jnp.stack([xla_depthwise_conv2d(take(xs, in_axes[0], i), take(ks, in_axes[1], i), 2, 1) for i in range(3)])
-    _assert_close(got, want)
+    for native_layer, xla_layer, primitive in LAYERS.values():
+        mapped = jax.vmap(lambda x, k: native_layer(x, k, 2, 1), in_axes)
+        assert primitive + "[" in str(jax.make_jaxpr(mapped)(xs, ks))
+        got = jax.jit(mapped)(xs, ks)
+        want = jnp.stack([xla_layer(take(xs, in_axes[0], i), take(ks, in_axes[1], i), 2, 1) for i in range(3)])
+        _assert_close(got, want)
 
 
 def test_vmap_of_batch_norm_reductions_equals_numpy_per_element():

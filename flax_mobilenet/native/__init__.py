@@ -40,7 +40,7 @@ CACHE_ENV = "FLAX_MOBILENET_CACHE"
 # The dtypes with a kernel, and the suffix of their handlers' symbols in kernels.cc.
 DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
 # The handlers in kernels.cc, each defined for every dtype (symbol: op + suffix).
-OPS = ("DepthwiseForward", "DepthwiseInputGrad", "DepthwiseKernelGrad", "BatchNormStatistics", "BatchNormBackwardSums")
+OPS = ("DepthwiseForward", "DepthwiseForwardAffine", "DepthwiseInputGrad", "DepthwiseKernelGrad", "BatchNormStatistics", "BatchNormBackwardSums")
 
 
 def _cache_dir() -> Path:
@@ -168,8 +168,9 @@ def _kernel(op: str, operands, *shapes):
     return jax.ffi.ffi_call(_target(op, DTYPES[dtype]), out if len(out) > 1 else out[0])
 
 
-def _call(op: str, out_shape: tuple[int, ...], operands, stride: int, padding: int) -> jax.Array:
-    return _kernel(op, operands, out_shape)(*operands, stride=np.int64(stride), padding=np.int64(padding))
+def _call(op: str, out_shape: tuple[int, ...], operands, stride: int, padding: int, **attrs) -> jax.Array:
+    ints = {name: np.int64(value) for name, value in dict(stride=stride, padding=padding, **attrs).items()}
+    return _kernel(op, operands, out_shape)(*operands, **ints)
 
 
 # Under `jax.jit` with the batch sharded over devices (train.distributed), XLA would gather a custom
@@ -195,21 +196,25 @@ def _replicated(mesh):
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _batch_parallel(op: str, sharding_rule: str):
-    """The kernel `op`, whose output has the batch of its first operand, split over images."""
+def _batch_parallel(op: str, sharding_rule: str, operands: int = 2):
+    """The kernel `op`, whose output has the batch of its first operand (of `operands`), split over
+    images; its static arguments are (out_hw, stride, padding, attrs), attrs a tuple of (name, int)."""
     from jax.experimental.custom_partitioning import custom_partitioning
 
-    def run(a, b, out_hw, stride, padding):
-        return _call(op, (a.shape[0], *out_hw, a.shape[3]), (a, b), stride, padding)
+    def run(*args):
+        arrays, (out_hw, stride, padding, attrs) = args[:operands], args[operands:]
+        first = arrays[0]
+        return _call(op, (first.shape[0], *out_hw, first.shape[3]), arrays, stride, padding, **dict(attrs))
 
-    def partition(out_hw, stride, padding, mesh, arg_shapes, result_shape):
+    def partition(out_hw, stride, padding, attrs, mesh, arg_shapes, result_shape):
         images = _per_image(arg_shapes[0].sharding, mesh)
-        return mesh, lambda a, b: run(a, b, out_hw, stride, padding), images, (images, _replicated(mesh))
+        shared = (_replicated(mesh),) * (operands - 1)
+        return mesh, lambda *arrays: run(*arrays, out_hw, stride, padding, attrs), images, (images, *shared)
 
-    def infer(out_hw, stride, padding, mesh, arg_shapes, result_shape):
+    def infer(out_hw, stride, padding, attrs, mesh, arg_shapes, result_shape):
         return _per_image(arg_shapes[0].sharding, mesh)
 
-    fn = custom_partitioning(run, static_argnums=(2, 3, 4))
+    fn = custom_partitioning(run, static_argnums=tuple(range(operands, operands + 4)))
     spatial = tuple(sharding_rule.replace(",", " ").replace("->", " ").split())
     fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=sharding_rule,
                      need_replication_factors=tuple(f for f in spatial if f not in ("n", "c")))  # fmt: skip
@@ -246,6 +251,7 @@ def _partitioned():
     # Made on first use, so that importing the package never depends on this API's version.
     return {
         "Forward": _batch_parallel("DepthwiseForward", "n h w c, i j c -> n o q c"),
+        "ForwardAffine": _batch_parallel("DepthwiseForwardAffine", "n h w c, i j c, c, c -> n o q c", operands=4),
         "InputGrad": _batch_parallel("DepthwiseInputGrad", "n o q c, i j c -> n h w c"),
         "KernelGrad": _kernel_grad_partitioned(),
     }
@@ -253,7 +259,8 @@ def _partitioned():
 
 # ----------------------------------------------------------------------------- BatchNorm
 
-# The activations BatchNorm's backward reads its mask off (kernels.cc, BackwardSums).
+# The activations the kernels know, by code (kernels.cc: BatchNorm's backward reads its mask off
+# its output, the depthwise forward applies it after eval-mode BatchNorm).
 ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
 
@@ -393,14 +400,14 @@ def _per_channel_batch_rule(primitive):
 
 def _image_batch_rule(primitive):
     """For a kernel whose output has its first operand's images: a map over the images alone
-    (shared taps) folds into the batch, (V, N, ...) -> (V * N, ...); else into the channels."""
+    (the other operands shared) folds into the batch, (V, N, ...) -> (V * N, ...); else into the
+    channels."""
 
     def rule(args, dims, **params):
-        (a, taps), (a_dim, taps_dim) = args, dims
-        if taps_dim is not None:
+        if any(d is not None for d in dims[1:]):
             return _per_channel_batch_rule(primitive)(args, dims, **params)
-        a = jnp.moveaxis(a, a_dim, 0)
-        out = primitive.bind(a.reshape(-1, *a.shape[2:]), taps, **params)
+        a = jnp.moveaxis(args[0], dims[0], 0)
+        out = primitive.bind(a.reshape(-1, *a.shape[2:]), *args[1:], **params)
         return out.reshape(a.shape[0], -1, *out.shape[1:]), 0
 
     return rule
@@ -432,14 +439,14 @@ def _xla_kernel_grad(x, g, *, k, stride, padding):
 
 _forward_p = _primitive(
     "depthwise_forward",
-    lambda x, taps, *, out_hw, stride, padding: _partitioned()["Forward"](x, taps, out_hw, stride, padding),
+    lambda x, taps, *, out_hw, stride, padding: _partitioned()["Forward"](x, taps, out_hw, stride, padding, ()),
     _xla_forward,
     lambda x, taps, *, out_hw, stride, padding: _activation_aval(x, out_hw),
     _image_batch_rule,
 )
 _input_grad_p = _primitive(
     "depthwise_input_grad",
-    lambda g, taps, *, in_hw, stride, padding: _partitioned()["InputGrad"](g, taps, in_hw, stride, padding),
+    lambda g, taps, *, in_hw, stride, padding: _partitioned()["InputGrad"](g, taps, in_hw, stride, padding, ()),
     _xla_input_grad,
     lambda g, taps, *, in_hw, stride, padding: _activation_aval(g, in_hw),
     _image_batch_rule,
@@ -453,10 +460,47 @@ _kernel_grad_p = _primitive(
 )
 
 
+# The forward with eval-mode BatchNorm's multiply-add and its activation applied as each output is
+# written. Inference only runs the fused kernel: its JVP (so every derivative, and the transposes)
+# is the unfused form's, in which the forward is the primitive above.
+def _unfused_affine(forward_fn):
+    def apply(x, taps, mul, add, *, out_hw, stride, padding, activation):
+        from flax_mobilenet.layers import ACTIVATIONS
+
+        y = forward_fn(x, taps, out_hw=out_hw, stride=stride, padding=padding) * mul + add
+        return y if activation is None else ACTIVATIONS[activation](y)
+
+    return apply
+
+
+_forward_affine_p = _primitive(
+    "depthwise_forward_affine",
+    lambda x, taps, mul, add, *, out_hw, stride, padding, activation: _partitioned()["ForwardAffine"](
+        x, taps, mul, add, out_hw, stride, padding, (("activation", ACTIVATION_CODES[activation]),)
+    ),
+    _unfused_affine(_xla_forward),
+    lambda x, taps, mul, add, *, out_hw, stride, padding, activation: _activation_aval(x, out_hw),
+    _image_batch_rule,
+)
+ad.primitive_jvps[_forward_affine_p] = lambda primals, tangents, **params: jax.jvp(
+    functools.partial(_unfused_affine(_forward_p.bind), **params), tuple(primals), tuple(map(ad.instantiate_zeros, tangents))
+)
+
+
 def forward(x: jax.Array, taps: jax.Array, out_hw: tuple[int, int], stride: int, padding: int) -> jax.Array:
     """y[n, o, q, c] = sum_{i,j} x[n, s*o - p + i, s*q - p + j, c] * taps[i, j, c], zero outside x."""
     _check(x, taps)
     return _forward_p.bind(x, taps, out_hw=tuple(out_hw), stride=int(stride), padding=int(padding))
+
+
+def forward_affine(x, taps, mul, add, out_hw: tuple[int, int], stride: int, padding: int, activation: str | None) -> jax.Array:
+    """activation(forward(x, taps) * mul + add), per channel, in one pass: the depthwise layer with
+    eval-mode BatchNorm (mul, add) and its activation (a key of ACTIVATION_CODES)."""
+    _check(x, taps, mul, add)
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation {activation!r}: expected one of {list(ACTIVATION_CODES)}")
+    params = dict(out_hw=tuple(out_hw), stride=int(stride), padding=int(padding), activation=activation)
+    return _forward_affine_p.bind(x, taps, mul, add, **params)
 
 
 def input_grad(g: jax.Array, taps: jax.Array, in_hw: tuple[int, int], stride: int, padding: int) -> jax.Array:

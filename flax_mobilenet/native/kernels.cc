@@ -97,10 +97,38 @@ inline void ForChannelBlocks(int64_t channels, F&& f) {
 
 // ------------------------------------------------------------------ forward
 
+// The activation after a BatchNorm, by code (ACT 0: none, 1: relu, 2: relu6; flax_mobilenet.native
+// ACTIVATION_CODES).
+template <int ACT, typename T>
+inline T Activate(T v) {
+  if (ACT == 0) return v;
+  v = std::max(v, T(0));
+  return ACT == 2 ? std::min(v, T(6)) : v;
+}
+
+// What the forward does with each output channel block's sums: store them as they are, or (eval
+// mode) as act(sum * mul + add), BatchNorm's multiply-add and the activation, so that no separate
+// pass reads the convolution's output back.
+template <typename T>
+struct Store {
+  void operator()(T* __restrict out, const T* acc, int64_t c, int cb) const {
+    for (int e = 0; e < cb; ++e) out[c + e] = acc[e];
+  }
+};
+
+template <int ACT, typename T>
+struct StoreAffine {
+  const T* __restrict mul;
+  const T* __restrict add;
+  void operator()(T* __restrict out, const T* acc, int64_t c, int cb) const {
+    for (int e = 0; e < cb; ++e) out[c + e] = Activate<ACT>(acc[e] * mul[c + e] + add[c + e]);
+  }
+};
+
 // y[n, oh, ow, c] = sum_{i, j} x[n, oh*s - p + i, ow*s - p + j, c] * k[i, j, c], taps in row-major
 // order (as the "shifted" form adds them), for one output row (n, oh).
-template <typename T>
-void ForwardRow(const Shape& d, const T* __restrict x, const T* __restrict k, T* __restrict y, int64_t row) {
+template <typename T, typename S>
+void ForwardRow(const Shape& d, const T* __restrict x, const T* __restrict k, T* __restrict y, int64_t row, const S& store) {
   const int64_t n = row / d.ho, oh = row % d.ho;
   int64_t i0, i1;
   d.TapRange(oh, d.h, &i0, &i1);
@@ -120,7 +148,7 @@ void ForwardRow(const Shape& d, const T* __restrict x, const T* __restrict k, T*
           for (int e = 0; e < CB; ++e) acc[e] += xp[e] * kp[e];
         }
       }
-      for (int e = 0; e < CB; ++e) out[c + e] = acc[e];
+      store(out, acc, c, CB);
     });
   }
 }
@@ -216,7 +244,35 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT, 3
   const auto* xp = x.typed_data();
   const auto* kp = k.typed_data();
   auto* yp = y->typed_data();
-  ParallelFor(pool, d.n * d.ho, [&](int64_t row) { ForwardRow(d, xp, kp, yp, row); });
+  ParallelFor(pool, d.n * d.ho, [&](int64_t row) { ForwardRow(d, xp, kp, yp, row, Store<ffi::NativeType<DT>>{}); });
+  return ffi::Error::Success();
+}
+
+// The forward with eval-mode BatchNorm and its activation applied as each output is written.
+template <ffi::DataType DT>
+ffi::Error ForwardAffine(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT, 3> k, ffi::Buffer<DT, 1> mul,
+                         ffi::Buffer<DT, 1> add, ffi::ResultBuffer<DT, 4> y, int64_t stride, int64_t padding,
+                         int64_t activation) {
+  using T = ffi::NativeType<DT>;
+  Shape d;
+  if (auto e = LayerShape(x.dimensions(), k.dimensions(), y->dimensions(), stride, padding,
+                          "depthwise forward: kernel or output shape does not match the input", &d);
+      e.failure())
+    return e;
+  if (mul.dimensions()[0] != d.c || add.dimensions()[0] != d.c)
+    return ffi::Error::InvalidArgument("depthwise forward: BatchNorm's multiply and add need one value per channel");
+  const auto* xp = x.typed_data();
+  const auto* kp = k.typed_data();
+  auto* yp = y->typed_data();
+  auto run = [&](auto store) { ParallelFor(pool, d.n * d.ho, [&](int64_t row) { ForwardRow(d, xp, kp, yp, row, store); }); };
+  const T* m = mul.typed_data();
+  const T* a = add.typed_data();
+  switch (activation) {
+    case 0: run(StoreAffine<0, T>{m, a}); break;
+    case 1: run(StoreAffine<1, T>{m, a}); break;
+    case 2: run(StoreAffine<2, T>{m, a}); break;
+    default: return ffi::Error::InvalidArgument("depthwise forward: unknown activation code");
+  }
   return ffi::Error::Success();
 }
 
@@ -428,6 +484,17 @@ ffi::Error Statistics(ffi::ThreadPool pool, ffi::BufferR4<DT> x, ffi::ResultBuff
                                     .Ret<ffi::BufferR4<DT>>()                                             \
                                     .Attr<int64_t>("stride")                                               \
                                     .Attr<int64_t>("padding"));                                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseForwardAffine##SUFFIX, ForwardAffine<DT>,                         \
+                                ffi::Ffi::Bind()                                                           \
+                                    .Ctx<ffi::ThreadPool>()                                                \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR3<DT>>()                                             \
+                                    .Arg<ffi::BufferR1<DT>>()                                             \
+                                    .Arg<ffi::BufferR1<DT>>()                                             \
+                                    .Ret<ffi::BufferR4<DT>>()                                             \
+                                    .Attr<int64_t>("stride")                                               \
+                                    .Attr<int64_t>("padding")                                              \
+                                    .Attr<int64_t>("activation"));                                         \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(DepthwiseInputGrad##SUFFIX, InputGrad<DT>,                                 \
                                 ffi::Ffi::Bind()                                                           \
                                     .Ctx<ffi::ThreadPool>()                                                \
