@@ -243,12 +243,13 @@ class PatchConv(nn.Module):
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x (..., in) times kernel (in, out) over the channel axis, as one product over the flattened
-    pixels (a free reshape of NHWC).
+    pixels (a free reshape of NHWC): `native.channel_product`.
 
-    Flattened, autodiff's kernel gradient is x^T g over the pixels, reading both operands in their
-    own layout. Contracted over N, H and W instead, it reached XLA:CPU in a form whose layout
+    Flattened, the kernel gradient is x^T g over the pixels, reading both operands in their own
+    layout. Contracted over N, H and W instead, it reached XLA:CPU in a form whose layout
     assignment transposed the cotangent into (out, pixels) before the product, fused into the
     producer (the BatchNorm backward) as a strided write: 172 ms of V1's 224 training step at the
-    first 1x1 layer alone (bench/NOTES.md).
+    first 1x1 layer alone (bench/NOTES.md). Where that gradient has few values (the first layers),
+    a native kernel sums it (`native.pixel_outer`).
     """
-    return jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+    return native.channel_product(x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[-1])

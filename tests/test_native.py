@@ -75,6 +75,30 @@ def test_the_fused_forward_refuses_an_activation_it_does_not_have():
         native.forward_affine(x, kernel[:, :, 0], ones, ones, (6, 6), 1, 1, "gelu")
 
 
+# The 1x1 convolution's kernel gradient, x^T g over the pixels (native.pixel_outer): float64 against
+# numpy is rounding only (1e-12, as above); float32 against float64 1e-6 (the sums run in float32
+# over chunks of 256 rows, then over 32 partials: measured 3e-7, XLA's dot 4.5e-7). The shapes
+# take every tile of the kernel (8 x 16, 8 x 8, 1 x 16, 1 x 1) and its remainders.
+@pytest.mark.parametrize("pixels,a,b", [(3000, 27, 32), (1000, 8, 24), (513, 5, 7), (7, 16, 96), (20000, 144, 24)])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_pointwise_kernel_gradient_equals_numpy(pixels, a, b, dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        kx, kg = jax.random.split(jax.random.key(pixels + a + b))
+        x, g = jax.random.normal(kx, (pixels, a), dtype), jax.random.normal(kg, (pixels, b), dtype)
+        hlo = jax.jit(native.pixel_outer).lower(x, g).compile().as_text()
+        assert "flax_mobilenet_pointwisekernelgrad" in hlo, "the native kernel did not run"
+        got = np.asarray(jax.jit(native.pixel_outer)(x, g), np.float64)
+        want = np.asarray(x, np.float64).T @ np.asarray(g, np.float64)
+        bound = 1e-12 if dtype == jnp.float64 else 1e-6
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < bound
+
+
+def test_pointwise_kernel_gradient_is_xla_dot_where_the_output_is_large():
+    x, g = jnp.ones((64, 128)), jnp.ones((64, 64))  # 8,192 values > OUTER_NATIVE_MAX
+    assert 128 * 64 > native.OUTER_NATIVE_MAX
+    assert "flax_mobilenet_" not in jax.jit(native.pixel_outer).lower(x, g).compile().as_text()
+
+
 def test_kernel_gradient_is_the_same_bits_on_every_run():
     # Rows are shared out to XLA's threads as they come free, but summed in partials fixed by the
     # shape (kernels.cc, kKernelGradPartials), so the result may not depend on the schedule.
@@ -165,6 +189,15 @@ kept = np.where((np.asarray(y) > 0) & (np.asarray(y) < 6), np.asarray(g), 0)
 want = (kept.sum((0, 1, 2)), (kept * (np.asarray(x) - np.asarray(mean))).sum((0, 1, 2)))
 for a, b in zip(got, want):
     assert np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b) < 1e-6
+from flax_mobilenet.layers import pointwise_conv
+pw = jax.random.normal(jax.random.key(3), (24, 16))
+pw_step = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(pointwise_conv(x, w))), (0, 1)))
+hlo = pw_step.lower(shard(x), pw).compile().as_text()
+assert "all-gather" not in hlo and "flax_mobilenet_pointwisekernelgrad" in hlo, "the 1x1 kernel gradient gathered x"
+got = pw_step(shard(x), pw)
+want = jax.grad(lambda x, w: jnp.sum(jnp.sin(jnp.einsum("nhwa,ab->nhwb", x, w))), (0, 1))(x, pw)
+for a, b in zip(got, want):
+    assert np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)) < 1e-6
 from flax_mobilenet.depthwise import depthwise_conv2d_affine
 mul, add = jnp.linspace(0.5, 2.0, 24), jnp.linspace(-1.0, 3.0, 24)
 fused = jax.jit(lambda x, w: depthwise_conv2d_affine(x, w, 2, 1, mul, add, "relu6"))

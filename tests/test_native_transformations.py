@@ -120,6 +120,22 @@ def test_vmap_of_the_layer_equals_a_loop(in_axes):
         _assert_close(got, want)
 
 
+# The 1x1 convolution (layers.pointwise_conv, whose kernel gradient is native.pixel_outer) under
+# the same transformations, against the same of the plain channel contraction.
+@pytest.mark.parametrize("name", TRANSFORMATIONS)
+def test_each_transformation_of_the_1x1_convolution_equals_the_same_of_a_plain_contraction(name):
+    from flax_mobilenet.layers import pointwise_conv
+
+    x, _ = _operands()
+    kernel = jax.random.normal(jax.random.key(5), (5, 6), jnp.float64)
+    if name.startswith("an ensemble"):
+        kernel = jnp.stack([kernel, -kernel, 0.5 * kernel])
+    contraction = lambda x, k: jnp.sum(jnp.sin(jnp.einsum("nhwa,ab->nhwb", x, k)))  # noqa: E731
+    transform = TRANSFORMATIONS[name]
+    got = jax.jit(transform(lambda x, k: jnp.sum(jnp.sin(pointwise_conv(x, k)))))(x, kernel)
+    _assert_close(got, transform(contraction)(x, kernel))
+
+
 def test_vmap_of_batch_norm_reductions_equals_numpy_per_element():
     keys = jax.random.split(jax.random.key(4), 2)
     x = jax.random.normal(keys[0], (3, 2, 6, 5, 7), jnp.float64) * 2 + 1

@@ -1,7 +1,8 @@
 """CPU kernels of our own, called from XLA through `jax.ffi` (kernels.cc beside this file): the
-depthwise convolution's forward, input gradient and kernel gradient, and BatchNorm's batch
-statistics and the two sums of its backward. Each is a JAX primitive (end of this file), so that
-jit, vmap and autodiff to any order go through them.
+depthwise convolution's forward (also with eval-mode BatchNorm and its activation applied as it
+writes), input gradient and kernel gradient, the 1x1 convolution's kernel gradient, and
+BatchNorm's batch statistics and the two sums of its backward. Each is a JAX primitive (end of
+this file), so that jit, vmap and autodiff to any order go through them.
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``)
 against the XLA FFI headers that jaxlib ships, for this machine's processor, and kept in a cache
@@ -40,7 +41,7 @@ CACHE_ENV = "FLAX_MOBILENET_CACHE"
 # The dtypes with a kernel, and the suffix of their handlers' symbols in kernels.cc.
 DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
 # The handlers in kernels.cc, each defined for every dtype (symbol: op + suffix).
-OPS = ("DepthwiseForward", "DepthwiseForwardAffine", "DepthwiseInputGrad", "DepthwiseKernelGrad", "BatchNormStatistics", "BatchNormBackwardSums")
+OPS = ("DepthwiseForward", "DepthwiseForwardAffine", "DepthwiseInputGrad", "DepthwiseKernelGrad", "PointwiseKernelGrad", "BatchNormStatistics", "BatchNormBackwardSums")
 
 
 def _cache_dir() -> Path:
@@ -243,6 +244,31 @@ def _kernel_grad_partitioned():
     fn = custom_partitioning(run, static_argnums=(2, 3, 4))
     fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule="n h w c, n o q c -> i j c",
                      reduction_factors=("n",), need_replication_factors=("h", "w", "o", "q"))  # fmt: skip
+    return fn
+
+
+@functools.cache
+def _pixel_outer_partitioned():
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    def run(x, g):
+        return _kernel("PointwiseKernelGrad", (x, g), (x.shape[1], g.shape[1]))(x, g)
+
+    def partition(mesh, arg_shapes, result_shape):
+        axes = _batch_axes(arg_shapes[0].sharding)
+        pixels = _per_image(arg_shapes[0].sharding, mesh)
+
+        def lower(x, g):
+            partial = run(x, g)
+            return partial if axes is None else jax.lax.psum(partial, axes)
+
+        return mesh, lower, _replicated(mesh), (pixels, pixels)
+
+    def infer(mesh, arg_shapes, result_shape):
+        return _replicated(mesh)
+
+    fn = custom_partitioning(run)
+    fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule="p a, p b -> a b", reduction_factors=("p",))
     return fn
 
 
@@ -532,6 +558,86 @@ ad.defbilinear(
     lambda ct, x, g, *, k, stride, padding: input_grad(g, ct, x.aval.shape[1:3], stride, padding),
     lambda ct, x, g, *, k, stride, padding: forward(x, ct, g.aval.shape[1:3], stride, padding),
 )
+
+
+# ----------------------------------------------------------------------------- 1x1 convolution
+
+# The 1x1 convolution over flattened pixels, x (P, A) times w (A, B), as a primitive of its own so
+# that its transposes are ours: the kernel's is `pixel_outer` (x^T g), which runs in the native
+# kernel on the CPU where the output is small (a long sum into few values: XLA's dot runs those
+# at 30-70 GFLOP/s, bench/NOTES.md section 9); the input's is the product by w^T. The product
+# itself is XLA's dot everywhere.
+OUTER_NATIVE_MAX = 4096  # channels in x channels out, up to which the native kernel runs
+
+
+def _xla_channel_product(x, w):
+    return jnp.dot(x, w)
+
+
+def _xla_pixel_outer(x, g):
+    return jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))
+
+
+def _vmap_rule(portable):
+    """vmap by the portable form's own rule (a batched dot): for maps the kernels have no use for."""
+    return lambda primitive: lambda args, dims, **params: (jax.vmap(portable, in_axes=dims)(*args), 0)
+
+
+def _pixels_batch_rule(primitive):
+    """vmap of the product: a map over x alone (w shared) folds into the pixels, (V, P, A) ->
+    (V * P, A), so the transposes stay ours; else a batched dot."""
+
+    def rule(args, dims, **params):
+        if dims[1] is not None:
+            return _vmap_rule(_xla_channel_product)(primitive)(args, dims, **params)
+        x = jnp.moveaxis(args[0], dims[0], 0)
+        out = primitive.bind(x.reshape(-1, x.shape[-1]), args[1], **params)
+        return out.reshape(x.shape[0], -1, out.shape[-1]), 0
+
+    return rule
+
+
+def _pixel_outer_impl(x, g):
+    native = jax.default_backend() == "cpu" and x.shape[1] * g.shape[1] <= OUTER_NATIVE_MAX and supports(x, g) and available()
+    return _pixel_outer_partitioned()(x, g) if native else _xla_pixel_outer(x, g)
+
+
+_channel_product_p = _primitive(
+    "channel_product",
+    _xla_channel_product,
+    _xla_channel_product,
+    lambda x, w: ShapedArray((x.shape[0], w.shape[1]), x.dtype),
+    _pixels_batch_rule,
+)
+_pixel_outer_p = _primitive(
+    "pixel_outer",
+    _pixel_outer_impl,
+    _xla_pixel_outer,
+    lambda x, g: ShapedArray((x.shape[1], g.shape[1]), x.dtype),
+    _vmap_rule(_xla_pixel_outer),
+)
+ad.defbilinear(
+    _channel_product_p,
+    lambda ct, x, w: channel_product(ct, w.T),
+    lambda ct, x, w: pixel_outer(x, ct),
+)
+ad.defbilinear(
+    _pixel_outer_p,
+    lambda ct, x, g: channel_product(g, ct.T),
+    lambda ct, x, g: channel_product(x, ct),
+)
+
+
+def channel_product(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (P, A) times w (A, B): a 1x1 convolution over flattened pixels, whose kernel gradient runs
+    in the native kernel where it pays (`pixel_outer`)."""
+    return _channel_product_p.bind(x, w)
+
+
+def pixel_outer(x: jax.Array, g: jax.Array) -> jax.Array:
+    """x^T g for x (P, A) and g (P, B), summed over the P pixels: `channel_product`'s kernel
+    gradient. The native kernel on the CPU where A * B <= OUTER_NATIVE_MAX, else XLA's dot."""
+    return _pixel_outer_p.bind(x, g)
 
 
 def _channels_aval(x):

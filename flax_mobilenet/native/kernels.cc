@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstring>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -218,6 +219,54 @@ void KernelGradRow(const Shape& d, const T* __restrict x, const T* __restrict g,
 // shape alone) keeps the result independent of the thread count and of the schedule.
 constexpr int64_t kKernelGradPartials = 32;
 
+// ------------------------------------------------------------------ 1x1 convolution's kernel gradient
+
+// out[a, b] = sum_p x[p, a] * g[p, b]: the kernel gradient of a 1x1 convolution, x its input and g
+// the cotangent of its output, pixels flattened. Its output is small (channels in by channels
+// out) and its sum long (every pixel of the batch): XLA's CPU dot runs it at 30-70 GFLOP/s
+// (bench/NOTES.md section 9). Here each tile of AT x BT outputs is summed in registers over a
+// chunk of rows that stays in L2, the tiles of a chunk taking turns.
+constexpr int64_t kOuterChunk = 256;
+
+template <int AT, int BT, typename T>
+inline void OuterTile(const T* __restrict x, const T* __restrict g, int64_t A, int64_t B, int64_t r0, int64_t r1,
+                      int64_t a0, int64_t b0, T* __restrict out) {
+  // BT columns as one vector (GCC's vector extension: the compiler keeps the AT sums in registers).
+  typedef T V __attribute__((vector_size(sizeof(T) * BT)));
+  V acc[AT];
+  for (int i = 0; i < AT; ++i) acc[i] = V{};
+  for (int64_t p = r0; p < r1; ++p) {
+    const T* xp = x + p * A + a0;
+    V gv;
+    std::memcpy(&gv, g + p * B + b0, sizeof(V));
+#pragma GCC unroll 8
+    for (int i = 0; i < AT; ++i) acc[i] += gv * xp[i];
+  }
+  for (int i = 0; i < AT; ++i)
+    for (int j = 0; j < BT; ++j) out[(a0 + i) * B + b0 + j] += acc[i][j];
+}
+
+// Tiles of BT output columns (16, 8, then 1 for the remainder), each over rows of AT x (8, then 1).
+template <int BT, typename T>
+inline int64_t OuterColumns(const T* x, const T* g, int64_t A, int64_t B, int64_t r0, int64_t r1, int64_t b, T* out) {
+  for (; b + BT <= B; b += BT) {
+    int64_t a = 0;
+    for (; a + 8 <= A; a += 8) OuterTile<8, BT>(x, g, A, B, r0, r1, a, b, out);
+    for (; a < A; ++a) OuterTile<1, BT>(x, g, A, B, r0, r1, a, b, out);
+  }
+  return b;
+}
+
+template <typename T>
+void OuterRows(const T* x, const T* g, int64_t A, int64_t B, int64_t first, int64_t last, T* out) {
+  for (int64_t r0 = first; r0 < last; r0 += kOuterChunk) {
+    const int64_t r1 = std::min(last, r0 + kOuterChunk);
+    int64_t b = OuterColumns<16>(x, g, A, B, r0, r1, 0, out);
+    b = OuterColumns<8>(x, g, A, B, r0, r1, b, out);
+    OuterColumns<1>(x, g, A, B, r0, r1, b, out);
+  }
+}
+
 // ------------------------------------------------------------------ FFI handlers
 
 // The layer's shape from the dimensions of its input side (x, or dx), its kernel (k, k, C) and
@@ -313,6 +362,26 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT
   std::copy(partial.begin(), partial.begin() + taps, out);
   for (int64_t b = 1; b < parts; ++b)
     for (int64_t t = 0; t < taps; ++t) out[t] += partial[b * taps + t];
+  return ffi::Error::Success();
+}
+
+// x^T g over the rows (pixels) of x (P, A) and g (P, B): split into a fixed number of partial sums
+// (kKernelGradPartials, as the depthwise kernel gradient), added in order.
+template <ffi::DataType DT>
+ffi::Error PixelOuter(ffi::ThreadPool pool, ffi::Buffer<DT, 2> x, ffi::Buffer<DT, 2> g, ffi::ResultBuffer<DT, 2> out) {
+  using T = ffi::NativeType<DT>;
+  const int64_t P = x.dimensions()[0], A = x.dimensions()[1], B = g.dimensions()[1];
+  if (g.dimensions()[0] != P || out->dimensions()[0] != A || out->dimensions()[1] != B)
+    return ffi::Error::InvalidArgument("1x1 kernel gradient: x (P, A), g (P, B) and the output (A, B) do not match");
+  const int64_t parts = std::max<int64_t>(1, std::min(P, kKernelGradPartials));
+  std::vector<T> partial(parts * A * B, T(0));
+  const auto* xp = x.typed_data();
+  const auto* gp = g.typed_data();
+  ParallelFor(pool, parts, [&](int64_t b) { OuterRows(xp, gp, A, B, P * b / parts, P * (b + 1) / parts, partial.data() + b * A * B); });
+  T* o = out->typed_data();
+  std::copy(partial.begin(), partial.begin() + A * B, o);
+  for (int64_t b = 1; b < parts; ++b)
+    for (int64_t t = 0; t < A * B; ++t) o[t] += partial[b * A * B + t];
   return ffi::Error::Success();
 }
 
@@ -511,6 +580,17 @@ ffi::Error Statistics(ffi::ThreadPool pool, ffi::BufferR4<DT> x, ffi::ResultBuff
                                     .Ret<ffi::BufferR3<DT>>()                                             \
                                     .Attr<int64_t>("stride")                                               \
                                     .Attr<int64_t>("padding"));
+
+#define FLAX_MOBILENET_POINTWISE_HANDLERS(SUFFIX, DT)                                                       \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(PointwiseKernelGrad##SUFFIX, PixelOuter<DT>,                                \
+                                ffi::Ffi::Bind()                                                           \
+                                    .Ctx<ffi::ThreadPool>()                                                \
+                                    .Arg<ffi::BufferR2<DT>>()                                             \
+                                    .Arg<ffi::BufferR2<DT>>()                                             \
+                                    .Ret<ffi::BufferR2<DT>>());
+
+FLAX_MOBILENET_POINTWISE_HANDLERS(F32, ffi::F32)
+FLAX_MOBILENET_POINTWISE_HANDLERS(F64, ffi::F64)
 
 FLAX_MOBILENET_DEPTHWISE_HANDLERS(F32, ffi::F32)
 FLAX_MOBILENET_DEPTHWISE_HANDLERS(F64, ffi::F64)
