@@ -42,6 +42,9 @@ CACHE_ENV = "FLAX_MOBILENET_CACHE"
 DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
 # The handlers in kernels.cc, each defined for every dtype (symbol: op + suffix).
 OPS = ("DepthwiseForward", "DepthwiseForwardAffine", "DepthwiseInputGrad", "DepthwiseKernelGrad", "PointwiseKernelGrad", "BatchNormStatistics", "BatchNormBackwardSums")
+# The activations the kernels know, by code (kernels.cc: BatchNorm's backward reads its mask off
+# its output, the depthwise forward applies it after eval-mode BatchNorm).
+ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
 
 def _cache_dir() -> Path:
@@ -284,10 +287,6 @@ def _partitioned():
 
 
 # ----------------------------------------------------------------------------- BatchNorm
-
-# The activations the kernels know, by code (kernels.cc: BatchNorm's backward reads its mask off
-# its output, the depthwise forward applies it after eval-mode BatchNorm).
-ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
 
 def _backward_sums_run(g, y, x, mean, activation):
