@@ -11,7 +11,7 @@ import flax.linen as nn
 from jax import lax
 
 from flax_mobilenet import native
-from flax_mobilenet.depthwise import depthwise_conv2d, depthwise_conv2d_affine, padded_input, tap_window
+from flax_mobilenet.depthwise import depthwise_conv2d, depthwise_conv2d_affine
 
 Dtype = Any
 
@@ -39,6 +39,29 @@ BATCH_NORM_ENV = "FLAX_MOBILENET_BATCHNORM"
 
 def batch_norm_reductions(backend: str | None = None) -> str:
     return native.choose(BATCH_NORM_ENV, ("native", "xla"), {"cpu": "native"}, backend)
+
+
+# Where, in eval mode, the stem's convolution (`PatchConv`) and the 1x1 convolutions with up to
+# `native.DENSE_NATIVE_MAX` weights run on the CPU, each with its BatchNorm and activation:
+# "native" (`native.dense_conv_affine`: no patches written, and BatchNorm and the activation
+# applied as it writes its output) or "xla" (XLA's dot, of the patches for the stem, then BatchNorm
+# as a pass of its own). "auto" is native on the CPU; the environment variable overrides it at
+# trace time. Training, and other backends, are not affected.
+DENSE_ENV = "FLAX_MOBILENET_DENSE"
+
+
+def dense_convolutions(backend: str | None = None) -> str:
+    return native.choose(DENSE_ENV, ("native", "xla"), {"cpu": "native"}, backend)
+
+
+def _native_dense(*arrays) -> bool:
+    return dense_convolutions() == "native" and native.supports(*arrays) and native.available()
+
+
+def with_affine(y: jax.Array, mul: jax.Array, add: jax.Array, activation: str | None) -> jax.Array:
+    """activation(y * mul + add): eval-mode BatchNorm (`eval_affine`) and its activation."""
+    y = y * mul + add
+    return ACTIVATIONS[activation](y) if activation else y
 
 
 def _batch_axes(x):
@@ -154,8 +177,7 @@ class BatchNorm(nn.Module):
             return x
 
         mul, add = eval_affine(scale, bias, running_mean.value, running_var.value, self.epsilon)
-        y = x.astype(dtype) * mul.astype(dtype) + add.astype(dtype)
-        return ACTIVATIONS[self.activation](y) if self.activation else y
+        return with_affine(x.astype(dtype), mul.astype(dtype), add.astype(dtype), self.activation)
 
     def eval_affine(self) -> tuple[jax.Array, jax.Array]:
         """`eval_affine` of this module's variables (bound, after initialisation)."""
@@ -203,21 +225,32 @@ class PointwiseConv(nn.Module):
     dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, affine: tuple[jax.Array, jax.Array] | None = None, activation: str | None = None) -> jax.Array:
+        """The convolution; with `affine` (eval-mode BatchNorm's (mul, add)), followed by it and
+        `activation`, in one pass where the native dense kernel runs (`native.dense_conv_affine`)."""
         channels = x.shape[-1]
         kernel = self.param("kernel", conv_init, (1, 1, channels, self.features), jnp.float32)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return pointwise_conv(x, kernel.reshape(channels, self.features))
+        if affine is None:
+            return pointwise_conv(x, kernel.reshape(channels, self.features))
+        mul, add = (a.astype(x.dtype) for a in affine)
+        if kernel.size <= native.DENSE_NATIVE_MAX and _native_dense(x, kernel, mul, add):
+            return native.dense_conv_affine(x, kernel, mul, add, 1, 0, activation)
+        return with_affine(pointwise_conv(x, kernel.reshape(channels, self.features)), mul, add, activation)
 
 
 class PatchConv(nn.Module):
-    """A bias-free k x k convolution (groups 1), stored as `nn.Conv` stores it, computed on the CPU
-    as one matrix product of its k*k*C patches with the kernel.
+    """A bias-free k x k convolution (groups 1), stored as `nn.Conv` stores it: the stem.
 
-    For the stem (3 input channels) XLA:CPU's convolution ran at about 12 GFLOP/s: 28-30 ms of V1's
-    224 step at batch 16, forward, against 13 ms for writing the 27-channel patches and multiplying
-    (bench/NOTES.md). The kernel gradient is then the patches' product with the cotangent.
-    Elsewhere XLA's convolution stays (cuDNN, the TPU's convolution unit).
+    On the CPU, one matrix product of the patches, written out, with the kernel; in eval mode
+    (`affine` given) the native dense kernel instead, where `dense_convolutions()` says so, which
+    sums each output pixel's k*k*C patch in registers and applies BatchNorm and the activation as
+    it writes. For the stem (3 input channels) XLA:CPU's convolution ran at about 12 GFLOP/s:
+    28-30 ms of V1's 224 step at batch 16, forward, against 13 ms for writing the 27-channel
+    patches and multiplying, and 4 for the native kernel (bench/NOTES.md sections 6 and 10).
+    Training keeps the patches: the kernel gradient reads them anyway, and the native forward did
+    not shorten the training step (section 10). Elsewhere XLA's convolution stays (cuDNN, the TPU's
+    convolution unit).
     """
 
     features: int
@@ -227,18 +260,21 @@ class PatchConv(nn.Module):
     dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, affine: tuple[jax.Array, jax.Array] | None = None, activation: str | None = None) -> jax.Array:
+        """The convolution; with `affine` (eval-mode BatchNorm's (mul, add)), followed by it and
+        `activation`, in one pass where the native dense kernel runs."""
         k, s, p, channels = self.kernel_size, self.stride, self.padding, x.shape[-1]
         kernel = self.param("kernel", conv_init, (k, k, channels, self.features), jnp.float32)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        if jax.default_backend() != "cpu":
-            return lax.conv_general_dilated(
-                x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
-        xp, out_hw = padded_input(x, k, s, p)
-        # Tap (i, j) of every output position, concatenated in the kernel's (i, j, channel) order.
-        taps = [tap_window(xp, i, j, out_hw, s) for i in range(k) for j in range(k)]
-        return pointwise_conv(jnp.concatenate(taps, axis=-1), kernel.reshape(k * k * channels, self.features))
+        affine = None if affine is None else tuple(a.astype(x.dtype) for a in affine)
+        cpu = jax.default_backend() == "cpu"
+        if cpu and affine is not None and _native_dense(x, kernel, *affine):
+            return native.dense_conv_affine(x, kernel, *affine, s, p, activation)
+        if cpu:
+            y = pointwise_conv(native.patches(x, k, s, p), kernel.reshape(k * k * channels, self.features))
+        else:
+            y = lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y if affine is None else with_affine(y, *affine, activation)
 
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -44,7 +44,7 @@ class ConvBN(nn.Module):
             raise NotImplementedError(f"{layer}: a grouped convolution that is not depthwise")
         activation = self.activation if layer.activation else None
         bn = BatchNorm(dtype=self.dtype, activation=activation, name="bn")
-        if layer.depthwise and not train and not self.is_initializing():
+        if not train and not self.is_initializing():
             # Eval: BatchNorm's multiply-add and the activation as the convolution's epilogue.
             return conv(x, bn.eval_affine(), activation)
         return bn(conv(x), train)

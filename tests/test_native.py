@@ -75,6 +75,49 @@ def test_the_fused_forward_refuses_an_activation_it_does_not_have():
         native.forward_affine(x, kernel[:, :, 0], ones, ones, (6, 6), 1, 1, "gelu")
 
 
+# The dense convolution (native.dense_conv: the stem's 3x3 over 3 channels, and 1x1 layers), with
+# and without eval-mode BatchNorm and its activation, against XLA's convolution: float64 rounding
+# only (1e-12, as above); float32 against float64 1e-6 (sums of up to 27 * 6 products in float32,
+# ~1e-7 relative; measured 2e-7 on the models' shapes). The shapes take every tile of the kernel
+# (16, 8 and 1 output channels; 8 pixels and the remainder), padding on each side, a partly
+# padded last row and column (stride 2 over an odd size), and the 1x1 layer's in-place patches.
+DENSE_SHAPES = [((2, 13, 10, 3), 3, 2, 1, 25), ((1, 9, 7, 5), 3, 1, 1, 17), ((3, 6, 5, 12), 1, 1, 0, 40), ((2, 7, 7, 4), 5, 2, 2, 8)]
+
+
+@pytest.mark.parametrize("shape,k,stride,padding,features", DENSE_SHAPES)
+@pytest.mark.parametrize("activation", ["plain", None, "relu6"])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_dense_convolution_equals_xla_conv(shape, k, stride, padding, features, activation, dtype):
+    from flax_mobilenet.layers import with_affine
+
+    with jax.enable_x64(True):
+        kx, kw = jax.random.split(jax.random.key(sum(shape) + k + features))
+        x = jax.random.normal(kx, shape, jnp.float64)
+        w = jax.random.normal(kw, (k, k, shape[3], features), jnp.float64)
+        mul = jnp.linspace(0.5, 3.0, features, dtype=jnp.float64)
+        add = jnp.linspace(-2.0, 6.0, features, dtype=jnp.float64)
+        want = jax.lax.conv_general_dilated(x, w, (stride, stride), ((padding, padding),) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if activation != "plain":
+            want = with_affine(want, mul, add, activation)
+        if activation == "relu6":
+            assert jnp.any(want == 0) and jnp.any(want == 6)
+        x, w, mul, add = (a.astype(dtype) for a in (x, w, mul, add))
+        if activation == "plain":
+            fn = jax.jit(lambda x, w: native.dense_conv(x, w, stride, padding))
+        else:
+            fn = jax.jit(lambda x, w: native.dense_conv_affine(x, w, mul, add, stride, padding, activation))
+        assert "flax_mobilenet_denseconv" in fn.lower(x, w).compile().as_text(), "the native kernel did not run"
+        got = np.asarray(fn(x, w), np.float64)
+        bound = 1e-12 if dtype == jnp.float64 else 1e-6
+        assert np.linalg.norm(got - np.asarray(want)) / np.linalg.norm(np.asarray(want)) < bound
+
+
+def test_the_dense_convolution_refuses_an_activation_it_does_not_have():
+    x, w, ones = jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 8)), jnp.ones((8,))
+    with pytest.raises(ValueError, match=r"^activation 'gelu': expected one of \[None, 'relu', 'relu6'\]$"):
+        native.dense_conv_affine(x, w, ones, ones, 1, 1, "gelu")
+
+
 # The 1x1 convolution's kernel gradient, x^T g over the pixels (native.pixel_outer): float64 against
 # numpy is rounding only (1e-12, as above); float32 against float64 1e-6 (the sums run in float32
 # over chunks of 256 rows, then over 32 partials: measured 3e-7, XLA's dot 4.5e-7). The shapes
@@ -205,6 +248,12 @@ xs = jax.device_put(x, NamedSharding(mesh, P("data")))
 assert "all-gather" not in fused.lower(xs, w).compile().as_text(), "the fused forward gathered x"
 want = jax.nn.relu6(xla_depthwise_conv2d(x, w, 2, 1) * mul + add)
 assert np.linalg.norm(np.asarray(fused(xs, w)) - np.asarray(want)) / np.linalg.norm(np.asarray(want)) < 1e-6
+from flax_mobilenet.native import dense_conv_affine
+stem = jax.random.normal(jax.random.key(4), (3, 3, 24, 16))
+dense = jax.jit(lambda x, w: dense_conv_affine(x, w, mul[:16], add[:16], 2, 1, "relu6"))
+assert "all-gather" not in dense.lower(xs, stem).compile().as_text(), "the dense convolution gathered x"
+want = jax.nn.relu6(jax.lax.conv_general_dilated(x, stem, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")) * mul[:16] + add[:16])
+assert np.linalg.norm(np.asarray(dense(xs, stem)) - np.asarray(want)) / np.linalg.norm(np.asarray(want)) < 1e-6
 for stride in (1, 2):
     loss = lambda f: lambda x, w: jnp.sum(f(x, w, stride, 1) ** 2)
     step = jax.jit(jax.value_and_grad(loss(native_depthwise_conv2d), (0, 1)))

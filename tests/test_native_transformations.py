@@ -136,6 +136,39 @@ def test_each_transformation_of_the_1x1_convolution_equals_the_same_of_a_plain_c
     _assert_close(got, transform(contraction)(x, kernel))
 
 
+# The dense convolution (the stem's in eval mode, and 1x1 layers') under the same transformations,
+# with eval-mode BatchNorm and ReLU6 fused (their derivatives are the unfused form's: the plain
+# dense kernel for the stem, the 1x1 product's primitive for a 1x1 layer) and without.
+DENSE = {"stem (3x3, stride 2)": (3, 2, 1), "1x1": (1, 1, 0)}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("shape", DENSE)
+@pytest.mark.parametrize("name", TRANSFORMATIONS)
+def test_each_transformation_of_the_dense_convolution_equals_the_same_of_xla_conv(name, shape, fused):
+    k, stride, padding = DENSE[shape]
+    x, _ = _operands()
+    kernel = jax.random.normal(jax.random.key(6), (k, k, 5, 6), jnp.float64)
+    if name.startswith("an ensemble"):
+        kernel = jnp.stack([kernel, -kernel, 0.5 * kernel])
+    mul, add = jnp.linspace(0.5, 3.0, 6), jnp.linspace(-1.0, 5.0, 6)
+
+    def conv(x, w, _stride, _padding):
+        return native.dense_conv_affine(x, w, mul, add, stride, padding, "relu6") if fused else native.dense_conv(x, w, stride, padding)
+
+    def reference(x, w, _stride, _padding):
+        y = jax.lax.conv_general_dilated(x, w, (stride, stride), ((padding, padding),) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.nn.relu6(y * mul + add) if fused else y
+
+    transform = TRANSFORMATIONS[name]
+    _assert_close(jax.jit(transform(_scalar(conv, stride)))(x, kernel), transform(_scalar(reference, stride))(x, kernel))
+    # The dense forward, or (differentiated, fused) the primitive its derivatives run, is in the
+    # function; a map over the kernel is XLA's batched convolution by design (`_vmap_rule`).
+    if not name.startswith("an ensemble"):
+        text = str(jax.make_jaxpr(transform(_scalar(conv, stride)))(x, kernel))
+        assert ("flax_mobilenet_channel_product" if k == 1 and fused else "flax_mobilenet_dense_conv") in text
+
+
 def test_vmap_of_batch_norm_reductions_equals_numpy_per_element():
     keys = jax.random.split(jax.random.key(4), 2)
     x = jax.random.normal(keys[0], (3, 2, 6, 5, 7), jnp.float64) * 2 + 1
@@ -196,12 +229,12 @@ MODEL_TRANSFORMATIONS = {
 def test_model_transformations_with_the_native_kernels_equal_xla_forms(name, monkeypatch):
     model, variables, images = _model()
     transform = MODEL_TRANSFORMATIONS[name]
-    for env in (depthwise.ENV_VAR, layers.BATCH_NORM_ENV):
+    for env in (depthwise.ENV_VAR, layers.BATCH_NORM_ENV, layers.DENSE_ENV):
         monkeypatch.setenv(env, "native")
     jitted = jax.jit(lambda v, x: transform(model, v, x))
     assert "flax_mobilenet_depthwise" in str(jax.make_jaxpr(jitted)(variables, images))
     got = jitted(variables, images)
-    for env in (depthwise.ENV_VAR, layers.BATCH_NORM_ENV):
+    for env in (depthwise.ENV_VAR, layers.BATCH_NORM_ENV, layers.DENSE_ENV):
         monkeypatch.setenv(env, "xla")
     want = jax.jit(lambda v, x: transform(model, v, x))(variables, images)
     # One relative error over all the parameters' results: some are zero but for rounding (the

@@ -267,6 +267,111 @@ void OuterRows(const T* x, const T* g, int64_t A, int64_t B, int64_t first, int6
   }
 }
 
+// ------------------------------------------------------------------ dense convolution (few input channels)
+
+// y[n, oh, ow, :] = sum_{i, j, c} x[n, oh*s - p + i, ow*s - p + j, c] * w[i, j, c, :], zero outside x:
+// a convolution with groups 1 whose patch (k*k*C values) is short, as the stem's 3x3 over 3 input
+// channels (27) or a 1x1 layer. XLA computes the stem by writing the patches out and multiplying
+// (bench/NOTES.md section 6), and BatchNorm reads each layer's output back in a pass of its own.
+// Here each output pixel's patch is gathered into a small buffer (or, for a 1x1 layer, read in
+// place), PB pixels x DB output channels are summed in registers over it, and eval-mode BatchNorm
+// and the activation can be applied as they are written (section 10). All of w is read for every
+// PB pixels: it has to stay in cache (flax_mobilenet.native.DENSE_NATIVE_MAX).
+struct DenseShape {
+  int64_t n, h, w, c;  // input
+  int64_t k, s, p;     // kernel size, stride, padding
+  int64_t ho, wo, d;   // output, d channels
+
+  int64_t Taps() const { return k * k * c; }
+  bool InPlace() const { return k == 1 && s == 1 && p == 0; }
+};
+
+constexpr int64_t kDensePixels = 8;    // pixels summed together: independent sums in flight
+constexpr int64_t kDenseTask = 256;    // pixels per task of the parallel loop
+
+// The patch of output pixel `pixel` (flattened n, oh, ow) into `out` (Taps() values, zero where
+// a tap lies in the padding), in w's (i, j, c) order.
+template <typename T>
+inline void GatherPatch(const DenseShape& d, const T* __restrict x, int64_t pixel, T* __restrict out) {
+  const int64_t ow = pixel % d.wo, oh = (pixel / d.wo) % d.ho, n = pixel / (d.wo * d.ho);
+  const int64_t ih0 = oh * d.s - d.p, iw0 = ow * d.s - d.p;
+  if (ih0 >= 0 && ih0 + d.k <= d.h && iw0 >= 0 && iw0 + d.k <= d.w) {
+    // Inside: each kernel row's taps are contiguous in x.
+    for (int64_t i = 0; i < d.k; ++i)
+      std::memcpy(out + i * d.k * d.c, x + ((n * d.h + ih0 + i) * d.w + iw0) * d.c, sizeof(T) * d.k * d.c);
+    return;
+  }
+  for (int64_t i = 0; i < d.k; ++i) {
+    const int64_t ih = oh * d.s - d.p + i;
+    for (int64_t j = 0; j < d.k; ++j) {
+      const int64_t iw = ow * d.s - d.p + j;
+      T* __restrict dst = out + (i * d.k + j) * d.c;
+      if (ih < 0 || ih >= d.h || iw < 0 || iw >= d.w) {
+        std::fill(dst, dst + d.c, T(0));
+      } else {
+        std::memcpy(dst, x + ((n * d.h + ih) * d.w + iw) * d.c, sizeof(T) * d.c);
+      }
+    }
+  }
+}
+
+// Output channels [d0, d0 + DB) of PB pixels whose patches lie `taps` apart from `patches`,
+// summed in registers (GCC's vector extension; wider tiles, as 2 x 16 floats a pixel, spilled
+// and ran 2-3x slower).
+template <int PB, int DB, typename T, typename S>
+inline void DenseTile(const T* __restrict patches, int64_t taps, const T* __restrict w, int64_t D, int64_t d0,
+                      T* __restrict y, const S& store) {
+  typedef T V __attribute__((vector_size(sizeof(T) * DB)));
+  V acc[PB];
+  for (int q = 0; q < PB; ++q) acc[q] = V{};
+  for (int64_t t = 0; t < taps; ++t) {
+    V wv;
+    std::memcpy(&wv, w + t * D + d0, sizeof(V));
+#pragma GCC unroll 8
+    for (int q = 0; q < PB; ++q) acc[q] += wv * patches[q * taps + t];
+  }
+  for (int q = 0; q < PB; ++q) {
+    T sums[DB];
+    std::memcpy(sums, &acc[q], sizeof(V));
+    store(y + q * D, sums, d0, DB);
+  }
+}
+
+// All output channels of PB pixels, 16 at a time, then 8, then one.
+template <int PB, typename T, typename S>
+inline void DensePixels(const T* patches, int64_t taps, const T* w, int64_t D, T* y, const S& store) {
+  int64_t d0 = 0;
+  for (; d0 + 16 <= D; d0 += 16) DenseTile<PB, 16>(patches, taps, w, D, d0, y, store);
+  for (; d0 + 8 <= D; d0 += 8) DenseTile<PB, 8>(patches, taps, w, D, d0, y, store);
+  for (; d0 < D; ++d0) DenseTile<PB, 1>(patches, taps, w, D, d0, y, store);
+}
+
+// Output pixels [first, last), PB at a time, then one at a time.
+template <typename T, typename S>
+void DenseRange(const DenseShape& d, const T* __restrict x, const T* __restrict w, T* __restrict y, int64_t first,
+                int64_t last, T* __restrict buffer, const S& store) {
+  const int64_t taps = d.Taps();
+  auto patches = [&](int64_t pixel, int64_t count) -> const T* {
+    if (d.InPlace()) return x + pixel * d.c;
+    for (int64_t q = 0; q < count; ++q) GatherPatch(d, x, pixel + q, buffer + q * taps);
+    return buffer;
+  };
+  int64_t pixel = first;
+  for (; pixel + kDensePixels <= last; pixel += kDensePixels)
+    DensePixels<kDensePixels>(patches(pixel, kDensePixels), taps, w, d.d, y + pixel * d.d, store);
+  for (; pixel < last; ++pixel) DensePixels<1>(patches(pixel, 1), taps, w, d.d, y + pixel * d.d, store);
+}
+
+template <typename T, typename S>
+void DenseForward(ffi::ThreadPool& pool, const DenseShape& d, const T* x, const T* w, T* y, const S& store) {
+  const int64_t pixels = d.n * d.ho * d.wo;
+  const int64_t tasks = (pixels + kDenseTask - 1) / kDenseTask;
+  ParallelFor(pool, tasks, [&](int64_t b) {
+    std::vector<T> buffer(d.InPlace() ? 0 : kDensePixels * d.Taps());
+    DenseRange(d, x, w, y, b * kDenseTask, std::min(pixels, (b + 1) * kDenseTask), buffer.data(), store);
+  });
+}
+
 // ------------------------------------------------------------------ FFI handlers
 
 // The layer's shape from the dimensions of its input side (x, or dx), its kernel (k, k, C) and
@@ -382,6 +487,49 @@ ffi::Error PixelOuter(ffi::ThreadPool pool, ffi::Buffer<DT, 2> x, ffi::Buffer<DT
   std::copy(partial.begin(), partial.begin() + A * B, o);
   for (int64_t b = 1; b < parts; ++b)
     for (int64_t t = 0; t < A * B; ++t) o[t] += partial[b * A * B + t];
+  return ffi::Error::Success();
+}
+
+// The dense convolution's shape from x (N, H, W, C), w (k, k, C, D) and y (N, Ho, Wo, D), checked.
+template <typename Dims>
+ffi::Error DenseLayerShape(Dims in, Dims kernel, Dims out, int64_t stride, int64_t padding, DenseShape* d) {
+  *d = DenseShape{in[0], in[1], in[2], in[3], kernel[0], stride, padding, out[1], out[2], kernel[3]};
+  if (d->k < 1 || d->s < 1 || d->p < 0 || d->ho < 1 || d->wo < 1 ||
+      d->ho != (d->h + 2 * d->p - d->k) / d->s + 1 || d->wo != (d->w + 2 * d->p - d->k) / d->s + 1)
+    return ffi::Error::InvalidArgument("dense convolution: inconsistent shapes, stride or padding");
+  if (kernel[1] != d->k || kernel[2] != d->c || out[0] != d->n || out[3] != d->d)
+    return ffi::Error::InvalidArgument("dense convolution: kernel (k, k, C, D) or output (N, Ho, Wo, D) does not match the input");
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType DT>
+ffi::Error DenseConv(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT, 4> w, ffi::ResultBuffer<DT, 4> y,
+                     int64_t stride, int64_t padding) {
+  DenseShape d;
+  if (auto e = DenseLayerShape(x.dimensions(), w.dimensions(), y->dimensions(), stride, padding, &d); e.failure()) return e;
+  DenseForward(pool, d, x.typed_data(), w.typed_data(), y->typed_data(), Store<ffi::NativeType<DT>>{});
+  return ffi::Error::Success();
+}
+
+// The dense convolution with eval-mode BatchNorm and its activation applied as each output is written.
+template <ffi::DataType DT>
+ffi::Error DenseConvAffine(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT, 4> w, ffi::Buffer<DT, 1> mul,
+                           ffi::Buffer<DT, 1> add, ffi::ResultBuffer<DT, 4> y, int64_t stride, int64_t padding,
+                           int64_t activation) {
+  using T = ffi::NativeType<DT>;
+  DenseShape d;
+  if (auto e = DenseLayerShape(x.dimensions(), w.dimensions(), y->dimensions(), stride, padding, &d); e.failure()) return e;
+  if (mul.dimensions()[0] != d.d || add.dimensions()[0] != d.d)
+    return ffi::Error::InvalidArgument("dense convolution: BatchNorm's multiply and add need one value per output channel");
+  auto run = [&](auto store) { DenseForward(pool, d, x.typed_data(), w.typed_data(), y->typed_data(), store); };
+  const T* m = mul.typed_data();
+  const T* a = add.typed_data();
+  switch (activation) {
+    case 0: run(StoreAffine<0, T>{m, a}); break;
+    case 1: run(StoreAffine<1, T>{m, a}); break;
+    case 2: run(StoreAffine<2, T>{m, a}); break;
+    default: return ffi::Error::InvalidArgument("dense convolution: unknown activation code");
+  }
   return ffi::Error::Success();
 }
 
@@ -594,6 +742,30 @@ FLAX_MOBILENET_POINTWISE_HANDLERS(F64, ffi::F64)
 
 FLAX_MOBILENET_DEPTHWISE_HANDLERS(F32, ffi::F32)
 FLAX_MOBILENET_DEPTHWISE_HANDLERS(F64, ffi::F64)
+
+#define FLAX_MOBILENET_DENSE_HANDLERS(SUFFIX, DT)                                                           \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(DenseConv##SUFFIX, DenseConv<DT>,                                            \
+                                ffi::Ffi::Bind()                                                           \
+                                    .Ctx<ffi::ThreadPool>()                                                \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Ret<ffi::BufferR4<DT>>()                                             \
+                                    .Attr<int64_t>("stride")                                               \
+                                    .Attr<int64_t>("padding"));                                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(DenseConvAffine##SUFFIX, DenseConvAffine<DT>,                                \
+                                ffi::Ffi::Bind()                                                           \
+                                    .Ctx<ffi::ThreadPool>()                                                \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR1<DT>>()                                             \
+                                    .Arg<ffi::BufferR1<DT>>()                                             \
+                                    .Ret<ffi::BufferR4<DT>>()                                             \
+                                    .Attr<int64_t>("stride")                                               \
+                                    .Attr<int64_t>("padding")                                              \
+                                    .Attr<int64_t>("activation"));
+
+FLAX_MOBILENET_DENSE_HANDLERS(F32, ffi::F32)
+FLAX_MOBILENET_DENSE_HANDLERS(F64, ffi::F64)
 
 #define FLAX_MOBILENET_BATCH_NORM_HANDLERS(SUFFIX, DT)                                                       \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormBackwardSums##SUFFIX, BackwardSums<DT>,                            \
