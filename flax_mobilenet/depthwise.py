@@ -60,10 +60,9 @@ def depthwise_conv2d_affine(x, kernel, stride: int, padding: int, mul, add, acti
     so no pass reads the convolution's output back; the other forms compose the same operations."""
     if implementation() == "native" and native.supports(x, kernel, mul, add) and native.available():
         return native.forward_affine(x, kernel[:, :, 0, :], mul, add, _native_out_hw(x, kernel, stride, padding), stride, padding, activation)
-    from flax_mobilenet.layers import ACTIVATIONS  # layers imports this module
+    from flax_mobilenet.layers import with_affine  # layers imports this module
 
-    y = depthwise_conv2d(x, kernel, stride, padding) * mul + add
-    return y if activation is None else ACTIVATIONS[activation](y)
+    return with_affine(depthwise_conv2d(x, kernel, stride, padding), mul, add, activation)
 
 
 def xla_depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:

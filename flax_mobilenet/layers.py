@@ -54,8 +54,11 @@ def dense_convolutions(backend: str | None = None) -> str:
     return native.choose(DENSE_ENV, ("native", "xla"), {"cpu": "native"}, backend)
 
 
-def _native_dense(*arrays) -> bool:
-    return dense_convolutions() == "native" and native.supports(*arrays) and native.available()
+def _native_dense(x, kernel, *affine) -> bool:
+    """Whether the native dense kernel runs this layer: chosen, small enough a kernel for it to
+    pay (`native.DENSE_NATIVE_MAX`), one dtype it takes."""
+    return (dense_convolutions() == "native" and kernel.size <= native.DENSE_NATIVE_MAX
+            and native.supports(x, kernel, *affine) and native.available())  # fmt: skip
 
 
 def with_affine(y: jax.Array, mul: jax.Array, add: jax.Array, activation: str | None) -> jax.Array:
@@ -234,7 +237,7 @@ class PointwiseConv(nn.Module):
         if affine is None:
             return pointwise_conv(x, kernel.reshape(channels, self.features))
         mul, add = (a.astype(x.dtype) for a in affine)
-        if kernel.size <= native.DENSE_NATIVE_MAX and _native_dense(x, kernel, mul, add):
+        if _native_dense(x, kernel, mul, add):
             return native.dense_conv_affine(x, kernel, mul, add, 1, 0, activation)
         return with_affine(pointwise_conv(x, kernel.reshape(channels, self.features)), mul, add, activation)
 

@@ -45,7 +45,7 @@ DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
 # The handlers in kernels.cc, each defined for every dtype (symbol: op + suffix).
 OPS = ("DepthwiseForward", "DepthwiseForwardAffine", "DepthwiseInputGrad", "DepthwiseKernelGrad", "PointwiseKernelGrad", "DenseConv", "DenseConvAffine", "BatchNormStatistics", "BatchNormBackwardSums")
 # The activations the kernels know, by code (kernels.cc: BatchNorm's backward reads its mask off
-# its output, the depthwise forward applies it after eval-mode BatchNorm).
+# its output, the depthwise forward and the dense convolution apply it after eval-mode BatchNorm).
 ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
 
@@ -364,11 +364,13 @@ def _statistics_partitioned():
 # - jit: lowered on the CPU to the custom_partitioning forms above; elsewhere, and for jax.export,
 #   to XLA's own operations;
 # - vmap: the mapped axis is folded into the kernel's images where the other operands are shared,
-#   else into its channels (every kernel treats channels independently), so one call runs the map;
+#   else into its channels where the kernel treats channels independently (all but the dense
+#   convolution, whose other maps are XLA's batched convolution), so one call runs the map;
 # - autodiff: the three depthwise kernels are bilinear, and each one's transposes are the other
 #   two, being the partial derivatives of one trilinear form <forward(x, taps), g>: forward mode,
-#   reverse mode and higher derivatives all run the kernels. BatchNorm's kernels take XLA's
-#   tangents (`_portable_jvp`).
+#   reverse mode and higher derivatives all run the kernels. The dense convolution's transposes
+#   are XLA's patches with the 1x1 primitives. The fused (eval BatchNorm) kernels differentiate
+#   as their unfused forms (`_unfused_jvp`); BatchNorm's kernels take XLA's tangents (`_portable_jvp`).
 
 
 def _primitive(name: str, impl, portable, abstract_eval, batch_rule, multiple_results: bool = False):
@@ -495,14 +497,23 @@ _kernel_grad_p = _primitive(
 # The forward with eval-mode BatchNorm's multiply-add and its activation applied as each output is
 # written. Inference only runs the fused kernel: its JVP (so every derivative, and the transposes)
 # is the unfused form's, in which the forward is the primitive above.
-def _unfused_affine(forward_fn):
-    def apply(x, taps, mul, add, *, out_hw, stride, padding, activation):
-        from flax_mobilenet.layers import ACTIVATIONS
+def _unfused_affine(linear):
+    """A fused kernel's function in separate operations: activation(linear(x, w) * mul + add)."""
 
-        y = forward_fn(x, taps, out_hw=out_hw, stride=stride, padding=padding) * mul + add
-        return y if activation is None else ACTIVATIONS[activation](y)
+    def apply(x, w, mul, add, *, activation, **params):
+        from flax_mobilenet.layers import with_affine  # layers imports this module
+
+        return with_affine(linear(x, w, **params), mul, add, activation)
 
     return apply
+
+
+def _unfused_jvp(primitive, unfused):
+    """The fused `primitive`'s JVP rule: `unfused`'s JVP (value and tangent), so that every
+    derivative, and the transposes, run the unfused form's kernels."""
+    ad.primitive_jvps[primitive] = lambda primals, tangents, **params: jax.jvp(
+        functools.partial(unfused, **params), tuple(primals), tuple(map(ad.instantiate_zeros, tangents))
+    )
 
 
 _forward_affine_p = _primitive(
@@ -514,9 +525,7 @@ _forward_affine_p = _primitive(
     lambda x, taps, mul, add, *, out_hw, stride, padding, activation: _activation_aval(x, out_hw),
     _image_batch_rule,
 )
-ad.primitive_jvps[_forward_affine_p] = lambda primals, tangents, **params: jax.jvp(
-    functools.partial(_unfused_affine(_forward_p.bind), **params), tuple(primals), tuple(map(ad.instantiate_zeros, tangents))
-)
+_unfused_jvp(_forward_affine_p, _unfused_affine(_forward_p.bind))
 
 
 def forward(x: jax.Array, taps: jax.Array, out_hw: tuple[int, int], stride: int, padding: int) -> jax.Array:
@@ -791,28 +800,16 @@ def _dense_kernel_transpose(ct, x, w, *, stride, padding):
 ad.defbilinear(_dense_p, _dense_input_transpose, _dense_kernel_transpose)
 
 
-def _unfused_dense_affine(linear):
-    def apply(x, w, mul, add, *, stride, padding, activation):
-        from flax_mobilenet.layers import ACTIVATIONS
-
-        y = linear(x, w, stride=stride, padding=padding) * mul + add
-        return y if activation is None else ACTIVATIONS[activation](y)
-
-    return apply
-
-
 _dense_affine_p = _primitive(
     "dense_conv_affine",
     lambda x, w, mul, add, *, stride, padding, activation: _dense_run(
         "DenseAffine", x, w, mul, add, stride=stride, padding=padding, attrs=(("activation", ACTIVATION_CODES[activation]),)
     ),
-    _unfused_dense_affine(_xla_dense),
+    _unfused_affine(_xla_dense),
     lambda x, w, mul, add, *, stride, padding, activation: _dense_aval(x, w, stride, padding),
-    functools.partial(_image_batch_rule, otherwise=_vmap_rule(_unfused_dense_affine(_xla_dense))),
+    functools.partial(_image_batch_rule, otherwise=_vmap_rule(_unfused_affine(_xla_dense))),
 )
-ad.primitive_jvps[_dense_affine_p] = lambda primals, tangents, **params: jax.jvp(
-    functools.partial(_unfused_dense_affine(_dense_linear), **params), tuple(primals), tuple(map(ad.instantiate_zeros, tangents))
-)
+_unfused_jvp(_dense_affine_p, _unfused_affine(_dense_linear))
 
 
 def dense_conv(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:

@@ -126,6 +126,18 @@ struct StoreAffine {
   }
 };
 
+// run(StoreAffine<ACT>) for the activation's code (`unknown`: the error for any other code).
+template <typename T, typename Run>
+ffi::Error RunAffine(int64_t activation, const T* mul, const T* add, const char* unknown, Run&& run) {
+  switch (activation) {
+    case 0: run(StoreAffine<0, T>{mul, add}); break;
+    case 1: run(StoreAffine<1, T>{mul, add}); break;
+    case 2: run(StoreAffine<2, T>{mul, add}); break;
+    default: return ffi::Error::InvalidArgument(unknown);
+  }
+  return ffi::Error::Success();
+}
+
 // y[n, oh, ow, c] = sum_{i, j} x[n, oh*s - p + i, ow*s - p + j, c] * k[i, j, c], taps in row-major
 // order (as the "shifted" form adds them), for one output row (n, oh).
 template <typename T, typename S>
@@ -418,16 +430,9 @@ ffi::Error ForwardAffine(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer
   const auto* xp = x.typed_data();
   const auto* kp = k.typed_data();
   auto* yp = y->typed_data();
-  auto run = [&](auto store) { ParallelFor(pool, d.n * d.ho, [&](int64_t row) { ForwardRow(d, xp, kp, yp, row, store); }); };
-  const T* m = mul.typed_data();
-  const T* a = add.typed_data();
-  switch (activation) {
-    case 0: run(StoreAffine<0, T>{m, a}); break;
-    case 1: run(StoreAffine<1, T>{m, a}); break;
-    case 2: run(StoreAffine<2, T>{m, a}); break;
-    default: return ffi::Error::InvalidArgument("depthwise forward: unknown activation code");
-  }
-  return ffi::Error::Success();
+  return RunAffine<T>(activation, mul.typed_data(), add.typed_data(), "depthwise forward: unknown activation code", [&](auto store) {
+    ParallelFor(pool, d.n * d.ho, [&](int64_t row) { ForwardRow(d, xp, kp, yp, row, store); });
+  });
 }
 
 template <ffi::DataType DT>
@@ -521,16 +526,8 @@ ffi::Error DenseConvAffine(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buff
   if (auto e = DenseLayerShape(x.dimensions(), w.dimensions(), y->dimensions(), stride, padding, &d); e.failure()) return e;
   if (mul.dimensions()[0] != d.d || add.dimensions()[0] != d.d)
     return ffi::Error::InvalidArgument("dense convolution: BatchNorm's multiply and add need one value per output channel");
-  auto run = [&](auto store) { DenseForward(pool, d, x.typed_data(), w.typed_data(), y->typed_data(), store); };
-  const T* m = mul.typed_data();
-  const T* a = add.typed_data();
-  switch (activation) {
-    case 0: run(StoreAffine<0, T>{m, a}); break;
-    case 1: run(StoreAffine<1, T>{m, a}); break;
-    case 2: run(StoreAffine<2, T>{m, a}); break;
-    default: return ffi::Error::InvalidArgument("dense convolution: unknown activation code");
-  }
-  return ffi::Error::Success();
+  return RunAffine<T>(activation, mul.typed_data(), add.typed_data(), "dense convolution: unknown activation code",
+                      [&](auto store) { DenseForward(pool, d, x.typed_data(), w.typed_data(), y->typed_data(), store); });
 }
 
 // ------------------------------------------------------------------ BatchNorm's backward sums
