@@ -80,7 +80,10 @@ def batch_norm_train(x, scale, bias, epsilon: float, activation: str | None, dty
     standard BatchNorm backward, as PyTorch's): autodiff would keep the centred input and the
     pre-activation as residuals, i.e. write two more activation-sized arrays per layer and read
     them back; this keeps only x and the output, and recomputes the rest inside the fused passes.
-    The statistics and the backward's two sums run where `batch_norm_reductions()` says.
+    Where `batch_norm_reductions()` says native (float32 or float64 on the CPU), all four passes
+    are native kernels (statistics, normalisation, the backward's sums and input gradient) and
+    the backward recomputes the activation's mask from x with the forward's own expression, so it
+    keeps and reads x alone: the output is not read back (bench/NOTES.md section 11).
     """
     return _bn_fwd(x, scale, bias, epsilon, activation, dtype)[0]
 
@@ -97,6 +100,16 @@ def _statistics_xla(x32):
     return mean, jnp.square(x32 - mean).mean(axes)
 
 
+def _pre_activation(x32, mean, mul, bias):
+    """(x - mean) * mul + bias, mul = scale / std: BatchNorm's output before the activation."""
+    return (x32 - mean) * mul + bias
+
+
+def _normalise(x32, mean, mul, bias, activation):
+    y = _pre_activation(x32, mean, mul, bias)
+    return ACTIVATIONS[activation](y) if activation else y
+
+
 def _bn_fwd(x, scale, bias, epsilon, activation, dtype):
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean, var = (native.batch_norm_statistics if _native_reductions(x) else _statistics_xla)(x32)
@@ -104,10 +117,16 @@ def _bn_fwd(x, scale, bias, epsilon, activation, dtype):
     # batch mean subtracts two large sums, and measured 100x less accurate than PyTorch's against
     # float64 (1.6e-3 against 1.5e-5, V1 at 64 px, batch 16).
     rstd = jax.lax.rsqrt(var + epsilon)
-    y = ((x32 - mean) * (scale * rstd) + bias).astype(dtype)
+    mul, shift = (scale * rstd).astype(mean.dtype), bias.astype(mean.dtype)
+    if x.dtype == dtype and _native_reductions(x, mean, mul, shift):
+        # The native passes keep x alone as the residual: the backward recomputes the activation's
+        # mask from it (`native.batch_norm_normalise`), so y is neither kept for nor read by it.
+        y = native.batch_norm_normalise(x, mean, mul, shift, activation)
+        return (y, mean, var), (x, None, scale, shift, mean, rstd, mul)
+    y = _pre_activation(x32, mean, mul, shift).astype(dtype)
     if activation is not None:
         y = ACTIVATIONS[activation](y)
-    return (y, mean, var), (x, y, scale, mean, rstd)
+    return (y, mean, var), (x, y, scale, shift, mean, rstd, mul)
 
 
 def _passed(g, y, activation):
@@ -122,20 +141,42 @@ def _backward_sums_xla(g, y, x, mean, activation):
     return kept.sum(axes), (kept * (x - mean)).sum(axes)
 
 
+def _backward_sums_from_input(g, x, mean, mul, bias, activation):
+    """`_backward_sums_xla` with the activation's mask recomputed from x (the native kernel's form)."""
+    return _backward_sums_xla(g, _normalise(x, mean, mul, bias, activation), x, mean, activation)
+
+
+def _input_grad(g_passed, centred, mul, rstd, g_bias, g_scale, g_mean, g_var):
+    """The standard BatchNorm input gradient from the per-channel terms (each already over n):
+    mul * (g' - sum(g')/n - xhat * sum(g' xhat)/n) plus the batch statistics' own cotangents."""
+    return mul * (g_passed - g_bias - centred * rstd * g_scale) + (g_mean + g_var * centred)
+
+
+def _backward_input(g, x, terms, activation):
+    """`native.batch_norm_backward_input` in XLA's operations (its portable form)."""
+    mean, mul, bias, rstd, *rest = terms
+    g_passed = _passed(g, _normalise(x, mean, mul, bias, activation), activation)
+    return _input_grad(g_passed, x - mean, mul, rstd, *rest)
+
+
 def _bn_bwd(epsilon, activation, dtype, residuals, cotangents):
-    x, y, scale, mean, rstd = residuals
+    x, y, scale, bias, mean, rstd, mul = residuals
     g, g_mean, g_var = cotangents
     count = x.size // x.shape[-1]
+    if y is None:  # the native passes (see _bn_fwd)
+        g_bias, g_centred = native.batch_norm_backward_sums(g, x, mean, mul, bias, activation)
+        g_scale = g_centred * rstd
+        terms = jnp.stack([mean, mul, bias, rstd, g_bias / count, g_scale / count, g_mean / count, g_var * (2.0 / count)])
+        dx = native.batch_norm_backward_input(g, x, terms, activation)
+        return dx, g_scale.astype(scale.dtype), g_bias.astype(scale.dtype)
     x32 = x.astype(mean.dtype)
     g32 = g.astype(mean.dtype)
-    sums = native.batch_norm_backward_sums if _native_reductions(g, y, x, mean) else _backward_sums_xla
-    g_bias, g_centred = sums(g32, y, x32, mean, activation)
+    g_bias, g_centred = _backward_sums_xla(g32, y, x32, mean, activation)
     g_scale = g_centred * rstd
-    xhat = (x32 - mean) * rstd
-    dx = (scale * rstd) * (_passed(g32, y, activation) - g_bias / count - xhat * (g_scale / count))
     # The batch statistics are outputs too (for the running averages): their cotangents, zero in
     # training, are added for exactness.
-    dx = dx + g_mean / count + g_var * (2.0 / count) * (x32 - mean)
+    dx = _input_grad(_passed(g32, y, activation), x32 - mean, mul, rstd, g_bias / count, g_scale / count,
+                     g_mean / count, g_var * (2.0 / count))  # fmt: skip
     return dx.astype(x.dtype), g_scale.astype(scale.dtype), g_bias.astype(scale.dtype)
 
 

@@ -222,16 +222,28 @@ statistics = jax.jit(batch_norm_statistics)
 assert "all-gather" not in statistics.lower(shard(x_spread)).compile().as_text(), "BatchNorm's statistics gathered x"
 for a, b in zip(statistics(shard(x_spread)), (np.mean(x_spread, (0, 1, 2)), np.var(x_spread, (0, 1, 2)))):
     assert np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b) < 1e-6
-g, y = jax.random.normal(jax.random.key(2), x.shape), jax.nn.relu6(3 * x)
-mean = x.mean((0, 1, 2))
+g = jax.random.normal(jax.random.key(2), x.shape)
+mean, mul, bias = x.mean((0, 1, 2)), jnp.linspace(1.0, 4.0, 24), jnp.linspace(-1.0, 3.0, 24)
+from flax_mobilenet.native import batch_norm_backward_input, batch_norm_normalise
+normalise = jax.jit(lambda x: batch_norm_normalise(x, mean, mul, bias, "relu6"))
+assert "all-gather" not in normalise.lower(shard(x)).compile().as_text(), "BatchNorm's normalisation gathered x"
+y = np.asarray(normalise(shard(x)))
+want = np.clip((np.asarray(x) - np.asarray(mean)) * np.asarray(mul) + np.asarray(bias), 0, 6)
+assert np.linalg.norm(y - want) / np.linalg.norm(want) < 1e-6
 sums = jax.jit(lambda *a: batch_norm_backward_sums(*a, "relu6"))
-hlo = sums.lower(shard(g), shard(y), shard(x), mean).compile().as_text()
+hlo = sums.lower(shard(g), shard(x), mean, mul, bias).compile().as_text()
 assert "all-gather" not in hlo, "BatchNorm's sums gathered their operands"
-got = sums(shard(g), shard(y), shard(x), mean)
-kept = np.where((np.asarray(y) > 0) & (np.asarray(y) < 6), np.asarray(g), 0)
+got = sums(shard(g), shard(x), mean, mul, bias)
+kept = np.where((y > 0) & (y < 6), np.asarray(g), 0)
 want = (kept.sum((0, 1, 2)), (kept * (np.asarray(x) - np.asarray(mean))).sum((0, 1, 2)))
 for a, b in zip(got, want):
     assert np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b) < 1e-6
+terms = jax.random.uniform(jax.random.key(5), (8, 24)).at[:3].set(jnp.stack([mean, mul, bias]))
+backward_input = jax.jit(lambda g, x: batch_norm_backward_input(g, x, terms, "relu6"))
+assert "all-gather" not in backward_input.lower(shard(g), shard(x)).compile().as_text(), "BatchNorm's input gradient gathered"
+t, c = np.asarray(terms), np.asarray(x) - np.asarray(mean)
+want = t[1] * (kept - t[4] - c * t[3] * t[5]) + (t[6] + t[7] * c)
+assert np.linalg.norm(np.asarray(backward_input(shard(g), shard(x))) - want) / np.linalg.norm(want) < 1e-6
 from flax_mobilenet.layers import pointwise_conv
 pw = jax.random.normal(jax.random.key(3), (24, 16))
 pw_step = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(pointwise_conv(x, w))), (0, 1)))
@@ -290,42 +302,62 @@ def test_a_jaxlib_older_than_tested_is_one_clear_error(monkeypatch):
         native._build()
 
 
-# float64: the kernel sums the same terms in another order (runs of rows, then blocks in double),
-# so float64 rounding only; 1e-12 as above. Each activation's mask is exercised at both ends.
+def _batch_norm_operands(dtype, shape=(3, 9, 7, 85), seed=4):
+    """x, a cotangent g, and per-channel mean, mul (= scale / std) and bias that put the
+    pre-activation (x - mean) * mul + bias on both sides of 0 and of 6."""
+    keys = jax.random.split(jax.random.key(seed), 2)
+    x = jax.random.normal(keys[0], shape, dtype)
+    channels = shape[-1]
+    mean = x.mean((0, 1, 2)) + 0.1
+    return x, jax.random.normal(keys[1], shape, dtype), mean, jnp.linspace(1.0, 6.0, channels, dtype=dtype), jnp.linspace(-1.0, 4.0, channels, dtype=dtype)
+
+
+def _numpy_passes(pre, activation):
+    return {None: np.ones(pre.shape, bool), "relu": pre > 0, "relu6": (pre > 0) & (pre < 6)}[activation]
+
+
+# Training-mode BatchNorm's passes (layers.batch_norm_train on the CPU). float64: the same
+# arithmetic as numpy's up to the multiply-add's single rounding and the sums' order: float64
+# rounding, 1e-12 as above. The mask is recomputed from x, the same pre-activation as numpy's
+# (a value within float64 rounding of 0 or 6 has probability ~1e-16 here).
 @pytest.mark.parametrize("activation", [None, "relu", "relu6"])
-def test_batch_norm_backward_sums_equal_numpy_in_float64(activation):
+def test_batch_norm_passes_equal_numpy_in_float64(activation):
     with jax.enable_x64(True):
-        keys = jax.random.split(jax.random.key(4), 3)
-        x = jax.random.normal(keys[0], (3, 9, 7, 85), jnp.float64)
-        g = jax.random.normal(keys[1], x.shape, jnp.float64)
-        y = {None: x, "relu": jax.nn.relu(x), "relu6": jax.nn.relu6(4 * x)}[activation]
-        mean = x.mean((0, 1, 2)) + 0.1
-        got = jax.jit(native.batch_norm_backward_sums, static_argnums=4)(g, y, x, mean, activation)
-        yn = np.asarray(y)
-        passes = {None: np.ones(yn.shape, bool), "relu": yn > 0, "relu6": (yn > 0) & (yn < 6)}[activation]
-        kept = np.where(passes, np.asarray(g), 0)
-        want = (kept.sum((0, 1, 2)), (kept * (np.asarray(x) - np.asarray(mean))).sum((0, 1, 2)))
+        x, g, mean, mul, bias = _batch_norm_operands(jnp.float64)
+        xn, gn, mn, un, bn = (np.asarray(a) for a in (x, g, mean, mul, bias))
+        pre = (xn - mn) * un + bn
+        passes = _numpy_passes(pre, activation)
+        y = jax.jit(native.batch_norm_normalise, static_argnums=4)(x, mean, mul, bias, activation)
+        want_y = {None: pre, "relu": np.maximum(pre, 0), "relu6": np.clip(pre, 0, 6)}[activation]
+        assert y.dtype == jnp.float64 and np.linalg.norm(np.asarray(y) - want_y) / np.linalg.norm(want_y) < 1e-12
+        got = jax.jit(native.batch_norm_backward_sums, static_argnums=5)(g, x, mean, mul, bias, activation)
+        kept = np.where(passes, gn, 0)
+        want = (kept.sum((0, 1, 2)), (kept * (xn - mn)).sum((0, 1, 2)))
         for a, b in zip(got, want):
             assert a.dtype == jnp.float64
             assert np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b) < 1e-12
+        terms = jax.random.normal(jax.random.key(9), (8, x.shape[-1]), jnp.float64).at[:3].set(jnp.stack([mean, mul, bias]))
+        t = np.asarray(terms)
+        dx = jax.jit(native.batch_norm_backward_input, static_argnums=3)(g, x, terms, activation)
+        want = t[1] * (kept - t[4] - (xn - mn) * t[3] * t[5]) + (t[6] + t[7] * (xn - mn))
+        assert np.linalg.norm(np.asarray(dx) - want) / np.linalg.norm(want) < 1e-12
 
 
 def test_batch_norm_backward_sums_in_float32_are_close_to_float64_and_the_same_bits_on_every_run():
     # 12,544 rows: 32 blocks of runs of 64 rows, shared out to XLA's threads as they come free but
     # added in an order fixed by the shape. Each float32 run sums 64 terms, then the runs and
     # blocks add in double: float32 rounding of a 64-term sum, well under FP32 1e-6 (as in
-    # test_depthwise.py) in relative L2.
-    keys = jax.random.split(jax.random.key(5), 2)
-    x = jax.random.normal(keys[0], (16, 28, 28, 40))
-    g = jax.random.normal(keys[1], x.shape)
-    y = jax.nn.relu6(3 * x)
-    mean = x.mean((0, 1, 2))
-    sums = jax.jit(native.batch_norm_backward_sums, static_argnums=4)
-    first = [np.asarray(a) for a in sums(g, y, x, mean, "relu6")]
+    # test_depthwise.py) in relative L2. The mask is the one of the kernel's own output (the
+    # normalisation's): the sums pass the gradient exactly where the forward's output is not
+    # clipped, to the last bit of the pre-activation.
+    x, g, mean, mul, bias = _batch_norm_operands(jnp.float32, (16, 28, 28, 40), seed=5)
+    sums = jax.jit(native.batch_norm_backward_sums, static_argnums=5)
+    first = [np.asarray(a) for a in sums(g, x, mean, mul, bias, "relu6")]
     for _ in range(5):
-        assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(first, sums(g, y, x, mean, "relu6")))
-    xn, gn, yn = (np.asarray(a, np.float64) for a in (x, g, y))
-    kept = np.where((yn > 0) & (yn < 6), gn, 0)
+        assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(first, sums(g, x, mean, mul, bias, "relu6")))
+    y = np.asarray(native.batch_norm_normalise(x, mean, mul, bias, "relu6"))
+    xn, gn = (np.asarray(a, np.float64) for a in (x, g))
+    kept = np.where((y > 0) & (y < 6), gn, 0)
     want = (kept.sum((0, 1, 2)), (kept * (xn - np.asarray(mean, np.float64))).sum((0, 1, 2)))
     for a, b in zip(first, want):
         assert a.dtype == np.float32
@@ -357,7 +389,10 @@ def test_batch_norm_statistics_equal_numpy(shape, dtype):
                 assert np.max(np.abs(np.asarray(a, np.float64) - b) / np.abs(b)) < bound
 
 
-def test_batch_norm_backward_sums_refuse_mixed_dtypes():
-    x = jnp.ones((1, 2, 2, 3), jnp.bfloat16)
+def test_batch_norm_passes_refuse_mixed_dtypes_and_unknown_activations():
+    x, c = jnp.ones((1, 2, 2, 3), jnp.bfloat16), jnp.zeros(3, jnp.float32)
     with pytest.raises(TypeError, match="one dtype among"):
-        native.batch_norm_backward_sums(x, x, x, jnp.zeros(3, jnp.float32), "relu6")
+        native.batch_norm_backward_sums(x, x, c, c, c, "relu6")
+    x = x.astype(jnp.float32)
+    with pytest.raises(ValueError, match=r"^activation 'gelu': expected one of \[None, 'relu', 'relu6'\]$"):
+        native.batch_norm_normalise(x, c, c, c, "gelu")

@@ -169,18 +169,30 @@ def test_each_transformation_of_the_dense_convolution_equals_the_same_of_xla_con
         assert ("flax_mobilenet_channel_product" if k == 1 and fused else "flax_mobilenet_dense_conv") in text
 
 
-def test_vmap_of_batch_norm_reductions_equals_numpy_per_element():
+def test_vmap_of_batch_norm_passes_equals_numpy_per_element():
     keys = jax.random.split(jax.random.key(4), 2)
     x = jax.random.normal(keys[0], (3, 2, 6, 5, 7), jnp.float64) * 2 + 1
-    g, y = jax.random.normal(keys[1], x.shape, jnp.float64), jax.nn.relu6(3 * x)
+    g = jax.random.normal(keys[1], x.shape, jnp.float64)
     mean, var = jax.jit(jax.vmap(native.batch_norm_statistics))(x)
     _assert_close((mean, var), (x.mean((1, 2, 3)), x.var((1, 2, 3))))
+    mul, bias = jnp.linspace(1.0, 3.0, 7), jnp.linspace(-1.0, 4.0, 7)
     # The mean shared by the mapped elements (unmapped), and mapped.
     for mean_axis, m in [(None, mean[0]), (0, mean)]:
-        sums = jax.jit(jax.vmap(lambda g, y, x, m: native.batch_norm_backward_sums(g, y, x, m, "relu6"), (0, 0, 0, mean_axis)))(g, y, x, m)
-        kept = np.where((np.asarray(y) > 0) & (np.asarray(y) < 6), np.asarray(g), 0)
         centred = np.asarray(x) - (np.asarray(m) if mean_axis is None else np.asarray(m)[:, None, None, None])
+        pre = centred * np.asarray(mul) + np.asarray(bias)
+        y = jax.jit(jax.vmap(lambda x, m: native.batch_norm_normalise(x, m, mul, bias, "relu6"), (0, mean_axis)))(x, m)
+        _assert_close(y, np.clip(pre, 0, 6))
+        sums = jax.jit(jax.vmap(lambda g, x, m: native.batch_norm_backward_sums(g, x, m, mul, bias, "relu6"), (0, 0, mean_axis)))(g, x, m)
+        kept = np.where((pre > 0) & (pre < 6), np.asarray(g), 0)
         _assert_close(sums, (kept.sum((1, 2, 3)), (kept * centred).sum((1, 2, 3))))
+        # The input gradient's terms (8, C): mean, mul, bias, then rstd and the four sums' terms.
+        lead = m.shape[:-1]
+        rest = jnp.linspace(0.5, 2.0, 5)[:, None] * jnp.ones(7)
+        terms = jnp.concatenate([m[..., None, :], jnp.broadcast_to(jnp.stack([mul, bias]), (*lead, 2, 7)), jnp.broadcast_to(rest, (*lead, 5, 7))], -2)
+        dx = jax.jit(jax.vmap(lambda g, x, t: native.batch_norm_backward_input(g, x, t, "relu6"), (0, 0, mean_axis)))(g, x, terms)
+        t = np.asarray(terms) if lead else np.asarray(terms)[None]
+        col = lambda i: t[:, i, None, None, None, :]  # noqa: E731
+        _assert_close(dx, col(1) * (kept - col(4) - centred * col(3) * col(5)) + (col(6) + col(7) * centred))
 
 
 # The whole model, MobileNetV2 (width 0.25, 32 px, 10 classes) in float64: the transformations

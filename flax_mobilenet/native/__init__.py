@@ -43,7 +43,7 @@ CACHE_ENV = "FLAX_MOBILENET_CACHE"
 # The dtypes with a kernel, and the suffix of their handlers' symbols in kernels.cc.
 DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
 # The handlers in kernels.cc, each defined for every dtype (symbol: op + suffix).
-OPS = ("DepthwiseForward", "DepthwiseForwardAffine", "DepthwiseInputGrad", "DepthwiseKernelGrad", "PointwiseKernelGrad", "DenseConv", "DenseConvAffine", "BatchNormStatistics", "BatchNormBackwardSums")
+OPS = ("DepthwiseForward", "DepthwiseForwardAffine", "DepthwiseInputGrad", "DepthwiseKernelGrad", "PointwiseKernelGrad", "DenseConv", "DenseConvAffine", "BatchNormStatistics", "BatchNormBackwardSums", "BatchNormNormalise", "BatchNormBackwardInput")
 # The activations the kernels know, by code (kernels.cc: BatchNorm's backward reads its mask off
 # its output, the depthwise forward and the dense convolution apply it after eval-mode BatchNorm).
 ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
@@ -163,6 +163,11 @@ def _check(*operands) -> None:
         raise RuntimeError(f"the native kernels are not available: {problem}")
     if not supports(*operands):
         raise TypeError(f"native kernels take one dtype among {sorted(map(str, DTYPES))}, got {[str(a.dtype) for a in operands]}")
+
+
+def _check_activation(activation) -> None:
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation {activation!r}: expected one of {list(ACTIVATION_CODES)}")
 
 
 def _kernel(op: str, operands, *shapes):
@@ -296,10 +301,10 @@ def _partitioned():
 # ----------------------------------------------------------------------------- BatchNorm
 
 
-def _backward_sums_run(g, y, x, mean, activation):
+def _backward_sums_run(g, x, mean, mul, bias, activation):
     channels = x.shape[-1:]
-    call = _kernel("BatchNormBackwardSums", (g, y, x, mean), channels, channels)
-    return call(g, y, x, mean, activation=np.int64(ACTIVATION_CODES[activation]))
+    call = _kernel("BatchNormBackwardSums", (g, x, mean, mul, bias), channels, channels)
+    return call(g, x, mean, mul, bias, activation=np.int64(ACTIVATION_CODES[activation]))
 
 
 @functools.cache
@@ -310,19 +315,45 @@ def _backward_sums_partitioned():
         axes = _batch_axes(arg_shapes[0].sharding)
         images = _per_image(arg_shapes[0].sharding, mesh)
 
-        def lower(g, y, x, mean):
-            sums = _backward_sums_run(g, y, x, mean, activation)
+        def lower(g, x, mean, mul, bias):
+            sums = _backward_sums_run(g, x, mean, mul, bias, activation)
             return sums if axes is None else tuple(jax.lax.psum(part, axes) for part in sums)
 
         replicated = _replicated(mesh)
-        return mesh, lower, (replicated, replicated), (images, images, images, replicated)
+        return mesh, lower, (replicated, replicated), (images, images, replicated, replicated, replicated)
 
     def infer(activation, mesh, arg_shapes, result_shape):
         return (_replicated(mesh), _replicated(mesh))
 
-    fn = custom_partitioning(_backward_sums_run, static_argnums=(4,))
-    fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule="n h w c, n h w c, n h w c, c -> c, c",
+    fn = custom_partitioning(_backward_sums_run, static_argnums=(5,))
+    fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule="n h w c, n h w c, c, c, c -> c, c",
                      reduction_factors=("n", "h", "w"))  # fmt: skip
+    return fn
+
+
+@functools.cache
+def _rows_partitioned(op: str, sharding_rule: str):
+    """The elementwise BatchNorm kernel `op` (activation code static, output shaped as its first
+    operand), each device running it on its own images: the other operands are per channel."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    def run(*args):
+        arrays, activation = args[:-1], args[-1]
+        return _kernel(op, arrays, arrays[0].shape)(*arrays, activation=np.int64(ACTIVATION_CODES[activation]))
+
+    def partition(activation, mesh, arg_shapes, result_shape):
+        images = _per_image(arg_shapes[0].sharding, mesh)
+        shardings = tuple(images if len(a.shape) == 4 else _replicated(mesh) for a in arg_shapes)
+        return mesh, lambda *arrays: run(*arrays, activation), images, shardings
+
+    def infer(activation, mesh, arg_shapes, result_shape):
+        return _per_image(arg_shapes[0].sharding, mesh)
+
+    operands = sharding_rule.split("->")[0].count(",") + 1
+    fn = custom_partitioning(run, static_argnums=(operands,))
+    factors = dict.fromkeys(sharding_rule.replace(",", " ").replace("->", " ").split())
+    fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=sharding_rule,
+                     need_replication_factors=tuple(f for f in factors if f != "n"))  # fmt: skip
     return fn
 
 
@@ -538,8 +569,7 @@ def forward_affine(x, taps, mul, add, out_hw: tuple[int, int], stride: int, padd
     """activation(forward(x, taps) * mul + add), per channel, in one pass: the depthwise layer with
     eval-mode BatchNorm (mul, add) and its activation (a key of ACTIVATION_CODES)."""
     _check(x, taps, mul, add)
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation {activation!r}: expected one of {list(ACTIVATION_CODES)}")
+    _check_activation(activation)
     params = dict(out_hw=tuple(out_hw), stride=int(stride), padding=int(padding), activation=activation)
     return _forward_affine_p.bind(x, taps, mul, add, **params)
 
@@ -659,17 +689,30 @@ def _channels_aval(x):
     return ShapedArray(x.shape[-1:], x.dtype)
 
 
-# The portable forms: XLA's reductions (flax_mobilenet.layers, imported when first lowered).
+# The portable forms: XLA's reductions and elementwise passes (flax_mobilenet.layers, imported when
+# first lowered).
 def _xla_statistics(x):
     from flax_mobilenet.layers import _statistics_xla
 
     return _statistics_xla(x)
 
 
-def _xla_backward_sums(g, y, x, mean, *, activation):
-    from flax_mobilenet.layers import _backward_sums_xla
+def _xla_backward_sums(g, x, mean, mul, bias, *, activation):
+    from flax_mobilenet.layers import _backward_sums_from_input
 
-    return _backward_sums_xla(g, y, x, mean, activation)
+    return _backward_sums_from_input(g, x, mean, mul, bias, activation)
+
+
+def _xla_normalise(x, mean, mul, bias, *, activation):
+    from flax_mobilenet.layers import _normalise
+
+    return _normalise(x, mean, mul, bias, activation)
+
+
+def _xla_backward_input(g, x, terms, *, activation):
+    from flax_mobilenet.layers import _backward_input
+
+    return _backward_input(g, x, terms, activation)
 
 
 def _portable_jvp(primitive, portable):
@@ -679,7 +722,7 @@ def _portable_jvp(primitive, portable):
     def rule(primals, tangents, **params):
         tangents = [ad.instantiate_zeros(t) for t in tangents]
         _, d_out = jax.jvp(functools.partial(portable, **params), tuple(primals), tuple(tangents))
-        return primitive.bind(*primals, **params), list(d_out)
+        return primitive.bind(*primals, **params), (list(d_out) if primitive.multiple_results else d_out)
 
     ad.primitive_jvps[primitive] = rule
 
@@ -694,16 +737,35 @@ _statistics_p = _primitive(
 )
 _backward_sums_p = _primitive(
     "batch_norm_backward_sums",
-    lambda g, y, x, mean, *, activation: _backward_sums_partitioned()(g, y, x, mean, activation),
+    lambda g, x, mean, mul, bias, *, activation: _backward_sums_partitioned()(g, x, mean, mul, bias, activation),
     _xla_backward_sums,
-    lambda g, y, x, mean, *, activation: (_channels_aval(x), _channels_aval(x)),
+    lambda g, x, mean, mul, bias, *, activation: (_channels_aval(x), _channels_aval(x)),
     _per_channel_batch_rule,
     multiple_results=True,
 )
+_normalise_p = _primitive(
+    "batch_norm_normalise",
+    lambda x, mean, mul, bias, *, activation: _rows_partitioned("BatchNormNormalise", "n h w c, c, c, c -> n h w c")(
+        x, mean, mul, bias, activation
+    ),
+    _xla_normalise,
+    lambda x, mean, mul, bias, *, activation: ShapedArray(x.shape, x.dtype),
+    _per_channel_batch_rule,
+)
+_backward_input_p = _primitive(
+    "batch_norm_backward_input",
+    lambda g, x, terms, *, activation: _rows_partitioned("BatchNormBackwardInput", "n h w c, n h w c, t c -> n h w c")(
+        g, x, terms, activation
+    ),
+    _xla_backward_input,
+    lambda g, x, terms, *, activation: ShapedArray(x.shape, x.dtype),
+    _per_channel_batch_rule,
+)
 
 
-_portable_jvp(_statistics_p, _xla_statistics)
-_portable_jvp(_backward_sums_p, _xla_backward_sums)
+for _p, _portable in ((_statistics_p, _xla_statistics), (_backward_sums_p, _xla_backward_sums),
+                      (_normalise_p, _xla_normalise), (_backward_input_p, _xla_backward_input)):  # fmt: skip
+    _portable_jvp(_p, _portable)
 
 
 def batch_norm_statistics(x) -> tuple[jax.Array, jax.Array]:
@@ -714,12 +776,35 @@ def batch_norm_statistics(x) -> tuple[jax.Array, jax.Array]:
     return tuple(_statistics_p.bind(x))
 
 
-def batch_norm_backward_sums(g, y, x, mean, activation: str | None) -> tuple[jax.Array, jax.Array]:
+# Training-mode BatchNorm's passes over the activations, after the statistics. The activation's
+# mask in the backward is recomputed from the input x, as (x - mean) * mul + bias (mul = scale /
+# std) in one multiply-add, the same expression as the forward's: the output y is never read back.
+
+
+def batch_norm_normalise(x, mean, mul, bias, activation: str | None) -> jax.Array:
+    """activation((x - mean) * mul + bias) per channel of NHWC x: training-mode BatchNorm's output
+    (mul = scale / std), one read and one write."""
+    _check(x, mean, mul, bias)
+    _check_activation(activation)
+    return _normalise_p.bind(x, mean, mul, bias, activation=activation)
+
+
+def batch_norm_backward_sums(g, x, mean, mul, bias, activation: str | None) -> tuple[jax.Array, jax.Array]:
     """sum(g') and sum(g' * (x - mean)) per channel over N, H and W (NHWC operands of one dtype),
-    g' being g where `activation`'s output y passes the gradient (all of g for None): one read of
-    g, y and x, where XLA's two reductions read them twice."""
-    _check(g, y, x, mean)
-    return tuple(_backward_sums_p.bind(g, y, x, mean, activation=activation))
+    g' being g where `activation` passes the gradient at the pre-activation (x - mean) * mul + bias
+    (all of g for None): one read of g and x, where XLA's two reductions read g, y and x twice."""
+    _check(g, x, mean, mul, bias)
+    _check_activation(activation)
+    return tuple(_backward_sums_p.bind(g, x, mean, mul, bias, activation=activation))
+
+
+def batch_norm_backward_input(g, x, terms, activation: str | None) -> jax.Array:
+    """Training-mode BatchNorm's input gradient (`flax_mobilenet.layers.batch_norm_train`), from the
+    cotangent g, the input x and `terms` (8, C): mean, mul, bias, rstd, sum(g')/n, sum(g' xhat)/n,
+    d_mean/n and 2 d_var/n, n the pixels per channel. One read of g and x, one write."""
+    _check(g, x, terms)
+    _check_activation(activation)
+    return _backward_input_p.bind(g, x, terms, activation=activation)
 
 
 # ----------------------------------------------------------------------------- dense convolution
@@ -823,6 +908,5 @@ def dense_conv_affine(x, w, mul, add, stride: int, padding: int, activation: str
     """activation(dense_conv(x, w) * mul + add), per output channel, in one pass: the layer with
     eval-mode BatchNorm (mul, add) and its activation (a key of ACTIVATION_CODES)."""
     _check(x, w, mul, add)
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation {activation!r}: expected one of {list(ACTIVATION_CODES)}")
+    _check_activation(activation)
     return _dense_affine_p.bind(x, w, mul, add, stride=int(stride), padding=int(padding), activation=activation)

@@ -14,6 +14,7 @@
 // only, never on which thread runs which block, and partial sums are added in a fixed order.
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
@@ -21,6 +22,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -548,22 +550,86 @@ struct RowBlocks {
   int64_t Size(int64_t b) const { return First(b + 1) - First(b); }
 };
 
+// The pre-activation of training-mode BatchNorm, (x - mean) * mul + bias with mul = scale / std,
+// as one multiply-add (as XLA's fused form computes it too), and whether activation ACT lets the
+// gradient through there: the backward recomputes this mask from x instead of reading the output
+// back. Normalise, sums and input gradient all call this one function, so the mask is the exact
+// derivative of the output the forward wrote.
+template <typename T>
+inline T PreActivation(T x, T mean, T mul, T bias) {
+  return std::fma(x - mean, mul, bias);
+}
+
 template <int ACT, typename T>
-void BackwardSumsBlock(const T* __restrict g, const T* __restrict y, const T* __restrict x, const T* __restrict mean,
-                       int64_t first, int64_t last, int64_t c, double* __restrict sum, double* __restrict dot,
-                       T* __restrict run_sum, T* __restrict run_dot) {
+inline bool Passes(T a) {
+  return ACT == 0 || (ACT == 1 ? a > T(0) : (a > T(0)) & (a < T(6)));
+}
+
+// ACT's code (0, 1, 2) as a template argument: run(std::integral_constant<int, ACT>).
+template <typename Run>
+ffi::Error ForActivation(int64_t activation, const char* unknown, Run&& run) {
+  switch (activation) {
+    case 0: run(std::integral_constant<int, 0>{}); break;
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    default: return ffi::Error::InvalidArgument(unknown);
+  }
+  return ffi::Error::Success();
+}
+
+// y = act(PreActivation(x)): the normalisation in training mode, once the batch statistics are
+// known. Rows (pixels) [first, last) of c channels.
+template <int ACT, typename T>
+void NormaliseRows(const T* __restrict x, const T* __restrict mean, const T* __restrict mul, const T* __restrict bias,
+                   T* __restrict y, int64_t first, int64_t last, int64_t c) {
+  for (int64_t r = first; r < last; ++r) {
+    const T* xr = x + r * c;
+    T* yr = y + r * c;
+    for (int64_t k = 0; k < c; ++k) yr[k] = Activate<ACT>(PreActivation(xr[k], mean[k], mul[k], bias[k]));
+  }
+}
+
+// The rows of an elementwise pass, split into tasks of about kElementwiseTask values.
+constexpr int64_t kElementwiseTask = 1 << 16;
+
+template <typename F>
+void ForRows(ffi::ThreadPool& pool, int64_t rows, int64_t c, F&& rows_fn) {
+  const int64_t per_task = std::max<int64_t>(1, kElementwiseTask / std::max<int64_t>(c, 1));
+  const int64_t tasks = (rows + per_task - 1) / per_task;
+  ParallelFor(pool, tasks, [&](int64_t b) { rows_fn(b * per_task, std::min(rows, (b + 1) * per_task)); });
+}
+
+template <ffi::DataType DT>
+ffi::Error Normalise(ffi::ThreadPool pool, ffi::BufferR4<DT> x, ffi::BufferR1<DT> mean, ffi::BufferR1<DT> mul,
+                     ffi::BufferR1<DT> bias, ffi::ResultBufferR4<DT> y, int64_t activation) {
+  using T = ffi::NativeType<DT>;
+  auto xd = x.dimensions();
+  const int64_t c = xd[3], rows = xd[0] * xd[1] * xd[2];
+  if (mean.dimensions()[0] != c || mul.dimensions()[0] != c || bias.dimensions()[0] != c || y->element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("batch norm normalise: shapes do not match");
+  const T *xp = x.typed_data(), *mp = mean.typed_data(), *up = mul.typed_data(), *bp = bias.typed_data();
+  T* yp = y->typed_data();
+  return ForActivation(activation, "batch norm normalise: unknown activation code", [&](auto act) {
+    ForRows(pool, rows, c, [&](int64_t first, int64_t last) { NormaliseRows<decltype(act)::value>(xp, mp, up, bp, yp, first, last, c); });
+  });
+}
+
+// Per-channel sums of the backward, over rows [first, last): sum(g') and sum(g' * (x - mean)),
+// g' = g where the activation passes (the mask recomputed from x). Float sums over runs of kRun
+// rows, added into the block's double sums.
+template <int ACT, typename T>
+void BackwardSumsBlock(const T* __restrict g, const T* __restrict x, const T* __restrict mean, const T* __restrict mul,
+                       const T* __restrict bias, int64_t first, int64_t last, int64_t c, double* __restrict sum,
+                       double* __restrict dot, T* __restrict run_sum, T* __restrict run_dot) {
   for (int64_t start = first; start < last; start += kRun) {
     const int64_t end = std::min(last, start + kRun);
     std::fill(run_sum, run_sum + c, T(0));
     std::fill(run_dot, run_dot + c, T(0));
     for (int64_t r = start; r < end; ++r) {
       const T* gr = g + r * c;
-      const T* yr = y + r * c;
       const T* xr = x + r * c;
       for (int64_t k = 0; k < c; ++k) {
-        const T out = yr[k];
-        const bool passes = ACT == 0 || (ACT == 1 ? out > T(0) : (out > T(0)) & (out < T(6)));
-        const T grad = passes ? gr[k] : T(0);
+        const T grad = Passes<ACT>(PreActivation(xr[k], mean[k], mul[k], bias[k])) ? gr[k] : T(0);
         run_sum[k] += grad;
         run_dot[k] += grad * (xr[k] - mean[k]);
       }
@@ -576,28 +642,26 @@ void BackwardSumsBlock(const T* __restrict g, const T* __restrict y, const T* __
 }
 
 template <ffi::DataType DT>
-ffi::Error BackwardSums(ffi::ThreadPool pool, ffi::BufferR4<DT> g, ffi::BufferR4<DT> y, ffi::BufferR4<DT> x,
-                        ffi::BufferR1<DT> mean, ffi::ResultBufferR1<DT> sum_g, ffi::ResultBufferR1<DT> sum_gx,
-                        int64_t activation) {
+ffi::Error BackwardSums(ffi::ThreadPool pool, ffi::BufferR4<DT> g, ffi::BufferR4<DT> x, ffi::BufferR1<DT> mean,
+                        ffi::BufferR1<DT> mul, ffi::BufferR1<DT> bias, ffi::ResultBufferR1<DT> sum_g,
+                        ffi::ResultBufferR1<DT> sum_gx, int64_t activation) {
   using T = ffi::NativeType<DT>;
   auto xd = x.dimensions();
   const int64_t c = xd[3], rows = xd[0] * xd[1] * xd[2];
-  if (g.element_count() != x.element_count() || y.element_count() != x.element_count() ||
-      mean.dimensions()[0] != c || sum_g->dimensions()[0] != c || sum_gx->dimensions()[0] != c ||
-      activation < 0 || activation > 2)
-    return ffi::Error::InvalidArgument("batch norm backward sums: shapes or activation do not match");
+  if (g.element_count() != x.element_count() || mean.dimensions()[0] != c || mul.dimensions()[0] != c ||
+      bias.dimensions()[0] != c || sum_g->dimensions()[0] != c || sum_gx->dimensions()[0] != c)
+    return ffi::Error::InvalidArgument("batch norm backward sums: shapes do not match");
   const RowBlocks blocks(rows);
   std::vector<double> sums(blocks.count * c, 0.0), dots(blocks.count * c, 0.0);
-  const T *gp = g.typed_data(), *yp = y.typed_data(), *xp = x.typed_data(), *mp = mean.typed_data();
-  ParallelFor(pool, blocks.count, [&](int64_t b) {
-    std::vector<T> run(2 * c);
-    const int64_t first = blocks.First(b), last = blocks.First(b + 1);
-    double* sum = sums.data() + b * c;
-    double* dot = dots.data() + b * c;
-    if (activation == 0) BackwardSumsBlock<0>(gp, yp, xp, mp, first, last, c, sum, dot, run.data(), run.data() + c);
-    if (activation == 1) BackwardSumsBlock<1>(gp, yp, xp, mp, first, last, c, sum, dot, run.data(), run.data() + c);
-    if (activation == 2) BackwardSumsBlock<2>(gp, yp, xp, mp, first, last, c, sum, dot, run.data(), run.data() + c);
+  const T *gp = g.typed_data(), *xp = x.typed_data(), *mp = mean.typed_data(), *up = mul.typed_data(), *bp = bias.typed_data();
+  auto error = ForActivation(activation, "batch norm backward sums: unknown activation code", [&](auto act) {
+    ParallelFor(pool, blocks.count, [&](int64_t b) {
+      std::vector<T> run(2 * c);
+      BackwardSumsBlock<decltype(act)::value>(gp, xp, mp, up, bp, blocks.First(b), blocks.First(b + 1), c, sums.data() + b * c,
+                                              dots.data() + b * c, run.data(), run.data() + c);
+    });
   });
+  if (error.failure()) return error;
   T* sum_result = sum_g->typed_data();
   T* dot_result = sum_gx->typed_data();
   for (int64_t k = 0; k < c; ++k) {
@@ -610,6 +674,46 @@ ffi::Error BackwardSums(ffi::ThreadPool pool, ffi::BufferR4<DT> g, ffi::BufferR4
     dot_result[k] = T(dot);
   }
   return ffi::Error::Success();
+}
+
+// The input gradient of training-mode BatchNorm and its activation, the standard form:
+//   dx = mul * (g' - sum(g')/n - xhat * sum(g' xhat)/n) + d_mean/n + d_var * 2/n * (x - mean),
+// xhat = (x - mean) * rstd, with the per-channel terms precomputed as the rows of `terms` (kDxTerms
+// x c): mean, mul, bias, rstd, sum(g')/n, sum(g' xhat)/n, d_mean/n, 2 d_var/n. The mask is
+// recomputed from x, so the pass reads g and x only.
+constexpr int64_t kDxTerms = 8;
+
+template <int ACT, typename T>
+void InputGradRows(const T* __restrict g, const T* __restrict x, const T* __restrict terms, T* __restrict dx,
+                   int64_t first, int64_t last, int64_t c) {
+  const T *mean = terms, *mul = terms + c, *bias = terms + 2 * c, *rstd = terms + 3 * c;
+  const T *g_bias = terms + 4 * c, *g_scale = terms + 5 * c, *g_mean = terms + 6 * c, *g_var = terms + 7 * c;
+  for (int64_t r = first; r < last; ++r) {
+    const T* gr = g + r * c;
+    const T* xr = x + r * c;
+    T* out = dx + r * c;
+    for (int64_t k = 0; k < c; ++k) {
+      const T centred = xr[k] - mean[k];
+      const T grad = Passes<ACT>(PreActivation(xr[k], mean[k], mul[k], bias[k])) ? gr[k] : T(0);
+      out[k] = mul[k] * (grad - g_bias[k] - centred * rstd[k] * g_scale[k]) + (g_mean[k] + g_var[k] * centred);
+    }
+  }
+}
+
+template <ffi::DataType DT>
+ffi::Error BackwardInput(ffi::ThreadPool pool, ffi::BufferR4<DT> g, ffi::BufferR4<DT> x, ffi::BufferR2<DT> terms,
+                         ffi::ResultBufferR4<DT> dx, int64_t activation) {
+  using T = ffi::NativeType<DT>;
+  auto xd = x.dimensions();
+  const int64_t c = xd[3], rows = xd[0] * xd[1] * xd[2];
+  if (g.element_count() != x.element_count() || dx->element_count() != x.element_count() ||
+      terms.dimensions()[0] != kDxTerms || terms.dimensions()[1] != c)
+    return ffi::Error::InvalidArgument("batch norm input gradient: shapes do not match");
+  const T *gp = g.typed_data(), *xp = x.typed_data(), *tp = terms.typed_data();
+  T* dp = dx->typed_data();
+  return ForActivation(activation, "batch norm input gradient: unknown activation code", [&](auto act) {
+    ForRows(pool, rows, c, [&](int64_t first, int64_t last) { InputGradRows<decltype(act)::value>(gp, xp, tp, dp, first, last, c); });
+  });
 }
 
 // ------------------------------------------------------------------ BatchNorm's statistics
@@ -770,10 +874,28 @@ FLAX_MOBILENET_DENSE_HANDLERS(F64, ffi::F64)
                                     .Ctx<ffi::ThreadPool>()                                                \
                                     .Arg<ffi::BufferR4<DT>>()                                             \
                                     .Arg<ffi::BufferR4<DT>>()                                             \
-                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR1<DT>>()                                             \
+                                    .Arg<ffi::BufferR1<DT>>()                                             \
                                     .Arg<ffi::BufferR1<DT>>()                                             \
                                     .Ret<ffi::BufferR1<DT>>()                                             \
                                     .Ret<ffi::BufferR1<DT>>()                                             \
+                                    .Attr<int64_t>("activation"));                                        \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormNormalise##SUFFIX, Normalise<DT>,                                  \
+                                ffi::Ffi::Bind()                                                           \
+                                    .Ctx<ffi::ThreadPool>()                                                \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR1<DT>>()                                             \
+                                    .Arg<ffi::BufferR1<DT>>()                                             \
+                                    .Arg<ffi::BufferR1<DT>>()                                             \
+                                    .Ret<ffi::BufferR4<DT>>()                                             \
+                                    .Attr<int64_t>("activation"));                                        \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormBackwardInput##SUFFIX, BackwardInput<DT>,                          \
+                                ffi::Ffi::Bind()                                                           \
+                                    .Ctx<ffi::ThreadPool>()                                                \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR4<DT>>()                                             \
+                                    .Arg<ffi::BufferR2<DT>>()                                             \
+                                    .Ret<ffi::BufferR4<DT>>()                                             \
                                     .Attr<int64_t>("activation"));                                        \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchNormStatistics##SUFFIX, Statistics<DT>,                                \
                                 ffi::Ffi::Bind()                                                           \
