@@ -44,8 +44,9 @@ CACHE_ENV = "FLAX_MOBILENET_CACHE"
 DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
 # The handlers in kernels.cc, each defined for every dtype (symbol: op + suffix).
 OPS = ("DepthwiseForward", "DepthwiseForwardAffine", "DepthwiseInputGrad", "DepthwiseKernelGrad", "PointwiseKernelGrad", "DenseConv", "DenseConvAffine", "BatchNormStatistics", "BatchNormBackwardSums", "BatchNormNormalise", "BatchNormBackwardInput")
-# The activations the kernels know, by code (kernels.cc: BatchNorm's backward reads its mask off
-# its output, the depthwise forward and the dense convolution apply it after eval-mode BatchNorm).
+# The activations the kernels know, by code (kernels.cc: BatchNorm's training passes apply it and
+# recompute its mask from the input, the depthwise forward and the dense convolution apply it after
+# eval-mode BatchNorm).
 ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
 
@@ -763,9 +764,10 @@ _backward_input_p = _primitive(
 )
 
 
-for _p, _portable in ((_statistics_p, _xla_statistics), (_backward_sums_p, _xla_backward_sums),
-                      (_normalise_p, _xla_normalise), (_backward_input_p, _xla_backward_input)):  # fmt: skip
-    _portable_jvp(_p, _portable)
+_portable_jvp(_statistics_p, _xla_statistics)
+_portable_jvp(_backward_sums_p, _xla_backward_sums)
+_portable_jvp(_normalise_p, _xla_normalise)
+_portable_jvp(_backward_input_p, _xla_backward_input)
 
 
 def batch_norm_statistics(x) -> tuple[jax.Array, jax.Array]:

@@ -153,6 +153,19 @@ inline T Activate(T v) {
   return ACT == 2 ? std::min(v, T(6)) : v;
 }
 
+// The activation's code (0, 1, 2) as a template argument: run(std::integral_constant<int, ACT>), or
+// `unknown` as the error for any other code.
+template <typename Run>
+ffi::Error ForActivation(int64_t activation, const char* unknown, Run&& run) {
+  switch (activation) {
+    case 0: run(std::integral_constant<int, 0>{}); break;
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    default: return ffi::Error::InvalidArgument(unknown);
+  }
+  return ffi::Error::Success();
+}
+
 // What the forward does with each output channel block's sums: store them as they are, or (eval
 // mode) as act(sum * mul + add), BatchNorm's multiply-add and the activation, so that no separate
 // pass reads the convolution's output back.
@@ -175,13 +188,7 @@ struct StoreAffine {
 // run(StoreAffine<ACT>) for the activation's code (`unknown`: the error for any other code).
 template <typename T, typename Run>
 ffi::Error RunAffine(int64_t activation, const T* mul, const T* add, const char* unknown, Run&& run) {
-  switch (activation) {
-    case 0: run(StoreAffine<0, T>{mul, add}); break;
-    case 1: run(StoreAffine<1, T>{mul, add}); break;
-    case 2: run(StoreAffine<2, T>{mul, add}); break;
-    default: return ffi::Error::InvalidArgument(unknown);
-  }
-  return ffi::Error::Success();
+  return ForActivation(activation, unknown, [&](auto act) { run(StoreAffine<decltype(act)::value, T>{mul, add}); });
 }
 
 // y[n, oh, ow, c] = sum_{i, j} x[n, oh*s - p + i, ow*s - p + j, c] * k[i, j, c], taps in row-major
@@ -578,9 +585,9 @@ ffi::Error DenseConvAffine(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buff
 
 // ------------------------------------------------------------------ BatchNorm's backward sums
 
-// sum(g') and sum(g' * (x - mean)) per channel in one read of g, y and x, where g' is g where the
-// activation passes the gradient, read off its output y (ACT 0: all, 1: relu y > 0, 2: relu6
-// 0 < y < 6). Rows are cut into blocks (at most kSumBlocks, at least kRun rows each: a function
+// sum(g') and sum(g' * (x - mean)) per channel in one read of g and x, where g' is g where the
+// activation passes the gradient (ACT 0: all, 1: relu, 2: relu6; the mask recomputed from x,
+// `Passes` below). Rows are cut into blocks (at most kSumBlocks, at least kRun rows each: a function
 // of the shape alone, so the result does not depend on the threads), each summed in runs of kRun
 // rows in T and the runs added in double; the blocks are added in order.
 constexpr int64_t kSumBlocks = 32;
@@ -607,18 +614,6 @@ inline T PreActivation(T x, T mean, T mul, T bias) {
 template <int ACT, typename T>
 inline bool Passes(T a) {
   return ACT == 0 || (ACT == 1 ? a > T(0) : (a > T(0)) & (a < T(6)));
-}
-
-// ACT's code (0, 1, 2) as a template argument: run(std::integral_constant<int, ACT>).
-template <typename Run>
-ffi::Error ForActivation(int64_t activation, const char* unknown, Run&& run) {
-  switch (activation) {
-    case 0: run(std::integral_constant<int, 0>{}); break;
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    default: return ffi::Error::InvalidArgument(unknown);
-  }
-  return ffi::Error::Success();
 }
 
 // y = act(PreActivation(x)): the normalisation in training mode, once the batch statistics are
