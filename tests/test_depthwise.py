@@ -26,6 +26,12 @@ CASES = [
     # 85 channels: the native kernels' channel blocks of 64, 16 and 1 all run; 3 x 12 output rows
     # are more than the kernel gradient's 32 partial sums, so some partials take 2 rows.
     ((3, 23, 12, 85), 3, 2, 1),
+    # 3x3 layers with fewer than 64 channels, whole vectors of them: the native forward keeps the
+    # taps in registers for a row (kernels.cc, RowTapsRow), with blocks of 2 and 1 vectors (48),
+    # both strides, and no padding (whose rows have no clipped column).
+    ((2, 9, 11, 48), 3, 1, 1),
+    ((2, 10, 9, 32), 3, 2, 1),
+    ((1, 7, 8, 16), 3, 1, 0),
 ]
 IDS = [f"{'x'.join(map(str, s))}-k{k}-s{st}-p{p}" for s, k, st, p in CASES]
 

@@ -36,10 +36,12 @@ def _value_and_grads(fn, x, kernel, g, stride, padding):
 # float64: the same products as XLA's convolution summed in another order, so the difference is
 # float64 rounding (~1e-16 relative per sum); 1e-12 leaves room for sums of a few hundred terms
 # while any indexing mistake would show at order 1.
+# 21 channels run the per-pixel forward, 24 (3 vectors of float64) the row-register one.
+@pytest.mark.parametrize("channels", [21, 24])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_float64_forward_and_gradients_equal_xla_conv(stride):
+def test_float64_forward_and_gradients_equal_xla_conv(stride, channels):
     with jax.enable_x64(True):
-        x, kernel, g = _operands((2, 13, 10, 21), 3, stride, 1, jnp.float64)
+        x, kernel, g = _operands((2, 13, 10, channels), 3, stride, 1, jnp.float64)
         got = _value_and_grads(jax.jit(native_depthwise_conv2d, static_argnums=(2, 3)), x, kernel, g, stride, 1)
         want = _value_and_grads(xla_depthwise_conv2d, x, kernel, g, stride, 1)
         assert "flax_mobilenet_" in str(jax.make_jaxpr(native_depthwise_conv2d, static_argnums=(2, 3))(x, kernel, stride, 1))
@@ -51,15 +53,16 @@ def test_float64_forward_and_gradients_equal_xla_conv(stride):
 # The forward with eval-mode BatchNorm and its activation applied as it writes (the inference
 # path of every depthwise layer): the same sums, then the same multiply-add, so float64 rounding
 # only (1e-12, as above); values on both sides of 0 and 6, so that each activation clips.
+@pytest.mark.parametrize("channels", [21, 24])
 @pytest.mark.parametrize("activation", [None, "relu", "relu6"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_forward_with_batch_norm_and_activation_equals_the_composition_in_float64(stride, activation):
+def test_forward_with_batch_norm_and_activation_equals_the_composition_in_float64(stride, activation, channels):
     from flax_mobilenet.layers import ACTIVATIONS
 
     with jax.enable_x64(True):
-        x, kernel, _ = _operands((2, 13, 10, 21), 3, stride, 1, jnp.float64)
-        mul = jnp.linspace(0.5, 3.0, 21, dtype=jnp.float64)
-        add = jnp.linspace(-2.0, 6.0, 21, dtype=jnp.float64)
+        x, kernel, _ = _operands((2, 13, 10, channels), 3, stride, 1, jnp.float64)
+        mul = jnp.linspace(0.5, 3.0, channels, dtype=jnp.float64)
+        add = jnp.linspace(-2.0, 6.0, channels, dtype=jnp.float64)
         got = jax.jit(lambda x: depthwise.depthwise_conv2d_affine(x, kernel, stride, 1, mul, add, activation))(x)
         want = xla_depthwise_conv2d(x, kernel, stride, 1) * mul + add
         want = ACTIVATIONS[activation](want) if activation else want

@@ -219,6 +219,152 @@ void ForwardRow(const Shape& d, const T* __restrict x, const T* __restrict k, T*
   }
 }
 
+// ------------------------------------------------------------------ fewer than 64 channels
+
+// Below 64 channels a pixel has no 64-channel block, and ForwardRow sums each 16-channel block as
+// one chain of k*k dependent multiply-adds, loading x and the kernel for each (InputGradRow too,
+// with integer divisions besides): the 112 x 112 x 32 layer that both models start with ran at
+// ~5 GB/s. Here one block of NB vectors of channels has its 3 x 3 taps in registers for a whole
+// row, and PW pixels are summed together (independent chains, one load per multiply-add). Each
+// sum has the same terms in the same order as ForwardRow's (InputGradRow's); the float32 outputs
+// are bit-identical (bench/NOTES.md section 13).
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;
+#endif
+constexpr int kRowTapsPixels = 4;
+
+// Whether a layer's forward, and at stride 1 its input gradient, go through RowTapsLine: 3 x 3
+// taps, fewer than 64 channels, whole vectors of them.
+template <typename T>
+bool RowTapsFits(const Shape& d) {
+  return d.k == 3 && d.c < 64 && d.c % (kVectorBytes / sizeof(T)) == 0;
+}
+
+// PW pixels: pixel q's sum is over taps (i, j) in [i0, i1) x [j0, j1), row-major, of
+// src[q * step + i * di + j * dj] * taps[i][j]; written to out + q * out_step, channel c.
+template <int K, int NB, int PW, typename T, typename V, typename S>
+inline void RowTapsPixels(const T* __restrict src, const V (&taps)[K][K][NB], int64_t i0, int64_t i1, int64_t j0,
+                          int64_t j1, int64_t di, int64_t dj, int64_t step, T* __restrict out, int64_t out_step,
+                          int64_t c, const S& store) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  V acc[PW][NB];
+  for (int q = 0; q < PW; ++q)
+    for (int b = 0; b < NB; ++b) acc[q][b] = V{};
+#pragma GCC unroll 8
+  for (int i = 0; i < K; ++i) {
+    if (i < i0 || i >= i1) continue;
+#pragma GCC unroll 8
+    for (int j = 0; j < K; ++j) {
+      if (j < j0 || j >= j1) continue;
+      const T* sp = src + i * di + j * dj;
+#pragma GCC unroll 8
+      for (int q = 0; q < PW; ++q) {
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) {
+          V sv;
+          std::memcpy(&sv, sp + q * step + b * L, sizeof(V));
+          acc[q][b] += sv * taps[i][j][b];
+        }
+      }
+    }
+  }
+  for (int q = 0; q < PW; ++q) {
+    T sums[NB * L];
+    std::memcpy(sums, acc[q], sizeof(sums));
+    store(out + q * out_step, sums, c, NB * L);
+  }
+}
+
+// One row of `cols` outputs, channels [c, c + NB vectors): output column o reads src(o) (a
+// pointer that may lie outside the source: only the taps in range are read) over tap rows
+// [i0, i1) and columns jrange(o); columns [lo, hi) have all K, and PW of them go together.
+template <int K, int NB, typename T, typename Src, typename Cols, typename Out, typename S>
+inline void RowTapsLine(const T* __restrict k, int64_t channels, int64_t c, int64_t i0, int64_t i1, int64_t di,
+                        int64_t dj, int64_t step, int64_t cols, int64_t lo, int64_t hi, Src&& src, Cols&& jrange,
+                        Out&& out, const S& store) {
+  typedef T V __attribute__((vector_size(kVectorBytes)));
+  constexpr int L = kVectorBytes / sizeof(T);
+  V taps[K][K][NB];
+  for (int i = 0; i < K; ++i)
+    for (int j = 0; j < K; ++j)
+      for (int b = 0; b < NB; ++b) std::memcpy(&taps[i][j][b], k + (i * K + j) * channels + c + b * L, sizeof(V));
+  auto edge = [&](int64_t o) {
+    int64_t j0, j1;
+    jrange(o, &j0, &j1);
+    RowTapsPixels<K, NB, 1>(src(o), taps, i0, i1, j0, j1, di, dj, step, out(o), channels, c, store);
+  };
+  for (int64_t o = 0; o < lo; ++o) edge(o);
+  int64_t o = lo;
+  for (; o + kRowTapsPixels <= hi; o += kRowTapsPixels)
+    RowTapsPixels<K, NB, kRowTapsPixels>(src(o), taps, i0, i1, 0, K, di, dj, step, out(o), channels, c, store);
+  for (; o < hi; ++o) RowTapsPixels<K, NB, 1>(src(o), taps, i0, i1, 0, K, di, dj, step, out(o), channels, c, store);
+  for (o = hi; o < cols; ++o) edge(o);
+}
+
+// Blocks of 2 vectors of channels, then of 1: line(NB, c) for each.
+template <typename T, typename Line>
+inline void RowTapsBlocks(int64_t channels, Line&& line) {
+  constexpr int L = kVectorBytes / sizeof(T);
+  int64_t c = 0;
+  for (; c + 2 * L <= channels; c += 2 * L) line(std::integral_constant<int, 2>{}, c);
+  for (; c + L <= channels; c += L) line(std::integral_constant<int, 1>{}, c);
+}
+
+// ForwardRow's output row (n, oh), for a layer that RowTapsFits.
+template <typename T, typename S>
+void RowTapsForwardRow(const Shape& d, const T* __restrict x, const T* __restrict k, T* __restrict y, int64_t row,
+                       const S& store) {
+  const int64_t n = row / d.ho, oh = row % d.ho;
+  int64_t i0, i1;
+  d.TapRange(oh, d.h, &i0, &i1);
+  // Columns [lo, hi) have all 3 taps of the row inside x.
+  const int64_t lo = std::min(d.wo, (d.p + d.s - 1) / d.s);
+  const int64_t hi = d.w + d.p < 3 ? lo : std::max(lo, std::min(d.wo, (d.w + d.p - 3) / d.s + 1));
+  RowTapsBlocks<T>(d.c, [&](auto nb, int64_t c) {
+    RowTapsLine<3, decltype(nb)::value>(
+        k, d.c, c, i0, i1, d.w * d.c, d.c, d.s * d.c, d.wo, lo, hi,
+        [&](int64_t ow) { return x + ((n * d.h + oh * d.s - d.p) * d.w + ow * d.s - d.p) * d.c + c; },
+        [&](int64_t ow, int64_t* j0, int64_t* j1) { d.TapRange(ow, d.w, j0, j1); },
+        [&](int64_t ow) { return y + (row * d.wo + ow) * d.c; }, store);
+  });
+}
+
+// InputGradRow's input row (n, ih) at stride 1, for a layer that RowTapsFits: dx[n, ih, iw] sums
+// g[n, ih + p - i, iw + p - j] * k[i, j] over the taps inside g, i then j increasing.
+template <typename T>
+void RowTapsInputGradRow(const Shape& d, const T* __restrict g, const T* __restrict k, T* __restrict dx, int64_t row) {
+  const int64_t n = row / d.h, ih = row % d.h;
+  // Taps with 0 <= o + p - t < size: t in [o + p - size + 1, o + p + 1), within [0, 3).
+  auto range = [&](int64_t o, int64_t size, int64_t* t0, int64_t* t1) {
+    *t0 = std::max<int64_t>(0, o + d.p - size + 1);
+    *t1 = std::min<int64_t>(3, o + d.p + 1);
+  };
+  int64_t i0, i1;
+  range(ih, d.ho, &i0, &i1);
+  // Columns [lo, hi) have all 3 taps inside g's row.
+  const int64_t lo = std::min(d.w, std::max<int64_t>(0, 2 - d.p));
+  const int64_t hi = std::max(lo, std::min(d.w, d.wo - d.p));
+  RowTapsBlocks<T>(d.c, [&](auto nb, int64_t c) {
+    RowTapsLine<3, decltype(nb)::value>(
+        k, d.c, c, i0, i1, -d.wo * d.c, -d.c, d.c, d.w, lo, hi,
+        [&](int64_t iw) { return g + ((n * d.ho + ih + d.p) * d.wo + iw + d.p) * d.c + c; },
+        [&](int64_t iw, int64_t* j0, int64_t* j1) { range(iw, d.wo, j0, j1); },
+        [&](int64_t iw) { return dx + (row * d.w + iw) * d.c; }, Store<T>{});
+  });
+}
+
+// The forward's rows on the pool: RowTapsForwardRow where it fits, else ForwardRow.
+template <typename T, typename S>
+void ForwardRows(ffi::ThreadPool& pool, const Shape& d, const T* x, const T* k, T* y, const S& store) {
+  if (RowTapsFits<T>(d)) {
+    ParallelFor(pool, d.n * d.ho, [&](int64_t row) { RowTapsForwardRow(d, x, k, y, row, store); });
+  } else {
+    ParallelFor(pool, d.n * d.ho, [&](int64_t row) { ForwardRow(d, x, k, y, row, store); });
+  }
+}
+
 // ------------------------------------------------------------------ input gradient
 
 // dx[n, ih, iw, c] = sum of g[n, oh, ow, c] * k[i, j, c] over the taps with oh*s - p + i = ih and
@@ -463,7 +609,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer<DT, 3
   const auto* xp = x.typed_data();
   const auto* kp = k.typed_data();
   auto* yp = y->typed_data();
-  ParallelFor(pool, d.n * d.ho, [&](int64_t row) { ForwardRow(d, xp, kp, yp, row, Store<ffi::NativeType<DT>>{}); });
+  ForwardRows(pool, d, xp, kp, yp, Store<ffi::NativeType<DT>>{});
   return ffi::Error::Success();
 }
 
@@ -484,7 +630,7 @@ ffi::Error ForwardAffine(ffi::ThreadPool pool, ffi::Buffer<DT, 4> x, ffi::Buffer
   const auto* kp = k.typed_data();
   auto* yp = y->typed_data();
   return RunAffine<T>(activation, mul.typed_data(), add.typed_data(), "depthwise forward: unknown activation code", [&](auto store) {
-    ParallelFor(pool, d.n * d.ho, [&](int64_t row) { ForwardRow(d, xp, kp, yp, row, store); });
+    ForwardRows(pool, d, xp, kp, yp, store);
   });
 }
 
@@ -499,7 +645,11 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<DT, 4> g, ffi::Buffer<DT,
   const auto* gp = g.typed_data();
   const auto* kp = k.typed_data();
   auto* dxp = dx->typed_data();
-  ParallelFor(pool, d.n * d.h, [&](int64_t row) { InputGradRow(d, gp, kp, dxp, row); });
+  if (RowTapsFits<ffi::NativeType<DT>>(d) && d.s == 1) {
+    ParallelFor(pool, d.n * d.h, [&](int64_t row) { RowTapsInputGradRow(d, gp, kp, dxp, row); });
+  } else {
+    ParallelFor(pool, d.n * d.h, [&](int64_t row) { InputGradRow(d, gp, kp, dxp, row); });
+  }
   return ffi::Error::Success();
 }
 
