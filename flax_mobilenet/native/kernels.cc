@@ -272,7 +272,7 @@ inline void RowTapsPixels(const T* __restrict src, const V (&taps)[K][K][NB], in
   }
   for (int q = 0; q < PW; ++q) {
     T sums[NB * L];
-    std::memcpy(sums, acc[q], sizeof(sums));
+    for (int b = 0; b < NB; ++b) std::memcpy(sums + b * L, &acc[q][b], sizeof(V));
     store(out + q * out_step, sums, c, NB * L);
   }
 }
