@@ -100,14 +100,9 @@ def _statistics_xla(x32):
     return mean, jnp.square(x32 - mean).mean(axes)
 
 
-def _pre_activation(x32, mean, mul, bias):
-    """(x - mean) * mul + bias, mul = scale / std: BatchNorm's output before the activation."""
-    return (x32 - mean) * mul + bias
-
-
 def _normalise(x32, mean, mul, bias, activation):
-    y = _pre_activation(x32, mean, mul, bias)
-    return ACTIVATIONS[activation](y) if activation else y
+    """activation((x - mean) * mul + bias), mul = scale / std: training-mode BatchNorm's output."""
+    return with_affine(x32 - mean, mul, bias, activation)
 
 
 def _bn_fwd(x, scale, bias, epsilon, activation, dtype):
@@ -123,7 +118,7 @@ def _bn_fwd(x, scale, bias, epsilon, activation, dtype):
         # mask from it (`native.batch_norm_normalise`), so y is neither kept for nor read by it.
         y = native.batch_norm_normalise(x, mean, mul, shift, activation)
         return (y, mean, var), (x, None, scale, shift, mean, rstd, mul)
-    y = _pre_activation(x32, mean, mul, shift).astype(dtype)
+    y = ((x32 - mean) * mul + shift).astype(dtype)
     if activation is not None:
         y = ACTIVATIONS[activation](y)
     return (y, mean, var), (x, y, scale, shift, mean, rstd, mul)

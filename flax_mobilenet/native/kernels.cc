@@ -766,23 +766,28 @@ inline bool Passes(T a) {
   return ACT == 0 || (ACT == 1 ? a > T(0) : (a > T(0)) & (a < T(6)));
 }
 
+// out[r * c + k] = value(r, k) for rows [first, last) of c channels: an elementwise pass's
+// output, computed kWriteChunk values at a time and written with WriteOut.
+template <typename T, typename F>
+inline void WriteRows(T* __restrict out, int64_t first, int64_t last, int64_t c, F&& value) {
+  T values[kWriteChunk];
+  for (int64_t r = first; r < last; ++r) {
+    for (int64_t k0 = 0; k0 < c; k0 += kWriteChunk) {
+      const int n = int(std::min<int64_t>(kWriteChunk, c - k0));
+      for (int e = 0; e < n; ++e) values[e] = value(r, k0 + e);
+      WriteOut(out + r * c + k0, values, n);
+    }
+  }
+}
+
 // y = act(PreActivation(x)): the normalisation in training mode, once the batch statistics are
 // known. Rows (pixels) [first, last) of c channels.
 template <int ACT, typename T>
 void NormaliseRows(const T* __restrict x, const T* __restrict mean, const T* __restrict mul, const T* __restrict bias,
                    T* __restrict y, int64_t first, int64_t last, int64_t c) {
-  T values[kWriteChunk];
-  for (int64_t r = first; r < last; ++r) {
-    const T* xr = x + r * c;
-    for (int64_t k0 = 0; k0 < c; k0 += kWriteChunk) {
-      const int n = int(std::min<int64_t>(kWriteChunk, c - k0));
-      for (int e = 0; e < n; ++e) {
-        const int64_t k = k0 + e;
-        values[e] = Activate<ACT>(PreActivation(xr[k], mean[k], mul[k], bias[k]));
-      }
-      WriteOut(y + r * c + k0, values, n);
-    }
-  }
+  WriteRows(y, first, last, c, [&](int64_t r, int64_t k) {
+    return Activate<ACT>(PreActivation(x[r * c + k], mean[k], mul[k], bias[k]));
+  });
 }
 
 // The rows of an elementwise pass, split into tasks of about kElementwiseTask values.
@@ -884,21 +889,11 @@ void InputGradRows(const T* __restrict g, const T* __restrict x, const T* __rest
                    int64_t first, int64_t last, int64_t c) {
   const T *mean = terms, *mul = terms + c, *bias = terms + 2 * c, *rstd = terms + 3 * c;
   const T *g_bias = terms + 4 * c, *g_scale = terms + 5 * c, *g_mean = terms + 6 * c, *g_var = terms + 7 * c;
-  T values[kWriteChunk];
-  for (int64_t r = first; r < last; ++r) {
-    const T* gr = g + r * c;
-    const T* xr = x + r * c;
-    for (int64_t k0 = 0; k0 < c; k0 += kWriteChunk) {
-      const int n = int(std::min<int64_t>(kWriteChunk, c - k0));
-      for (int e = 0; e < n; ++e) {
-        const int64_t k = k0 + e;
-        const T centred = xr[k] - mean[k];
-        const T grad = Passes<ACT>(PreActivation(xr[k], mean[k], mul[k], bias[k])) ? gr[k] : T(0);
-        values[e] = mul[k] * (grad - g_bias[k] - centred * rstd[k] * g_scale[k]) + (g_mean[k] + g_var[k] * centred);
-      }
-      WriteOut(dx + r * c + k0, values, n);
-    }
-  }
+  WriteRows(dx, first, last, c, [&](int64_t r, int64_t k) {
+    const T xv = x[r * c + k], centred = xv - mean[k];
+    const T grad = Passes<ACT>(PreActivation(xv, mean[k], mul[k], bias[k])) ? g[r * c + k] : T(0);
+    return mul[k] * (grad - g_bias[k] - centred * rstd[k] * g_scale[k]) + (g_mean[k] + g_var[k] * centred);
+  });
 }
 
 template <ffi::DataType DT>
