@@ -41,8 +41,8 @@ def batch_norm_reductions(backend: str | None = None) -> str:
     return native.choose(BATCH_NORM_ENV, ("native", "xla"), {"cpu": "native"}, backend)
 
 
-# Where, in eval mode, the stem's convolution (`PatchConv`) and the 1x1 convolutions with up to
-# `native.DENSE_NATIVE_MAX` weights run on the CPU, each with its BatchNorm and activation:
+# Where, in eval mode, the stem's convolution (`PatchConv`) and the 1x1 convolutions where it pays
+# (`native.dense_pays`) run on the CPU, each with its BatchNorm and activation:
 # "native" (`native.dense_conv_affine`: no patches written, and BatchNorm and the activation
 # applied as it writes its output) or "xla" (XLA's dot, of the patches for the stem, then BatchNorm
 # as a pass of its own). "auto" is native on the CPU; the environment variable overrides it at
@@ -55,10 +55,10 @@ def dense_convolutions(backend: str | None = None) -> str:
 
 
 def _native_dense(x, kernel, *affine) -> bool:
-    """Whether the native dense kernel runs this layer: chosen, small enough a kernel for it to
-    pay (`native.DENSE_NATIVE_MAX`), one dtype it takes."""
-    return (dense_convolutions() == "native" and kernel.size <= native.DENSE_NATIVE_MAX
-            and native.supports(x, kernel, *affine) and native.available())  # fmt: skip
+    """Whether the native dense kernel runs this layer: chosen, one dtype it takes, and a kernel
+    for which it pays on this CPU (`native.dense_pays`)."""
+    return (dense_convolutions() == "native" and native.supports(x, kernel, *affine) and native.available()
+            and native.dense_pays(kernel.shape))  # fmt: skip
 
 
 def with_affine(y: jax.Array, mul: jax.Array, add: jax.Array, activation: str | None) -> jax.Array:

@@ -82,7 +82,8 @@ def test_the_fused_forward_refuses_an_activation_it_does_not_have():
 # and without eval-mode BatchNorm and its activation, against XLA's convolution: float64 rounding
 # only (1e-12, as above); float32 against float64 1e-6 (sums of up to 27 * 6 products in float32,
 # ~1e-7 relative; measured 2e-7 on the models' shapes). The shapes take every tile of the kernel
-# (16, 8 and 1 output channels; 8 pixels and the remainder), padding on each side, a partly
+# (16, 8 and 1 output channels; the pixels that fit in registers, 8 with AVX-512 or 6 with AVX2,
+# and the remainder), padding on each side, a partly
 # padded last row and column (stride 2 over an odd size), and the 1x1 layer's in-place patches.
 DENSE_SHAPES = [((2, 13, 10, 3), 3, 2, 1, 25), ((1, 9, 7, 5), 3, 1, 1, 17), ((3, 6, 5, 12), 1, 1, 0, 40), ((2, 7, 7, 4), 5, 2, 2, 8)]
 
@@ -115,6 +116,15 @@ def test_dense_convolution_equals_xla_conv(shape, k, stride, padding, features, 
         assert np.linalg.norm(got - np.asarray(want)) / np.linalg.norm(np.asarray(want)) < bound
 
 
+def test_the_models_take_the_dense_kernel_where_it_pays_on_this_cpu():
+    # The stem (k > 1: XLA would write its patches out) always; a 1x1 layer only with AVX-512's 32
+    # registers (with AVX2's 16, XLA's dot ran them faster); nothing above DENSE_NATIVE_MAX weights.
+    assert native.vector_registers() in (16, 32)
+    assert native.dense_pays((3, 3, 3, 32))
+    assert native.dense_pays((1, 1, 256, 256)) == (native.vector_registers() == 32)
+    assert not native.dense_pays((1, 1, 512, 512)) and not native.dense_pays((3, 3, 512, 512))
+
+
 def test_the_dense_convolution_refuses_an_activation_it_does_not_have():
     x, w, ones = jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 8)), jnp.ones((8,))
     with pytest.raises(ValueError, match=r"^activation 'gelu': expected one of \[None, 'relu', 'relu6'\]$"):
@@ -124,7 +134,8 @@ def test_the_dense_convolution_refuses_an_activation_it_does_not_have():
 # The 1x1 convolution's kernel gradient, x^T g over the pixels (native.pixel_outer): float64 against
 # numpy is rounding only (1e-12, as above); float32 against float64 1e-6 (the sums run in float32
 # over chunks of 256 rows, then over 32 partials: measured 3e-7, XLA's dot 4.5e-7). The shapes
-# take every tile of the kernel (8 x 16, 8 x 8, 1 x 16, 1 x 1) and its remainders.
+# take every tile of the kernel (16, 8 and 1 columns by as many rows as fit in registers, 8 with
+# AVX-512 or 6 with AVX2, then 1) and its remainders.
 @pytest.mark.parametrize("pixels,a,b", [(3000, 27, 32), (1000, 8, 24), (513, 5, 7), (7, 16, 96), (20000, 144, 24)])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 def test_pointwise_kernel_gradient_equals_numpy(pixels, a, b, dtype):

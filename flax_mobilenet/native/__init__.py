@@ -21,6 +21,7 @@ shifted convolution, `flax_mobilenet.layers` XLA's reductions. `choose` is how b
 from __future__ import annotations
 
 import ctypes
+import math
 import functools
 import hashlib
 import os
@@ -111,16 +112,28 @@ def _build() -> Path:
 
 
 @functools.cache
-def _registered() -> str | None:
-    """Builds, loads and registers the handlers once per process; the reason if it could not."""
+def _loaded() -> tuple[ctypes.CDLL | None, str | None]:
+    """Builds, loads and registers the handlers once per process: the library, or the reason it
+    could not be."""
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
     except Exception as error:  # noqa: BLE001  any failure to build or load means the pure-JAX form
-        return f"{type(error).__name__}: {error}" if not isinstance(error, RuntimeError) else str(error)
+        return None, f"{type(error).__name__}: {error}" if not isinstance(error, RuntimeError) else str(error)
     for suffix in DTYPES.values():
         for op in OPS:
             jax.ffi.register_ffi_target(_target(op, suffix), jax.ffi.pycapsule(getattr(library, f"{op}{suffix}")), platform="cpu")
-    return None
+    return library, None
+
+
+def _registered() -> str | None:
+    return _loaded()[1]
+
+
+def vector_registers() -> int:
+    """How many vector registers the kernels were built for: 32 with AVX-512, 16 otherwise (0
+    where they are not built)."""
+    library = _loaded()[0] if available() else None
+    return 0 if library is None else library.VectorRegisters()
 
 
 def _target(op: str, suffix: str) -> str:
@@ -824,6 +837,14 @@ def batch_norm_backward_input(g, x, terms, activation: str | None) -> jax.Array:
 # for every 8 output pixels, which stays in cache up to about this (256 KiB in float32); XLA's dot
 # blocks larger products better (a 1x1 layer of 1024 x 1024 channels: 11.0 ms against 7.9).
 DENSE_NATIVE_MAX = 65536
+
+
+def dense_pays(kernel_shape: tuple[int, ...]) -> bool:
+    """Whether `dense_conv` runs a layer with this kernel (k, k, C, D) at least as fast as XLA's
+    dot on this CPU: at most DENSE_NATIVE_MAX weights, and either k > 1 (XLA writes the patches
+    out; the stem) or a build with 32 vector registers (AVX-512). With AVX2's 16, XLA's dot ran
+    the 1x1 layers faster: 95-113 GFLOP/s against 80-102 (bench/NOTES.md section 14)."""
+    return math.prod(kernel_shape) <= DENSE_NATIVE_MAX and (kernel_shape[0] > 1 or vector_registers() >= 32)
 
 
 def _xla_dense(x, w, *, stride, padding):

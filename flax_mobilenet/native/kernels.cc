@@ -35,6 +35,33 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// ------------------------------------------------------------------ vectors and registers
+
+// This build's widest vector and how many registers of it the CPU has. GCC's vector extension
+// lowers a vector wider than a register through the stack, a load and a store around every
+// multiply-add: with 16-float tiles, the dense kernel ran at 7-13 GFLOP/s on an AVX2 CPU, against
+// XLA's 90-117 (bench/NOTES.md section 14). So the register tiles below are arrays of vectors at
+// most a register wide, as many as fit in the register file.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorBytes = 32;
+constexpr int kVectorRegisters = 16;
+#endif
+
+// N values of T as NV vectors V of L lanes each.
+template <typename T, int N>
+struct Lanes {
+  static constexpr int L = std::min<int>(N, kVectorBytes / sizeof(T));
+  static constexpr int NV = N / L;
+  typedef T V __attribute__((vector_size(sizeof(T) * L)));
+};
+
+// Rows of a tile whose rows are NV vectors of sums each, one operand vector shared by the rows
+// (NV registers) and one broadcast value a row (1): the most that fit in registers, at most 8.
+constexpr int TileRows(int nv) { return std::min(8, (kVectorRegisters - nv - 1) / nv); }
+
 // ------------------------------------------------------------------ writing outputs
 
 constexpr int kWriteChunk = 64;  // values computed, then written out together
@@ -228,11 +255,6 @@ void ForwardRow(const Shape& d, const T* __restrict x, const T* __restrict k, T*
 // row, and PW pixels are summed together (independent chains, one load per multiply-add). Each
 // sum has the same terms in the same order as ForwardRow's (InputGradRow's); the float32 outputs
 // are bit-identical (bench/NOTES.md section 13).
-#if defined(__AVX512F__)
-constexpr int kVectorBytes = 64;
-#else
-constexpr int kVectorBytes = 32;
-#endif
 constexpr int kRowTapsPixels = 4;
 
 // Whether a layer's forward, and at stride 1 its input gradient, go through RowTapsLine: 3 x 3
@@ -303,7 +325,8 @@ inline void RowTapsLine(const T* __restrict k, int64_t channels, int64_t c, int6
   for (o = hi; o < cols; ++o) edge(o);
 }
 
-// Blocks of 2 vectors of channels, then of 1: line(NB, c) for each.
+// Blocks of 2 vectors of channels, then of 1: line(NB, c) for each. (On AVX2 a pair's 18 taps
+// do not all fit in registers; blocks of 1 vector ran no faster there: bench/NOTES.md section 14.)
 template <typename T, typename Line>
 inline void RowTapsBlocks(int64_t channels, Line&& line) {
   constexpr int L = kVectorBytes / sizeof(T);
@@ -442,27 +465,33 @@ constexpr int64_t kOuterChunk = 256;
 template <int AT, int BT, typename T>
 inline void OuterTile(const T* __restrict x, const T* __restrict g, int64_t A, int64_t B, int64_t r0, int64_t r1,
                       int64_t a0, int64_t b0, T* __restrict out) {
-  // BT columns as one vector (GCC's vector extension: the compiler keeps the AT sums in registers).
-  typedef T V __attribute__((vector_size(sizeof(T) * BT)));
-  V acc[AT];
-  for (int i = 0; i < AT; ++i) acc[i] = V{};
+  // BT columns as NV vectors (GCC's vector extension: the compiler keeps the AT x NV sums in registers).
+  typedef Lanes<T, BT> W;
+  typedef typename W::V V;
+  V acc[AT][W::NV];
+  for (int i = 0; i < AT; ++i)
+    for (int v = 0; v < W::NV; ++v) acc[i][v] = V{};
   for (int64_t p = r0; p < r1; ++p) {
     const T* xp = x + p * A + a0;
-    V gv;
-    std::memcpy(&gv, g + p * B + b0, sizeof(V));
+    V gv[W::NV];
+    for (int v = 0; v < W::NV; ++v) std::memcpy(&gv[v], g + p * B + b0 + v * W::L, sizeof(V));
 #pragma GCC unroll 8
-    for (int i = 0; i < AT; ++i) acc[i] += gv * xp[i];
+    for (int i = 0; i < AT; ++i)
+      for (int v = 0; v < W::NV; ++v) acc[i][v] += gv[v] * xp[i];
   }
   for (int i = 0; i < AT; ++i)
-    for (int j = 0; j < BT; ++j) out[(a0 + i) * B + b0 + j] += acc[i][j];
+    for (int v = 0; v < W::NV; ++v)
+      for (int j = 0; j < W::L; ++j) out[(a0 + i) * B + b0 + v * W::L + j] += acc[i][v][j];
 }
 
-// Tiles of BT output columns (16, 8, then 1 for the remainder), each over rows of AT x (8, then 1).
+// Tiles of BT output columns (16, 8, then 1 for the remainder), each over rows of AT x (as many
+// as fit in registers, then 1).
 template <int BT, typename T>
 inline int64_t OuterColumns(const T* x, const T* g, int64_t A, int64_t B, int64_t r0, int64_t r1, int64_t b, T* out) {
+  constexpr int AT = TileRows(Lanes<T, BT>::NV);
   for (; b + BT <= B; b += BT) {
     int64_t a = 0;
-    for (; a + 8 <= A; a += 8) OuterTile<8, BT>(x, g, A, B, r0, r1, a, b, out);
+    for (; a + AT <= A; a += AT) OuterTile<AT, BT>(x, g, A, B, r0, r1, a, b, out);
     for (; a < A; ++a) OuterTile<1, BT>(x, g, A, B, r0, r1, a, b, out);
   }
   return b;
@@ -497,7 +526,10 @@ struct DenseShape {
   bool InPlace() const { return k == 1 && s == 1 && p == 0; }
 };
 
-constexpr int64_t kDensePixels = 8;    // pixels summed together: independent sums in flight
+// Pixels summed together (independent sums in flight): as many as fit in registers with 16
+// output channels each.
+template <typename T>
+constexpr int64_t kDensePixels = TileRows(Lanes<T, 16>::NV);
 constexpr int64_t kDenseTask = 256;    // pixels per task of the parallel loop
 
 // The patch of output pixel `pixel` (flattened n, oh, ow) into `out` (Taps() values, zero where
@@ -527,23 +559,26 @@ inline void GatherPatch(const DenseShape& d, const T* __restrict x, int64_t pixe
 }
 
 // Output channels [d0, d0 + DB) of PB pixels whose patches lie `taps` apart from `patches`,
-// summed in registers (GCC's vector extension; wider tiles, as 2 x 16 floats a pixel, spilled
-// and ran 2-3x slower).
+// summed in registers (GCC's vector extension; on AVX-512, wider tiles, as 2 x 16 floats a pixel,
+// ran 2-3x slower).
 template <int PB, int DB, typename T, typename S>
 inline void DenseTile(const T* __restrict patches, int64_t taps, const T* __restrict w, int64_t D, int64_t d0,
                       T* __restrict y, const S& store) {
-  typedef T V __attribute__((vector_size(sizeof(T) * DB)));
-  V acc[PB];
-  for (int q = 0; q < PB; ++q) acc[q] = V{};
+  typedef Lanes<T, DB> W;
+  typedef typename W::V V;
+  V acc[PB][W::NV];
+  for (int q = 0; q < PB; ++q)
+    for (int v = 0; v < W::NV; ++v) acc[q][v] = V{};
   for (int64_t t = 0; t < taps; ++t) {
-    V wv;
-    std::memcpy(&wv, w + t * D + d0, sizeof(V));
+    V wv[W::NV];
+    for (int v = 0; v < W::NV; ++v) std::memcpy(&wv[v], w + t * D + d0 + v * W::L, sizeof(V));
 #pragma GCC unroll 8
-    for (int q = 0; q < PB; ++q) acc[q] += wv * patches[q * taps + t];
+    for (int q = 0; q < PB; ++q)
+      for (int v = 0; v < W::NV; ++v) acc[q][v] += wv[v] * patches[q * taps + t];
   }
   for (int q = 0; q < PB; ++q) {
     T sums[DB];
-    std::memcpy(sums, &acc[q], sizeof(V));
+    for (int v = 0; v < W::NV; ++v) std::memcpy(sums + v * W::L, &acc[q][v], sizeof(V));
     store(y + q * D, sums, d0, DB);
   }
 }
@@ -568,8 +603,8 @@ void DenseRange(const DenseShape& d, const T* __restrict x, const T* __restrict 
     return buffer;
   };
   int64_t pixel = first;
-  for (; pixel + kDensePixels <= last; pixel += kDensePixels)
-    DensePixels<kDensePixels>(patches(pixel, kDensePixels), taps, w, d.d, y + pixel * d.d, store);
+  constexpr int64_t PB = kDensePixels<T>;
+  for (; pixel + PB <= last; pixel += PB) DensePixels<PB>(patches(pixel, PB), taps, w, d.d, y + pixel * d.d, store);
   for (; pixel < last; ++pixel) DensePixels<1>(patches(pixel, 1), taps, w, d.d, y + pixel * d.d, store);
 }
 
@@ -578,7 +613,7 @@ void DenseForward(ffi::ThreadPool& pool, const DenseShape& d, const T* x, const 
   const int64_t pixels = d.n * d.ho * d.wo;
   const int64_t tasks = (pixels + kDenseTask - 1) / kDenseTask;
   ParallelFor(pool, tasks, [&](int64_t b) {
-    std::vector<T> buffer(d.InPlace() ? 0 : kDensePixels * d.Taps());
+    std::vector<T> buffer(d.InPlace() ? 0 : kDensePixels<T> * d.Taps());
     DenseRange(d, x, w, y, b * kDenseTask, std::min(pixels, (b + 1) * kDenseTask), buffer.data(), store);
   });
 }
@@ -1102,3 +1137,6 @@ FLAX_MOBILENET_DENSE_HANDLERS(F64, ffi::F64)
 
 FLAX_MOBILENET_BATCH_NORM_HANDLERS(F32, ffi::F32)
 FLAX_MOBILENET_BATCH_NORM_HANDLERS(F64, ffi::F64)
+
+// The build's register file, for the Python side's choices (flax_mobilenet.native.vector_registers).
+extern "C" int VectorRegisters() { return kVectorRegisters; }
