@@ -460,6 +460,8 @@ def machine() -> dict:
     import jax
     import torch
 
+    from flax_mobilenet import native
+
     cpu = platform.processor()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
@@ -473,6 +475,8 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "versions": {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "depthwise_env": os.environ.get("FLAX_MOBILENET_DEPTHWISE"),
+        # 32 with AVX-512, 16 with AVX2: the native kernels' tiles and the dense kernel's use differ.
+        "native_vector_registers": native.vector_registers() if jax.default_backend() == "cpu" else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
@@ -502,7 +506,8 @@ def main(argv=None) -> int:
         print(f"train.bench: error: --out {args.out}: its directory does not exist", file=sys.stderr)
         return 2
     info = machine() | {"malloc": "keep_step_buffers" if tuned_malloc else "default"}
-    print(f"machine: {info['cpu']}, {info['cores']} cores; jax {info['jax_backend']}, torch {info['torch_device']}; malloc {info['malloc']}", flush=True)
+    registers = f", native kernels for {info['native_vector_registers']} vector registers" if info["native_vector_registers"] else ""
+    print(f"machine: {info['cpu']}, {info['cores']} cores{registers}; jax {info['jax_backend']}, torch {info['torch_device']}; malloc {info['malloc']}", flush=True)
     if args.depthwise:
         rows = depthwise_microbench(args.repeats)
         print(depthwise_table(rows, "3x3 depthwise, batch 32, 56x56, 144 ch"))
