@@ -559,8 +559,8 @@ inline void GatherPatch(const DenseShape& d, const T* __restrict x, int64_t pixe
 }
 
 // Output channels [d0, d0 + DB) of PB pixels whose patches lie `taps` apart from `patches`,
-// summed in registers (GCC's vector extension; on AVX-512, wider tiles, as 2 x 16 floats a pixel,
-// ran 2-3x slower).
+// summed in registers (GCC's vector extension). A wider tile tried on AVX-512, one 32-float vector
+// a pixel, ran 2-3x slower, probably through the stack as above; as two vectors it is untried.
 template <int PB, int DB, typename T, typename S>
 inline void DenseTile(const T* __restrict patches, int64_t taps, const T* __restrict w, int64_t D, int64_t d0,
                       T* __restrict y, const S& store) {
