@@ -21,9 +21,9 @@ shifted convolution, `flax_mobilenet.layers` XLA's reductions. `choose` is how b
 from __future__ import annotations
 
 import ctypes
-import math
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -132,7 +132,7 @@ def _registered() -> str | None:
 def vector_registers() -> int:
     """How many vector registers the kernels were built for: 32 with AVX-512, 16 otherwise (0
     where they are not built)."""
-    library = _loaded()[0] if available() else None
+    library = _loaded()[0]
     return 0 if library is None else library.VectorRegisters()
 
 
