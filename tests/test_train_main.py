@@ -116,6 +116,53 @@ def test_metrics_jsonl_has_train_rows_every_log_step_and_an_eval_row(baseline):
     assert (baseline / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _fake_loop(monkeypatch, tmp_path, epochs: int) -> list[int]:
+    """train.main's loop over `epochs` epochs of 2 steps with a fake step, evaluation and save;
+    returns the steps at which curves.png was drawn."""
+    from train import config as config_lib
+    from train import main, metrics
+
+    drawn = []
+    monkeypatch.setattr(metrics, "plot_workdir", lambda workdir: drawn.append(len(metrics.read(workdir))))
+    monkeypatch.setattr(main, "_train_batches", lambda config, run_plan, epoch, first: iter([{}] * (2 - first)))
+    config = config_lib.parse_config(["--epochs", str(epochs), "--log-every", "1", "--no-progress", "--workdir", str(tmp_path)])
+    run_plan = main.Plan(10, 32, steps_per_epoch=2, total_steps=2 * epochs, stop_step=2 * epochs, checkpoint_every=2)
+    step = {"loss": np.float32(1.0), "accuracy": np.float32(0.5)}
+    main._loop(config, run_plan, tmp_path, 0, lambda batch: step, lambda: {"loss": 1.0, "accuracy": 0.5}, lambda: None)
+    return drawn
+
+
+def test_curves_are_drawn_after_the_first_evaluation_and_at_the_end_when_epochs_are_quick(monkeypatch, tmp_path):
+    # Five epochs of a fake step take milliseconds, far under PLOT_INTERVAL_SECONDS: the first
+    # evaluation draws (3 rows: two train losses and the evaluation), and the end draws all 15.
+    assert _fake_loop(monkeypatch, tmp_path, epochs=5) == [3, 15]
+
+
+def test_curves_are_drawn_after_every_evaluation_once_the_interval_has_passed(monkeypatch, tmp_path):
+    from train import main
+
+    monkeypatch.setattr(main, "PLOT_INTERVAL_SECONDS", 0.0)
+    # Every evaluation draws; the last one has drawn every row, so the end does not draw again.
+    assert _fake_loop(monkeypatch, tmp_path, epochs=3) == [3, 6, 9]
+
+
+@pytest.mark.parametrize("configured", [None, "elsewhere"])
+def test_runs_keep_compiled_programs_beside_the_kernels_unless_a_cache_is_configured(configured, monkeypatch, tmp_path):
+    from flax_mobilenet import native
+    from train import step as step_lib
+
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    try:
+        jax.config.update("jax_compilation_cache_dir", configured and str(tmp_path / configured))
+        step_lib.use_compilation_cache()
+        # Unconfigured: a folder beside the kernels, named for this build of them.
+        expected = tmp_path / configured if configured else tmp_path / "xla" / native._library_path().stem
+        assert jax.config.jax_compilation_cache_dir == str(expected)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
 def test_killed_and_resumed_run_ends_with_the_same_parameters(baseline, tmp_path, compile_cache):
     args = ["-m", "train.main", *TINY, "--max-steps", "8", "--checkpoint-every", "2", "--workdir", str(tmp_path)]
     process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=environment(compile_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

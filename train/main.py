@@ -126,6 +126,9 @@ def train_and_evaluate(config: config_lib.Config, run_plan: Plan) -> dict:
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _write_run_file(config, run_plan, workdir)
+    from train import step as step_lib
+
+    step_lib.use_compilation_cache()  # both paths compile the initial state in JAX
     if config.framework == "torch":
         return _train_torch(config, run_plan, workdir)
     return _train_jax(config, run_plan, workdir)
@@ -239,6 +242,11 @@ def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
 
 # --- The loop, shared -----------------------------------------------------------------------
 
+# curves.png is redrawn after an evaluation at most this often, and at the end. A redraw takes
+# ~0.6 s of the CPU: once an epoch, the default run spent 9 of its 68 s drawing (section 15 of
+# bench/NOTES.md). Long epochs (a real dataset) still get one after each evaluation.
+PLOT_INTERVAL_SECONDS = 30.0
+
 
 def _loop(config, run_plan: Plan, workdir: Path, start: int, train: Callable, evaluate: Callable, save: Callable) -> dict:
     """Epochs of `train(batch) -> {"loss", "accuracy"}` from step `start`; `evaluate() -> dict`
@@ -260,6 +268,7 @@ def _loop(config, run_plan: Plan, workdir: Path, start: int, train: Callable, ev
         return result
     step, window, since, timer = start, [], start, time.perf_counter()
     images_per_second = 0.0
+    last_plot, unplotted = -math.inf, True  # when curves.png was drawn; rows appended since
     for epoch in range(start // spe, math.ceil(stop / spe)):
         first = step - epoch * spe
         bar = tqdm(
@@ -283,6 +292,7 @@ def _loop(config, run_plan: Plan, workdir: Path, start: int, train: Callable, ev
                 images_per_second = (step - since) * config.batch_size / max(elapsed, 1e-9)
                 if chief and at_log:
                     metrics.append(workdir, {"step": step, "train_loss": float(np.mean(losses[-config.log_every :]))})
+                    unplotted = True
                 bar.set_postfix(
                     loss=f"{losses[-1]:.4f}",
                     acc=f"{np.mean(accuracies):.3f}",
@@ -301,13 +311,16 @@ def _loop(config, run_plan: Plan, workdir: Path, start: int, train: Callable, ev
             row = {"step": step, "epoch": epoch + 1, "eval_loss": result["loss"], "eval_accuracy": result["accuracy"]}
             if chief:
                 metrics.append(workdir, row)
-                metrics.plot_workdir(workdir)
+                unplotted = True
+                if time.perf_counter() - last_plot >= PLOT_INTERVAL_SECONDS:
+                    metrics.plot_workdir(workdir)
+                    last_plot, unplotted = time.perf_counter(), False
             bar.set_postfix(eval_loss=f"{result['loss']:.4f}", eval_acc=f"{result['accuracy']:.4f}", img_s=f"{images_per_second:.0f}")
         bar.close()
         timer = time.perf_counter()  # evaluation is not training time
         if step >= stop or (epoch_done and step % run_plan.checkpoint_every != 0):
             save()
-    if chief:
+    if chief and unplotted:
         metrics.plot_workdir(workdir)
     return result
 

@@ -28,6 +28,20 @@ class TrainState(train_state.TrainState):
     batch_stats: Any
 
 
+def use_compilation_cache() -> None:
+    """Keep compiled programs on disk between runs (JAX's persistent compilation cache), in
+    `flax_mobilenet.native.programs_dir()`, unless JAX_COMPILATION_CACHE_DIR (or jax.config)
+    already names a directory; JAX_ENABLE_COMPILATION_CACHE=false turns it off.
+
+    The default run spends 12-16 s of its minute compiling, most of it the initial state: XLA:CPU
+    takes ~0.1 s for each of its ~110 random draws. Run again, the programs load in ~1 s
+    (bench/NOTES.md section 15). Not for train.bench, which times compilation."""
+    if jax.config.jax_compilation_cache_dir is None:
+        from flax_mobilenet import native
+
+        jax.config.update("jax_compilation_cache_dir", str(native.programs_dir()))
+
+
 def model_for(config, num_classes: int) -> MobileNet:
     """The Flax model `config` (train.config.Config) describes: `--precision bf16` computes in
     bfloat16 with float32 parameters."""

@@ -51,7 +51,8 @@ OPS = ("DepthwiseForward", "DepthwiseForwardAffine", "DepthwiseInputGrad", "Dept
 ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where built kernels are kept (and, for train.main, XLA's compiled steps: train.step)."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -82,6 +83,24 @@ def _command(output: Path) -> list[str]:
 MIN_JAXLIB = (0, 10)
 
 
+def _library_path() -> Path:
+    """The library's place in the cache, named by a hash of what it is built from."""
+    import jaxlib
+
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(_command(Path("out"))).encode(), jaxlib.__version__.encode(), _processor_flags().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+
+
+def programs_dir() -> Path:
+    """Where train.main keeps XLA's compiled programs between runs (`train.step.use_compilation_cache`):
+    a folder per build of the kernels, so that a program compiled beside one build never runs
+    with another's handlers."""
+    return cache_dir() / "xla" / _library_path().stem
+
+
 def _build() -> Path:
     """The compiled library's path, building it into the cache first if it is not there."""
     import jaxlib
@@ -90,11 +109,7 @@ def _build() -> Path:
     if version < MIN_JAXLIB:
         raise RuntimeError(f"jaxlib {jaxlib.__version__} is older than {'.'.join(map(str, MIN_JAXLIB))}, the oldest tested")
 
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(_command(Path("out"))).encode(), jaxlib.__version__.encode(), _processor_flags().encode()):
-        key.update(part)
-        key.update(b"\0")
-    target = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+    target = _library_path()
     if target.exists():
         return target
     if shutil.which(_command(target)[0]) is None:
