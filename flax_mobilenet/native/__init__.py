@@ -52,7 +52,7 @@ ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
 
 
 def cache_dir() -> Path:
-    """Where built kernels are kept (and, for train.main, XLA's compiled steps: train.step)."""
+    """Where built kernels are kept, and train.main's compiled programs (`programs_dir()`)."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
