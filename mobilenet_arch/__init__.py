@@ -213,9 +213,14 @@ def _check(width_mult: float, num_classes: int, dropout: float) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
 
+def conv_output_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
+    """Spatial size after a convolution with symmetric `padding` (PyTorch's formula)."""
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
 def output_size(size: int, layer: ConvBN) -> int:
-    """Spatial size after `layer` (PyTorch's formula with symmetric padding)."""
-    return (size + 2 * layer.padding - layer.kernel_size) // layer.stride + 1
+    """Spatial size after `layer`."""
+    return conv_output_size(size, layer.kernel_size, layer.stride, layer.padding)
 
 
 def total_stride(arch: Architecture) -> int:

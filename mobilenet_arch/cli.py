@@ -1,0 +1,61 @@
+"""What every command-line tool of the project shares: a mistake reported as one line, and output
+files that appear whole or not at all.
+
+Pure Python like the rest of `mobilenet_arch`, which is why it lives here: this is the one package
+that every other imports and that imports none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, NoReturn
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: <message>` as one line on stderr and exit with status 2."""
+    one_line = " ".join(str(message).split())  # library messages may span lines
+    print(f"error: {one_line}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one `error: ...` line (exit 2) like every other
+    bad input of the tools, instead of argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see --help)")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], mode: int = 0o644) -> None:
+    """Write `path` through `write(binary_file)` so that it appears whole or not at all.
+
+    The bytes go to a temporary file in the destination's directory, which is renamed over `path`
+    once complete: a run killed half-way leaves the previous file (or none), never a truncated one.
+    `mode` is applied before the rename because `mkstemp` creates the file private (0600), and
+    nothing this project writes is a secret.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> None:
+    """`atomic_write` of a UTF-8 text."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), mode)
