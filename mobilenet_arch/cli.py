@@ -15,12 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, NoReturn
 
+from mobilenet_arch import Architecture, architecture
 
-def fail(message: str) -> NoReturn:
-    """Print `error: <message>` as one line on stderr and exit with status 2."""
+
+def fail(message: str, status: int = 2) -> NoReturn:
+    """Print `error: <message>` as one line on stderr and exit with `status`: 2 (argparse's) for
+    bad input, 1 for a run that failed after it started."""
     one_line = " ".join(str(message).split())  # library messages may span lines
     print(f"error: {one_line}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -29,6 +32,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see --help)")
+
+
+def architecture_or_fail(arch: str, width_mult: float, num_classes: int = 1000) -> Architecture:
+    """`mobilenet_arch.architecture(...)`, or its complaint (a width or class count out of range)
+    as a one-line error."""
+    try:
+        return architecture(arch, width_mult, num_classes)
+    except ValueError as e:
+        fail(str(e))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], mode: int = 0o644) -> None:
