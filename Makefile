@@ -19,11 +19,7 @@ train: install
 test: install
 	$(BIN)/python -m pytest -n 2 tests
 
-# The native depthwise kernels alone, layer by layer, on one thread (bench/kernel_layers.cc),
-# compiled with the library's own command (flax_mobilenet/native: `_command`) as an executable.
+# The native depthwise kernels alone, layer by layer, on one thread (bench/kernel_layers.cc,
+# compiled with the library's own command).
 kernel-bench: install
-	mkdir -p build
-	$(BIN)/python -c "import subprocess; from pathlib import Path; from flax_mobilenet import native; \
-	cmd = [a for a in native._command(Path('build/kernel_layers')) if a not in ('-shared', '-fPIC')]; \
-	cmd[cmd.index(str(native.SOURCE))] = 'bench/kernel_layers.cc'; subprocess.run(cmd, check=True)"
-	build/kernel_layers
+	$(BIN)/python -m bench.kernels

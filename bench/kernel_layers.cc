@@ -1,12 +1,13 @@
 // Times the native depthwise kernels (flax_mobilenet/native/kernels.cc) on every depthwise layer
-// of MobileNetV1 and V2 at 224 x 224, batch 16, float32, on one thread: `make kernel-bench`.
+// of MobileNetV1 and V2 at 224 x 224, batch 16, float32, on one thread: `python -m bench.kernels`
+// (or `make kernel-bench`), which compiles it with the library's own flags.
 //
-// Whole-step A/Bs on this 2-core machine move by +-5% between runs; a kernel change is measured
-// here first (bench/NOTES.md sections 12 and 13). Each variant of a layer runs interleaved with
-// the others, 9 times, with L3 flushed before each run (in a training step a layer's input was
-// written long before); the medians are printed, with the traffic of one read of the inputs and
-// one write of the output in GB/s. Where a layer fits two row kernels (fewer than 64 channels),
-// both are timed and their outputs compared bit for bit.
+// A whole training step's time moves between runs by more than a small kernel change is worth, so
+// a kernel change is measured here first (the tables are in bench/NOTES.md). Each variant of a
+// layer runs interleaved with the others, 9 times, with L3 flushed before each run (in a training
+// step a layer's input was written long before); the medians are printed, with the traffic of one
+// read of the inputs and one write of the output in GB/s. Where a layer fits two row kernels (fewer
+// than 64 channels), both are timed and their outputs compared bit for bit.
 #include "../flax_mobilenet/native/kernels.cc"
 
 #include <algorithm>

@@ -1,4 +1,4 @@
-"""`python -m train.bench` runs end to end (a tiny configuration: the numbers are not checked,
+"""`python -m bench` runs end to end (a tiny configuration: the numbers are not checked,
 only that every framework was timed and the table and JSON are written)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from train import bench
+from bench import cli, depthwise, throughput, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_times_both_frameworks_and_writes_the_table_and_json(precision, tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--arch", "v1", "--resolution", "32", "--batch", "4", "--repeats", "1", "--no-memory"]
-    assert bench.main([*argv, "--precision", precision, "--frameworks", "jax,torch", "--out", str(out)]) == 0
+    assert cli.main([*argv, "--precision", precision, "--frameworks", "jax,torch", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["framework"], r["precision"]) for r in rows] == [("jax", precision), ("torch", precision)]
     assert all(r["train_images_per_s"] > 0 and r["infer_images_per_s"] > 0 and len(r["train_step_s"]) == 1 for r in rows)
@@ -27,8 +27,33 @@ def test_bench_times_both_frameworks_and_writes_the_table_and_json(precision, tm
     assert f"| V1 | 32 | 4 | {precision} | jax" in table and f"| V1 | 32 | 4 | {precision} | torch |" in table
 
 
-@pytest.mark.parametrize("flags", [["--precision", "fp16"], ["--frameworks", "tensorflow"], ["--resolution", "16"]])
+def test_bench_depthwise_times_every_implementation_in_both_phases(monkeypatch):
+    monkeypatch.setattr(timing, "SETTLE_SECONDS", 0)  # the pause keeps timings apart; nothing is timed here
+    rows = depthwise.depthwise_microbench(1, batch=2, size=8, channels=8)
+    assert {(r["stride"], r["impl"], r["phase"]) for r in rows} == {
+        (stride, impl, phase)
+        for stride in (1, 2)
+        for impl in ("jax xla", "jax shifted", "jax native", "torch")
+        for phase in ("forward", "forward+backward")
+    }
+    assert "| forward | 1 | jax native |" in depthwise.depthwise_table(rows)
+
+
+def test_saved_results_render_as_the_table():
+    payload = json.loads((ROOT / "bench" / "results_cpu.json").read_text())
+    table = throughput.markdown_table(payload["rows"]).splitlines()
+    assert len(table) == 2 + len(payload["rows"]) and table[2].startswith("| V1 | 224 |")
+
+
+def test_bench_help_runs_from_the_repository_root():
+    result = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--frameworks" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags", [["--precision", "fp16"], ["--frameworks", "tensorflow"], ["--resolution", "16"], ["--repeats", "0"], ["--out", "missing/bench.json"]]
+)
 def test_bench_rejects_bad_flags_in_one_line(flags):
-    result = subprocess.run([sys.executable, "-m", "train.bench", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "bench", *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "error" in result.stderr, result.stderr
