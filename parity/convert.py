@@ -21,7 +21,7 @@ import torch
 
 import mobilenet_arch
 import torch_ref
-from parity.check import ArgumentParser, architecture_or_fail, fail, flax_logits, flax_model, random_batch, relative_l2, torch_logits
+from mobilenet_arch.cli import ArgumentParser, architecture_or_fail, fail
 from parity.io import (
     WeightsFileError,
     framework_of,
@@ -32,7 +32,9 @@ from parity.io import (
     save_flax_variables,
     save_torch_state_dict,
 )
-from parity.weights import ConversionError, flax_to_torch, infer_width, torch_to_flax
+from parity.models import flax_logits, flax_model, relative_l2, torch_logits
+from parity.random_weights import random_batch
+from parity.weights import ConversionError, flax_to_torch, infer_width, num_classes_of, torch_to_flax
 
 NAMES = {"torch": "PyTorch", "flax": "Flax"}
 # Logits of the two frameworks differ by float32 rounding only (about 1e-6 relative L2 measured);
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 state_dict = flax_to_torch(variables, args.arch)
         except ConversionError as e:
             raise ConversionError(f"{args.src}: {e}{_hint(args.src, args.arch)}") from e
-        num_classes = len(state_dict[f"{mobilenet_arch.architecture(args.arch).torch_classifier}.bias"])
+        num_classes = num_classes_of(state_dict, args.arch)
         if args.verify and not verify(state_dict, variables, args, source=src):
             return 1
         if dst == "torch":
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def verify(state_dict: dict[str, torch.Tensor], variables: dict[str, Any], args, source: str) -> bool:
     """Logits of the PyTorch model (state_dict) and the Flax model (variables) on one batch."""
-    num_classes = variables["params"]["classifier"]["bias"].shape[0]
+    num_classes = num_classes_of(state_dict, args.arch)
     torch_model = torch_ref.create_model(args.arch, args.width, num_classes)
     torch_model.load_state_dict(state_dict, strict=True)
     x = random_batch(2, args.resolution)

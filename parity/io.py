@@ -11,15 +11,13 @@
     save_torch_state_dict(flax_to_torch(variables, "v2"), "model.pth")
 
 A file that is missing, truncated or of another kind raises `WeightsFileError` with a one-line
-message. Writes go to a temporary file in the destination's directory and are renamed into place,
-so a failure never leaves a half-written file.
+message. Writes are atomic (`mobilenet_arch.cli.atomic_write`): a failure never leaves a
+half-written file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Literal, Mapping
 
@@ -30,6 +28,7 @@ import safetensors.torch
 import torch
 
 import mobilenet_arch
+from mobilenet_arch.cli import atomic_write
 from parity.weights import ConversionError, check_state_dict, flax_to_torch, num_classes_of, rules, torch_to_flax
 
 Framework = Literal["torch", "flax"]
@@ -156,20 +155,12 @@ def _existing(path: str | os.PathLike, framework: Framework) -> Path:
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    if not path.parent.is_dir():
-        raise WeightsFileError(f"cannot write {path}: directory {path.parent} does not exist")
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    """`mobilenet_arch.cli.atomic_write`, its missing directory a WeightsFileError like every other
+    bad path."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a weights file is not a secret
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+        atomic_write(path, write)
+    except FileNotFoundError as e:  # "cannot write PATH: directory DIR does not exist"
+        raise WeightsFileError(str(e)) from e
 
 
 def _first_line(error: Exception) -> str:

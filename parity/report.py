@@ -25,19 +25,10 @@ import numpy as np
 import torch
 
 import mobilenet_arch
-from parity.check import (
-    DTYPES,
-    REFERENCES,
-    ArgumentParser,
-    architecture_or_fail,
-    fail,
-    flax_model,
-    random_batch,
-    random_torch_model,
-    torch_model,
-    to_nchw,
-)
+from mobilenet_arch.cli import ArgumentParser, architecture_or_fail, fail
 from parity.io import WeightsFileError, load_as_torch
+from parity.models import DTYPES, REFERENCES, flax_model, to_nchw, torch_model
+from parity.random_weights import random_batch, random_torch_model
 from parity.weights import ConversionError, num_classes_of, torch_to_flax
 
 # float32 rounding through ~50 layers stays near 1e-6 relative (measured); a difference 100x
@@ -134,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = random_torch_model(args.arch, args.width, seed=args.seed, reference=args.reference)
             source = f"random weights, randomised BatchNorm (seed {args.seed})"
+        num_classes = num_classes_of(model.state_dict(), args.arch)
         variables = torch_to_flax(model.state_dict(), args.arch, args.width)
     except (WeightsFileError, ConversionError, OSError) as e:
         fail(str(e))
-    num_classes = variables["params"]["classifier"]["bias"].shape[0]
     x = random_batch(args.batch, args.resolution, args.seed)
     rows = compare(
         torch_activations(model, x),

@@ -15,9 +15,10 @@ import torch
 
 import torch_ref
 from parity import convert, report
-from parity.check import random_torch_model
 from parity.io import load_flax_variables, save_flax_variables
+from parity.random_weights import random_torch_model
 from parity.weights import torch_to_flax
+from tests.cli_errors import assert_one_line_error
 
 WIDTH = 0.35  # the smallest V2: the CLI's behaviour does not depend on the width
 
@@ -31,13 +32,6 @@ def v2_pth(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "v2.pth"
     torch.save(random_torch_model("v2", WIDTH, seed=21).state_dict(), path)
     return path
-
-
-def assert_one_line_error(text: str, *fragments: str):
-    lines = text.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), text
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def test_convert_command_writes_flax_weights_and_verifies_them(v2_pth, tmp_path):

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import flax_mobilenet
-from parity.check import random_torch_model
 from parity.io import (
     WeightsFileError,
     load_as_flax,
@@ -24,6 +23,7 @@ from parity.io import (
     save_flax_variables,
     save_torch_state_dict,
 )
+from parity.random_weights import random_torch_model
 from parity.weights import ConversionError, flax_to_torch, torch_to_flax
 
 # Round trips use a small width: the rules are the same for every width, and the error tests
@@ -232,3 +232,20 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(state_dict, tmp_path,
         save_torch_state_dict(state_dict, path)
     assert path.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["w.pth"]  # no temporary file left
+
+
+def test_writing_into_a_missing_directory_is_a_weights_file_error(state_dict, tmp_path):
+    with pytest.raises(WeightsFileError, match="cannot write .* directory .* does not exist"):
+        save_torch_state_dict(state_dict, tmp_path / "absent" / "w.pth")
+    assert not (tmp_path / "absent").exists()
+
+
+@pytest.mark.parametrize("name", ["w.pth", "w.safetensors", "w.msgpack"])
+def test_weights_files_are_readable_by_everyone(state_dict, arch, tmp_path, name):
+    # Not secrets: 0644 like any file the user writes, not the 0600 of a temporary file.
+    path = tmp_path / name
+    if name.endswith(".msgpack"):
+        save_flax_variables(torch_to_flax(state_dict, arch, WIDTH), path)
+    else:
+        save_torch_state_dict(state_dict, path)
+    assert path.stat().st_mode & 0o777 == 0o644

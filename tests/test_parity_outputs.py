@@ -2,7 +2,7 @@
 updated BatchNorm statistics, and the gradients of the cross-entropy loss.
 
 Every PyTorch model has random weights, random BatchNorm statistics and affine parameters
-(`parity.check.randomize_batchnorm`) and a random classifier bias, so that a converter or layer
+(`parity.random_weights.randomize_batchnorm`) and a random classifier bias, so that a converter or layer
 that ignored any of them would fail. Float32 on the CPU, batch 2 unless said otherwise.
 """
 
@@ -16,9 +16,10 @@ import optax
 import pytest
 import torch
 
-from parity.check import flax_model, random_batch, random_torch_model, relative_l2, run_both, to_nchw
 from flax_mobilenet import create_model
-from parity.weights import rules, torch_to_flax
+from parity.models import flax_logits, flax_model, relative_l2, to_nchw, torch_logits
+from parity.random_weights import random_batch, random_torch_model
+from parity.weights import num_classes_of, rules, torch_to_flax
 
 V1_WIDTHS = (0.25, 0.5, 0.75, 1.0)
 V2_WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.4)
@@ -32,6 +33,14 @@ CONFIGS_224 = [("v1", 0.25), ("v1", 1.0), ("v2", 0.35), ("v2", 1.0), ("v2", 1.4)
 # The issue's bound. What remains is float32 rounding in a different summation order: measured
 # about 5e-6 at worst (see the "measured parity errors" summary printed at the end of the run).
 LOGITS_RTOL = 1e-5
+
+
+def run_both(torch_model: torch.nn.Module, arch: str, width_mult: float, x_nhwc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode logits of `torch_model` and of the Flax model holding its converted weights."""
+    state_dict = torch_model.state_dict()
+    variables = torch_to_flax(state_dict, arch, width_mult)
+    model = flax_model(arch, width_mult, num_classes_of(state_dict, arch))
+    return torch_logits(torch_model.eval(), x_nhwc), flax_logits(model, variables, x_nhwc)
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ def test_torchvision_weights_load_strictly_into_torch_ref_and_back(width):
 
 
 def test_torch_ref_computes_what_torchvision_computes():
-    from parity.check import random_torch_model
+    from parity.random_weights import random_torch_model
 
     theirs = random_torch_model("v2", 0.5, seed=31, reference="torchvision")
     ours = torch_ref.MobileNetV2(width_mult=0.5).eval()
