@@ -10,7 +10,6 @@ classifier, as the papers do. Imports no torch.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 
 import mobilenet_arch
 from flax_mobilenet.models import MobileNet
+from mobilenet_arch.cli import ArgumentParser, architecture_or_fail, fail
 
 
 def flax_parameter_count(architecture: mobilenet_arch.Architecture, resolution: int) -> int:
@@ -53,18 +53,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flax_mobilenet.summary", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m flax_mobilenet.summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", required=True, choices=mobilenet_arch.ARCHS)
     parser.add_argument("--width", type=float, default=1.0, help="width multiplier alpha (default 1.0)")
     parser.add_argument("--resolution", type=int, default=224, help="input size (default 224)")
     parser.add_argument("--num-classes", type=int, default=1000)
     args = parser.parse_args(argv)
-    try:
-        architecture = mobilenet_arch.architecture(args.arch, args.width, args.num_classes)
-    except ValueError as e:
-        parser.error(str(e))
+    architecture = architecture_or_fail(args.arch, args.width, args.num_classes)
     if args.resolution < 1:
-        parser.error(f"--resolution must be positive, got {args.resolution}")
+        fail(f"--resolution must be positive, got {args.resolution}")
 
     rows = mobilenet_arch.layer_table(architecture, args.resolution)
     params, mult_adds = sum(r["params"] for r in rows), sum(r["mult_adds"] for r in rows)

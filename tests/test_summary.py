@@ -9,6 +9,7 @@ import pytest
 
 import mobilenet_arch
 from flax_mobilenet import summary
+from tests.cli_errors import assert_one_line_error
 
 
 def test_summary_command_prints_the_table_and_totals():
@@ -38,8 +39,17 @@ def test_one_row_per_layer_plus_pool_and_classifier():
     assert len(rows) == 1 + 2 * 13 + 2  # stem, 13 depthwise-separable blocks, pool, FC (Table 1)
 
 
-def test_bad_width_is_an_error(capsys):
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--arch", "v1", "--width", "0"], "width_mult must be positive"),
+        (["--arch", "v1", "--resolution", "0"], "--resolution must be positive"),
+        (["--arch", "v3"], "invalid choice: 'v3'"),
+    ],
+    ids=["width", "resolution", "arch"],
+)
+def test_bad_flags_are_one_line_errors(capsys, flags, fragment):
     with pytest.raises(SystemExit) as exit_:
-        summary.main(["--arch", "v1", "--width", "0"])
+        summary.main(flags)
     assert exit_.value.code == 2
-    assert "width_mult must be positive" in capsys.readouterr().err
+    assert_one_line_error(capsys.readouterr().err, fragment)
