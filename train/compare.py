@@ -7,11 +7,12 @@ checked before anything is drawn: a bad one gives one line on stderr, exit 2, an
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
+from mobilenet_arch.cli import ArgumentParser, fail
 from train import metrics
-from train.config import Parser
 
 
 def runs_or_problem(workdirs: list[str]) -> tuple[dict[str, list[dict]], str | None]:
@@ -30,11 +31,14 @@ def runs_or_problem(workdirs: list[str]) -> tuple[dict[str, list[dict]], str | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m train.compare", description="Draw the curves of several training runs in one PNG.")
+    p = ArgumentParser(
+        prog="python -m train.compare",
+        description="Draw the curves of several training runs in one PNG.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("workdirs", nargs="+", help="workdirs holding metrics.jsonl")
     p.add_argument("--output", default="compare.png", help="PNG to write")
     args = p.parse_args(argv)
-    prog = "train.compare"
     output = Path(args.output)
     runs, problem = runs_or_problem(args.workdirs)
     if problem is None and output.is_dir():
@@ -42,13 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     elif problem is None and not output.parent.is_dir():
         problem = f"--output {output}: directory {output.parent} does not exist"
     if problem:
-        print(f"{prog}: error: {problem}", file=sys.stderr)
-        return 2
+        fail(problem)
     try:
         metrics.plot(runs, output)  # atomic: nothing is left behind when it fails
     except OSError as e:
-        print(f"{prog}: error: cannot write {output}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        fail(f"cannot write {output}: {e.strerror or e}", status=1)
     print(f"wrote {output}")
     return 0
 

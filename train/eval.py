@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 import mobilenet_arch
+from mobilenet_arch.cli import ArgumentParser, fail
 from train import config as config_lib
 from train import malloc
 
@@ -57,15 +58,17 @@ def evaluate_torch(state_dict: dict, arch: str, width: float, batches) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = config_lib.Parser(prog="python -m train.eval", description=__doc__.splitlines()[2].strip())
-    p.add_argument("--arch", required=True, choices=mobilenet_arch.ARCHS, help="MobileNetV1 or MobileNetV2")
-    p.add_argument("--width", type=config_lib.positive_float, default=1.0, help="width multiplier of the weights")
-    p.add_argument("--weights", required=True, help=".msgpack (Flax), .pth/.pt or .safetensors (PyTorch)")
-    p.add_argument("--framework", choices=("jax", "torch"), default="jax", help="which implementation runs the model")
-    p.add_argument("--dataset", default="digits", help="'digits' or a prepared TFDS name")
-    p.add_argument("--data-dir", help="TFDS data directory")
-    p.add_argument("--resolution", type=config_lib.positive_int, help="input side (default: the dataset's own)")
-    p.add_argument("--batch-size", type=config_lib.positive_int, default=100, help="examples per forward pass")
+    """train.main's flags where they mean the same (the model, the data), and --weights."""
+    description = " ".join(__doc__.split("\n\n")[1].split())  # the docstring's second paragraph
+    p = ArgumentParser(prog="python -m train.eval", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # SUPPRESS: a required flag has no default to show.
+    config_lib.add_flag(p, "arch", default=argparse.SUPPRESS, required=True)
+    config_lib.add_flag(p, "width", help="width multiplier of the weights")
+    p.add_argument("--weights", default=argparse.SUPPRESS, required=True, help=".msgpack (Flax), .pth/.pt or .safetensors (PyTorch)")
+    config_lib.add_flag(p, "framework", help="which implementation runs the model")
+    for name in ("dataset", "data_dir", "resolution"):
+        config_lib.add_flag(p, name)
+    config_lib.add_flag(p, "batch_size", default=100, help="examples per forward pass")
     return p
 
 
@@ -81,11 +84,9 @@ def flag_problem(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     malloc.keep_step_buffers()
-    prog = "train.eval"
     problem = flag_problem(args)
     if problem:
-        print(f"{prog}: error: {problem}", file=sys.stderr)
-        return 2
+        fail(problem)
     from parity import ConversionError
     from parity import io as weights_io
     from train import data
@@ -102,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             accuracy = evaluate_torch(weights_io.load_as_torch(args.weights, args.arch, args.width), args.arch, args.width, batches)
     except (ValueError, ConversionError) as e:  # DataError, WeightsFileError, ConversionError
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        fail(str(e))
     print(f"accuracy={accuracy:.6f}")
     return 0
 
