@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from mobilenet_arch.cli import atomic_write, atomic_write_text  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -45,11 +46,12 @@ def truncate_after(workdir: str | os.PathLike, step: int) -> None:
     """Drop rows past `step`: a resumed run rewrites what the killed one logged after its last
     checkpoint, so the file holds each step once."""
     rows = [r for r in read(workdir) if r["step"] <= step]
-    _atomic_write_text(Path(workdir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(Path(workdir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def plot(runs: dict[str, list[dict]], path: str | os.PathLike) -> None:
-    """Training loss, eval loss and eval accuracy against step, one line per run."""
+    """Training loss, eval loss and eval accuracy against step, one line per run, drawn into the
+    PNG file `path` atomically."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for label, rows in runs.items():
         train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
@@ -70,24 +72,12 @@ def plot(runs: dict[str, list[dict]], path: str | os.PathLike) -> None:
         if ax.has_data():
             ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(temporary)
-        os.replace(temporary, path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def plot_workdir(workdir: str | os.PathLike) -> None:
     plot({Path(workdir).name: read(workdir)}, Path(workdir) / CURVES_FILE)
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
