@@ -4,9 +4,9 @@
     config.py       flags and the papers' recipes as presets
     optim.py        schedules and optax chains with torch.optim's semantics
     step.py         create_train_state, train_step, eval_step (JAX)
-    torch_step.py   the same for torch_ref
+    torch_step.py   the same for torch_ref, and its checkpoint file
     distributed.py  mesh, shardings, multi-host set-up
-    checkpoint.py   orbax checkpoints (and the PyTorch path's)
+    checkpoint.py   orbax checkpoints, and where the PyTorch path's goes
     metrics.py      metrics.jsonl and the curves PNG
     main.py         the training loop
 """

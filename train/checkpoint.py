@@ -1,19 +1,18 @@
-"""Checkpoints in WORKDIR/checkpoints: orbax-checkpoint for JAX, `torch.save` for the PyTorch path.
+"""Checkpoints in WORKDIR/checkpoints: orbax-checkpoint for JAX; the PyTorch path's one file
+(`TORCH_CHECKPOINT`) is written and read by train/torch_step.py.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
 while saving leaves the previous checkpoint intact and a resumed run never sees a partial one.
-The PyTorch path gets the same guarantee from a temporary file and `os.replace`.
+The PyTorch path's file is written atomically for the same guarantee.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
-import torch
 from flax import serialization
 
 CHECKPOINT_DIR = "checkpoints"
@@ -41,25 +40,6 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
     return serialization.from_state_dict(state, restored)
 
 
-def save_torch(workdir: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-    path = Path(workdir) / CHECKPOINT_DIR / TORCH_CHECKPOINT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, f)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def restore_torch(workdir: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Load the PyTorch checkpoint into `model` and `optimizer`; its step, or 0 when there is none."""
-    path = Path(workdir) / CHECKPOINT_DIR / TORCH_CHECKPOINT
-    if not path.is_file():
-        return 0
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    return int(checkpoint["step"])
+def torch_path(workdir: str | os.PathLike) -> Path:
+    """Where the PyTorch path keeps its latest checkpoint."""
+    return Path(workdir) / CHECKPOINT_DIR / TORCH_CHECKPOINT

@@ -12,7 +12,7 @@ A run started again in the same workdir resumes from its latest checkpoint; data
 only on (seed, epoch) and dropout keys on (seed, step), so the resumed run ends where an
 uninterrupted one would. The PyTorch path seeds its dropout masks from (seed, step) too.
 
-Flags are parsed and checked before jax or torch is imported (seconds of start-up), so a mistyped
+Flags are parsed and checked before jax or torch is imported (which takes seconds), so a mistyped
 flag fails at once; the frameworks are imported inside the functions that use them.
 """
 
@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from mobilenet_arch.cli import atomic_write_text, fail
 from train import config as config_lib
 from train import malloc
 
@@ -111,14 +112,11 @@ def workdir_problem(config: config_lib.Config, run_plan: Plan) -> str | None:
 
 def _write_run_file(config: config_lib.Config, run_plan: Plan, workdir: Path) -> None:
     import json
-    import os
 
     path = workdir / RUN_FILE
     if path.is_file() or _process_index(config) != 0:
         return
-    temporary = path.with_name(f".{RUN_FILE}.tmp")
-    temporary.write_text(json.dumps(run_identity(config, run_plan), indent=1) + "\n")
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(run_identity(config, run_plan), indent=1) + "\n")
 
 
 def train_and_evaluate(config: config_lib.Config, run_plan: Plan) -> dict:
@@ -214,7 +212,7 @@ def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
     model.load_state_dict(parity.flax_to_torch(jax.device_get(variables), config.arch))
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     optimizer = torch_step.make_optimizer(config, model)
-    start = checkpoint.restore_torch(workdir, model, optimizer)
+    start = torch_step.restore_checkpoint(checkpoint.torch_path(workdir), model, optimizer)
     learning_rates = optim.schedule_values(config, run_plan.steps_per_epoch)
     counter = {"step": start}
 
@@ -231,7 +229,7 @@ def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
         return _summarise([{k: v.item() for k, v in t.items()} for t in totals])
 
     def save():
-        checkpoint.save_torch(workdir, model, optimizer, counter["step"])
+        torch_step.save_checkpoint(checkpoint.torch_path(workdir), model, optimizer, counter["step"])
 
     result = _loop(config, run_plan, workdir, start, train, evaluate, save)
     state_dict = {k: v.cpu() for k, v in model.state_dict().items()}
@@ -242,9 +240,10 @@ def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
 
 # --- The loop, shared -----------------------------------------------------------------------
 
-# curves.png is redrawn after an evaluation at most this often, and at the end. A redraw takes
-# ~0.6 s of the CPU: once an epoch, the default run spent 9 of its 68 s drawing (section 15 of
-# bench/NOTES.md). Long epochs (a real dataset) still get one after each evaluation.
+# curves.png is redrawn after an evaluation at most this often, and at the end: matplotlib takes
+# a good part of a second to draw it, which after each of the default run's short epochs would be
+# a sizeable share of the run (`python -m cProfile -s cumtime -m train.main` lists it under
+# `plot_workdir`). Long epochs (a real dataset) still get one after each evaluation.
 PLOT_INTERVAL_SECONDS = 30.0
 
 
@@ -415,11 +414,9 @@ def _print(chief: bool, message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     config = config_lib.parse_config(argv)
     malloc.keep_step_buffers()
-    prog = "train.main"
     problem = config_lib.dataset_problem(config.dataset, config.data_dir)
     if problem:
-        print(f"{prog}: error: {problem}", file=sys.stderr)
-        return 2
+        fail(problem)
     if config.framework == "jax":
         from train import distributed
 
@@ -427,14 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_plan = plan(config)
     except ValueError as e:  # data.DataError included
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        fail(str(e))
     try:
         result = train_and_evaluate(config, run_plan)
     except NonFiniteLoss as e:
-        last = _last_checkpoint(config)
-        print(f"{prog}: error: {e}; stopped. {last}", file=sys.stderr)
-        return 1
+        fail(f"{e}; stopped. {_last_checkpoint(config)}", status=1)
     if result and _process_index(config) == 0:
         print(f"eval_loss={result['loss']:.4f} accuracy={result['accuracy']:.4f}")
     return 0
@@ -443,13 +437,13 @@ def main(argv: list[str] | None = None) -> int:
 def _last_checkpoint(config) -> str:
     from train import checkpoint
 
-    directory = Path(config.workdir) / checkpoint.CHECKPOINT_DIR
     if config.framework == "jax":
+        directory = Path(config.workdir) / checkpoint.CHECKPOINT_DIR
         steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit())
         if steps:
             return f"The last good checkpoint is step {steps[-1]} in {directory}."
-    elif (directory / checkpoint.TORCH_CHECKPOINT).is_file():
-        return f"The last good checkpoint is {directory / checkpoint.TORCH_CHECKPOINT}."
+    elif (path := checkpoint.torch_path(config.workdir)).is_file():
+        return f"The last good checkpoint is {path}."
     return "No checkpoint was written before it."
 
 

@@ -4,6 +4,7 @@
     optimizer = make_optimizer(config, model)
     set_learning_rate(optimizer, lr)               # the value train/optim.py's schedule gives this step
     metrics = train_step(model, optimizer, batch)  # batch: the same NHWC numpy arrays JAX gets
+    save_checkpoint(path, model, optimizer, step)  # step = restore_checkpoint(path, model, optimizer)
 
 The optimizer is the one `train.optim.make_optimizer` mirrors: SGD or RMSprop with coupled weight
 decay, the depthwise filters in their own param group when their decay differs.
@@ -12,12 +13,15 @@ decay, the depthwise filters in their own param group when their decay differs.
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import mobilenet_arch
+from mobilenet_arch.cli import atomic_write
 
 
 def to_torch(
@@ -119,3 +123,23 @@ def eval_step(
     loss = F.cross_entropy(logits, batch["label"], reduction="none")
     correct = (logits.argmax(-1) == batch["label"]).float()
     return {"loss_sum": (loss * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Model, optimizer and step in one `torch.save`d file, written atomically: a run killed while
+    saving leaves the previous checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def restore_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load the checkpoint at `path` into `model` and `optimizer`; its step, or 0 when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return int(checkpoint["step"])
