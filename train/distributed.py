@@ -62,7 +62,3 @@ def check_batch_size(global_batch_size: int) -> str | None:
 def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
     """This process's numpy slice -> one global jax.Array per entry, sharded over the mesh."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
-
-
-def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, replicated(mesh))

@@ -2,11 +2,12 @@
 
 XLA:CPU allocates each execution's temporaries as one buffer (998 MB for V1 at 224, batch 16) from
 a worker thread. glibc gives that thread an arena of its own, which serves a request that large with
-a fresh `mmap` and unmaps it on `free`, so every 4 KiB page faults again on the next step: 250-330k
-minor faults, 0.5-1.6 s of system CPU per step on the 2-core machine of bench/NOTES.md (section 5).
-PyTorch's large tensors go the same way. One arena, no `mmap` and no trimming of the heap keep
-the buffer between steps, as a caching allocator would. The cost: the process holds on to its peak
-heap (about one step's temporaries) instead of returning it between steps.
+a fresh `mmap` and unmaps it on `free`, so every 4 KiB page faults again on the next step: hundreds
+of thousands of minor faults a step, paid in system CPU time (compare `/usr/bin/time -v` of a run
+with and without FLAX_MOBILENET_MALLOC=default). PyTorch's large tensors go the same way. One
+arena, no `mmap` and no trimming of the heap keep the buffer between steps, as a caching allocator
+would. The cost: the process holds on to its peak heap (about one step's temporaries) instead of
+returning it between steps.
 
 A thread picks its arena at its first allocation, so this has to run before JAX or PyTorch start
 their thread pools: the command-line tools call it first thing. It is the same as starting the
