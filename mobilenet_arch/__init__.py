@@ -3,14 +3,20 @@
 Pure Python: it imports neither jax nor torch. The Flax models (`flax_mobilenet`), the PyTorch
 reference (`torch_ref`) and the weight converter (`parity`) all read the layer list built here, so
 one table decides all three: channel counts, strides, which layers are depthwise, where the
-residual connections are, and what each layer is called in either framework.
+residual connections are, how each layer pads, BatchNorm's epsilon, and what each layer is called
+in either framework.
+
+The models are built from explicit channel counts (`mobilenet_v1_from_channels`,
+`mobilenet_v2_from_blocks`), which is what a checkpoint's shapes give: any width and any depth.
+Each library's rule for turning a width multiplier into channels is a small function beside them
+(`mobilenet_v2_channels` for torchvision and timm, `hf_v2_channels`, `keras_v2_channels`, ...).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal, NamedTuple, Optional, Sequence, Union
 
 Arch = Literal["v1", "v2"]
 ARCHS: tuple[str, ...] = ("v1", "v2")
@@ -35,6 +41,8 @@ V1_BLOCKS: tuple[tuple[int, int], ...] = (
     (1024, 2),
     (1024, 1),
 )
+# timm's optional 1x1 head convolution before pooling (mobilenetv1_100h): 1024 channels at width 1.
+V1_HEAD_CHANNELS = 1024
 
 # MobileNetV2, Table 2 of Sandler et al. 2018 (arXiv 1801.04381), as torchvision writes it:
 # t expansion factor, c output channels, n repeats, s stride of the first repeat.
@@ -50,8 +58,21 @@ V2_BLOCKS: tuple[tuple[int, int, int, int], ...] = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
+# torchvision's `mobilenet_v2(dropout=0.2)`, before the classifier. timm (`drop_rate`) defaults to
+# 0, Hugging Face to its config's `classifier_dropout_prob`, Keras's MobileNetV2 has none.
 V2_DROPOUT = 0.2
 ROUND_NEAREST = 8
+BN_EPSILON = 1e-5  # PyTorch's BatchNorm2d default; TensorFlow's checkpoints use 1e-3
+
+# How a convolution pads its input: "symmetric" is PyTorch's (k - 1) // 2 on every side; "same" is
+# TensorFlow's SAME, which depends on the input size (at stride 2 the odd pixel goes after, and
+# none goes before at even sizes); a fixed ((top, bottom), (left, right)) is what Keras bakes into
+# a ZeroPadding2D layer when the model is built.
+Padding = Union[str, tuple[tuple[int, int], tuple[int, int]]]
+PADDING_STYLES: tuple[str, ...] = ("symmetric", "same")
+# One padding for every layer, or a function (role, stride) -> padding, called once per layer in
+# the order of the layers.
+PaddingRule = Union[Padding, Callable[[str, int], Padding]]
 
 
 def make_divisible(value: float, divisor: int = ROUND_NEAREST, min_value: int | None = None) -> int:
@@ -61,6 +82,32 @@ def make_divisible(value: float, divisor: int = ROUND_NEAREST, min_value: int | 
     if new_value < 0.9 * value:
         new_value += divisor
     return new_value
+
+
+def tf_same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's SAME padding along one axis, (before, after): the output has ceil(size / stride)
+    pixels, and the odd pixel of padding goes after."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel_size - size, 0)
+    return total // 2, total - total // 2
+
+
+def check_padding(padding: Padding) -> Padding:
+    """`padding` as the description stores it (a fixed padding as a tuple of int pairs), or a
+    ValueError saying what is accepted."""
+    if isinstance(padding, str):
+        if padding in PADDING_STYLES:
+            return padding
+    else:
+        try:
+            (top, bottom), (left, right) = padding
+            fixed = ((int(top), int(bottom)), (int(left), int(right)))
+        except (TypeError, ValueError):
+            fixed = None
+        if fixed is not None and fixed == tuple(map(tuple, padding)) and min(min(fixed)) >= 0:
+            return fixed
+    raise ValueError(
+        f"padding must be 'symmetric', 'same' or ((top, bottom), (left, right)) of non-negative ints, got {padding!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -76,11 +123,26 @@ class ConvBN:
     activation: bool
     torch_conv: str  # state-dict prefix of the convolution in the PyTorch model
     torch_bn: str  # state-dict prefix of its BatchNorm
+    pad: Padding = "symmetric"
 
     @property
     def padding(self) -> int:
-        # Symmetric padding as PyTorch does it; 'SAME' would pad stride-2 layers on one side only.
+        """The symmetric padding, (kernel_size - 1) // 2 on every side, of a "symmetric" layer."""
+        if self.pad != "symmetric":
+            raise ValueError(f"{self.role} layer pads {self.pad!r}, not symmetrically: use pads(height, width)")
         return (self.kernel_size - 1) // 2
+
+    def pads(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((top, bottom), (left, right)) for an input of `height` x `width`."""
+        if self.pad == "symmetric":
+            p = (self.kernel_size - 1) // 2
+            return (p, p), (p, p)
+        if self.pad == "same":
+            return (
+                tf_same_padding(height, self.kernel_size, self.stride),
+                tf_same_padding(width, self.kernel_size, self.stride),
+            )
+        return self.pad
 
     @property
     def depthwise(self) -> bool:
@@ -89,12 +151,19 @@ class ConvBN:
 
 @dataclass(frozen=True)
 class Block:
-    """One entry of `features`: a stem or head ConvBN, a depthwise-separable or inverted-residual block."""
+    """One entry of `features`: a stem or head ConvBN, a depthwise-separable or inverted-residual block.
+
+    `stage` and `repeat` place it in the paper's table (a stage is a row of V2's table, or a run of
+    V1's blocks at one resolution; timm names its blocks `blocks.{stage}.{repeat}`). The stem is
+    stage -1 and the head the stage after the last, so the blocks are in (stage, repeat) order.
+    """
 
     name: str  # Flax module name; the PyTorch prefix is the same with '.' for '_'
     kind: Literal["conv_bn", "depthwise_separable", "inverted_residual"]
     layers: tuple[ConvBN, ...]
     residual: bool = False
+    stage: int = -1
+    repeat: int = 0
 
     @property
     def in_channels(self) -> int:
@@ -112,7 +181,7 @@ class Block:
 @dataclass(frozen=True)
 class Architecture:
     arch: Arch
-    width_mult: float
+    width_mult: float  # a label: the builders from channels take stem / 32 unless told
     blocks: tuple[Block, ...]
     num_features: int  # channels entering the classifier
     num_classes: int
@@ -122,16 +191,67 @@ class Architecture:
     # The classifier is `Sequential(Dropout, Linear)` in torchvision, hence the `.1`.
     torch_classifier: str = "classifier.1"
     flax_classifier: str = "classifier"
+    bn_epsilon: float = BN_EPSILON
+
+    @property
+    def stage_depths(self) -> tuple[int, ...]:
+        """Blocks per stage of the table, stem and head left out (V2 at depth 1: 1, 2, 3, 4, 3, 3, 1)."""
+        stages = [b.stage for b in self.blocks if b.layers[0].role not in ("stem", "head")]
+        return tuple(stages.count(s) for s in sorted(set(stages)))
 
 
-def _conv_bn_block(index: int, role: str, cin: int, cout: int, kernel: int, stride: int) -> Block:
+class V1Channels(NamedTuple):
+    """What `mobilenet_v1_from_channels` needs: the stem's and the 13 pointwise layers' output
+    channels, and the head convolution's (None: no head)."""
+
+    stem: int
+    outs: tuple[int, ...]
+    head: Optional[int] = None
+
+
+class V2Channels(NamedTuple):
+    """What `mobilenet_v2_from_blocks` needs: the stem's channels, per block (expanded channels or
+    None for no expansion layer, output channels, stride, stage, repeat), and the head's channels."""
+
+    stem: int
+    blocks: tuple[tuple[Optional[int], int, int, int, int], ...]
+    head: int
+
+
+def stage_positions(depths: Sequence[int]) -> list[tuple[int, int]]:
+    """(stage, repeat) of each block, for `depths` blocks per stage."""
+    return [(stage, repeat) for stage, n in enumerate(depths) for repeat in range(n)]
+
+
+def _v1_stage_depths() -> tuple[int, ...]:
+    depths: list[int] = []
+    for i, (_, stride) in enumerate(V1_BLOCKS):
+        if i == 0 or stride == 2:
+            depths.append(0)
+        depths[-1] += 1
+    return tuple(depths)
+
+
+# V1's stages as timm groups Table 1, a new one at each stride 2: 1, 2, 2, 6, 2 blocks.
+V1_STAGE_DEPTHS: tuple[int, ...] = _v1_stage_depths()
+V2_STAGE_DEPTHS: tuple[int, ...] = tuple(n for _, _, n, _ in V2_BLOCKS)
+
+
+def _padding_rule(padding: PaddingRule) -> Callable[[str, int], Padding]:
+    if callable(padding):
+        return lambda role, stride: check_padding(padding(role, stride))
+    fixed = check_padding(padding)
+    return lambda role, stride: fixed
+
+
+def _conv_bn_block(index: int, role: str, cin: int, cout: int, kernel: int, stride: int, pad, stage: int = -1) -> Block:
     # torchvision's Conv2dNormActivation: Sequential(conv, bn, act) -> keys `features.i.0`, `.1`.
     prefix = f"features.{index}"
-    layer = ConvBN(role, cin, cout, kernel, stride, 1, True, f"{prefix}.0", f"{prefix}.1")
-    return Block(f"features_{index}", "conv_bn", (layer,))
+    layer = ConvBN(role, cin, cout, kernel, stride, 1, True, f"{prefix}.0", f"{prefix}.1", pad(role, stride))
+    return Block(f"features_{index}", "conv_bn", (layer,), stage=stage)
 
 
-def _sequential_layers(prefix: str, specs: list[tuple]) -> tuple[ConvBN, ...]:
+def _sequential_layers(prefix: str, specs: list[tuple], pad) -> tuple[ConvBN, ...]:
     """Keys as torchvision's blocks lay out `self.conv = Sequential(...)`.
 
     A layer with an activation is a Conv2dNormActivation (one index, `.0` conv and `.1` BN inside);
@@ -143,57 +263,233 @@ def _sequential_layers(prefix: str, specs: list[tuple]) -> tuple[ConvBN, ...]:
             conv, bn, index = f"{prefix}.{index}.0", f"{prefix}.{index}.1", index + 1
         else:
             conv, bn, index = f"{prefix}.{index}", f"{prefix}.{index + 1}", index + 2
-        layers.append(ConvBN(role, cin, cout, kernel, stride, groups, activation, conv, bn))
+        layers.append(ConvBN(role, cin, cout, kernel, stride, groups, activation, conv, bn, pad(role, stride)))
     return tuple(layers)
 
 
-def mobilenet_v1(
-    width_mult: float = 1.0, num_classes: int = 1000, dropout: float = 0.0, activation: str = "relu6"
+def mobilenet_v1_from_channels(
+    stem: int,
+    outs: Sequence[int],
+    num_classes: int = 1000,
+    *,
+    head: int | None = None,
+    dropout: float = 0.0,
+    activation: str = "relu6",
+    padding: PaddingRule = "symmetric",
+    bn_epsilon: float = BN_EPSILON,
+    width_mult: float | None = None,
 ) -> Architecture:
-    """MobileNetV1 with width multiplier alpha = `width_mult`.
+    """MobileNetV1 with `stem` channels after the stem and `outs[i]` after block i + 1's pointwise
+    layer (13 blocks, strides from Table 1); `head`: a 1x1 convolution with BN and activation
+    before pooling (timm's mobilenetv1_100h)."""
+    _check(num_classes, dropout, activation, bn_epsilon)
+    outs = tuple(outs)
+    if len(outs) != len(V1_BLOCKS):
+        raise ValueError(f"MobileNetV1 has {len(V1_BLOCKS)} depthwise-separable blocks: got {len(outs)} output channel counts")
+    _check_channels(stem, *outs, *([head] if head is not None else []))
+    pad = _padding_rule(padding)
+    blocks = [_conv_bn_block(0, "stem", 3, stem, 3, 2, pad)]
+    cin = stem
+    positions = stage_positions(V1_STAGE_DEPTHS)
+    for i, ((_, s), cout, (stage, repeat)) in enumerate(zip(V1_BLOCKS, outs, positions), start=1):
+        layers = _sequential_layers(
+            f"features.{i}.conv",
+            [("depthwise", cin, cin, 3, s, cin, True), ("pointwise", cin, cout, 1, 1, 1, True)],
+            pad,
+        )
+        blocks.append(Block(f"features_{i}", "depthwise_separable", layers, stage=stage, repeat=repeat))
+        cin = cout
+    if head is not None:
+        blocks.append(_conv_bn_block(len(blocks), "head", cin, head, 1, 1, pad, stage=len(V1_STAGE_DEPTHS)))
+        cin = head
+    width = stem / V1_STEM_CHANNELS if width_mult is None else width_mult
+    return Architecture("v1", width, tuple(blocks), cin, num_classes, dropout, activation, bn_epsilon=bn_epsilon)
+
+
+def mobilenet_v2_from_blocks(
+    stem: int,
+    blocks: Sequence[tuple[Optional[int], int, int, int, int]],
+    head: int,
+    num_classes: int = 1000,
+    *,
+    dropout: float = V2_DROPOUT,
+    activation: str = "relu6",
+    padding: PaddingRule = "symmetric",
+    bn_epsilon: float = BN_EPSILON,
+    stem_residual: bool = True,
+    width_mult: float | None = None,
+) -> Architecture:
+    """MobileNetV2 from its channels: `stem`, then per inverted residual (expanded channels or
+    None for none, output channels, stride, stage, repeat), then the `head` 1x1 convolution.
+
+    A block adds its input when its stride is 1 and its channels are unchanged (Sandler et al.,
+    Section 3.3); `stem_residual=False` denies it to the first block, as Hugging Face's stem does.
+    """
+    _check(num_classes, dropout, activation, bn_epsilon)
+    specs = [tuple(b) for b in blocks]
+    if not specs or any(len(b) != 5 for b in specs):
+        raise ValueError("blocks must be (expanded channels or None, output channels, stride, stage, repeat) per block, at least one")
+    _check_channels(stem, head, *(c for hidden, cout, *_ in specs for c in (hidden, cout) if c is not None))
+    pad = _padding_rule(padding)
+    features = [_conv_bn_block(0, "stem", 3, stem, 3, 2, pad)]
+    cin = stem
+    for index, (hidden, cout, stride, stage, repeat) in enumerate(specs, start=1):
+        layer_specs = [("expand", cin, hidden, 1, 1, 1, True)] if hidden is not None else []
+        h = cin if hidden is None else hidden
+        layer_specs += [("depthwise", h, h, 3, stride, h, True), ("project", h, cout, 1, 1, 1, False)]
+        layers = _sequential_layers(f"features.{index}.conv", layer_specs, pad)
+        residual = stride == 1 and cin == cout and (stem_residual or index > 1)
+        features.append(Block(f"features_{index}", "inverted_residual", layers, residual, stage, repeat))
+        cin = cout
+    last_stage = max(stage for *_, stage, _ in specs)
+    features.append(_conv_bn_block(len(features), "head", cin, head, 1, 1, pad, stage=last_stage + 1))
+    width = stem / V2_STEM_CHANNELS if width_mult is None else width_mult
+    return Architecture("v2", width, tuple(features), head, num_classes, dropout, activation, bn_epsilon=bn_epsilon)
+
+
+# ---------------------------------------------------------------- each library's channel rules
+
+
+def mobilenet_v1_channels(width_mult: float, *, head: bool = False, fix_stem_head: bool = False) -> V1Channels:
+    """timm's `_gen_mobilenet_v1` (torchvision has no V1): every count `make_divisible(c * width)`;
+    the head `max(1024, make_divisible(1024 * width))`; `fix_stem_head` keeps stem 32 and head 1024."""
+    _check_width(width_mult)
+    width = lambda c: make_divisible(c * width_mult)  # noqa: E731
+    stem = V1_STEM_CHANNELS if fix_stem_head else width(V1_STEM_CHANNELS)
+    head_channels = None
+    if head:
+        head_channels = V1_HEAD_CHANNELS if fix_stem_head else max(V1_HEAD_CHANNELS, width(V1_HEAD_CHANNELS))
+    return V1Channels(stem, tuple(width(c) for c, _ in V1_BLOCKS), head_channels)
+
+
+def scale_depths(depth_mult: float, fix_first_last: bool = False) -> tuple[int, ...]:
+    """timm's `_scale_stage_depth` on V2's table: ceil(n * depth_mult) blocks per stage, the first
+    and last stages unscaled when `fix_first_last`."""
+    if not depth_mult > 0:
+        raise ValueError(f"depth_mult must be positive, got {depth_mult}")
+    last = len(V2_STAGE_DEPTHS) - 1
+    return tuple(
+        n if fix_first_last and i in (0, last) else int(math.ceil(n * depth_mult)) for i, n in enumerate(V2_STAGE_DEPTHS)
+    )
+
+
+def mobilenet_v2_channels(width_mult: float, *, depth_mult: float = 1.0, fix_stem_head: bool = False) -> V2Channels:
+    """torchvision's `mobilenet_v2(width_mult=...)` and timm's `_gen_mobilenet_v2`: counts
+    `make_divisible(c * width)`, expanded `round(cin * t)`, head `make_divisible(1280 * max(1, width))`.
+    timm's `depth_mult` and `fix_stem_head` (mobilenetv2_110d, _120d): ceil(n * depth) repeats per
+    stage, with stem 32, head 1280 and the first and last stages' repeats kept."""
+    _check_width(width_mult)
+    stem = V2_STEM_CHANNELS if fix_stem_head else make_divisible(V2_STEM_CHANNELS * width_mult)
+    head = V2_LAST_CHANNEL if fix_stem_head else make_divisible(V2_LAST_CHANNEL * max(1.0, width_mult))
+    blocks, cin = [], stem
+    for stage, ((t, c, _, s), n) in enumerate(zip(V2_BLOCKS, scale_depths(depth_mult, fix_stem_head))):
+        cout = make_divisible(c * width_mult)
+        for repeat in range(n):
+            blocks.append((int(round(cin * t)) if t != 1 else None, cout, s if repeat == 0 else 1, stage, repeat))
+            cin = cout
+    return V2Channels(stem, tuple(blocks), head)
+
+
+def hf_v1_channels(depth_multiplier: float, min_depth: int = 8) -> V1Channels:
+    """Hugging Face's MobileNetV1Config: `max(int(c * depth_multiplier), min_depth)`, truncated, no
+    multiple of 8 (0.3 -> 9, 19, 38, ...)."""
+    _check_width(depth_multiplier)
+    width = lambda c: max(int(c * depth_multiplier), min_depth)  # noqa: E731
+    return V1Channels(width(V1_STEM_CHANNELS), tuple(width(c) for c, _ in V1_BLOCKS))
+
+
+def hf_v2_channels(
+    depth_multiplier: float,
+    depth_divisible_by: int = 8,
+    min_depth: int = 8,
+    expand_ratio: float = 6.0,
+    finegrained_output: bool = True,
+    first_layer_is_expansion: bool = True,
+) -> V2Channels:
+    """Hugging Face's MobileNetV2Config: counts `make_divisible(int(round(c * depth_multiplier)),
+    depth_divisible_by, min_depth)`, expanded the same on `round(cin * expand_ratio)`; the head stays
+    1280 below width 1 when `finegrained_output`; `first_layer_is_expansion=False` gives the first
+    block an expansion layer of the stem's channels."""
+    _check_width(depth_multiplier)
+    rule = lambda c: make_divisible(int(round(c * depth_multiplier)), depth_divisible_by, min_depth)  # noqa: E731
+    stem = rule(V2_STEM_CHANNELS)
+    blocks, cin = [], stem
+    for stage, (t, c, n, s) in enumerate(V2_BLOCKS):
+        for repeat in range(n):
+            if stage == 0:
+                hidden = None if first_layer_is_expansion else stem
+            else:
+                hidden = make_divisible(int(round(cin * expand_ratio)), depth_divisible_by, min_depth)
+            blocks.append((hidden, rule(c), s if repeat == 0 else 1, stage, repeat))
+            cin = rule(c)
+    head = V2_LAST_CHANNEL if finegrained_output and depth_multiplier < 1.0 else rule(V2_LAST_CHANNEL)
+    return V2Channels(stem, tuple(blocks), head)
+
+
+def keras_v1_channels(alpha: float) -> V1Channels:
+    """Keras's `MobileNet(alpha=...)`: `int(c * alpha)`, no minimum, no rounding."""
+    _check_width(alpha)
+    return V1Channels(int(V1_STEM_CHANNELS * alpha), tuple(int(c * alpha) for c, _ in V1_BLOCKS))
+
+
+def keras_v2_channels(alpha: float) -> V2Channels:
+    """Keras's `MobileNetV2(alpha=...)`: stem `make_divisible(32 * alpha)`, outputs
+    `make_divisible(int(c * alpha))` (truncated first), expanded exactly `t * cin`, head
+    `make_divisible(1280 * alpha)` above width 1, else 1280."""
+    _check_width(alpha)
+    stem = make_divisible(V2_STEM_CHANNELS * alpha)
+    blocks, cin = [], stem
+    for stage, (t, c, n, s) in enumerate(V2_BLOCKS):
+        cout = make_divisible(int(c * alpha))
+        for repeat in range(n):
+            blocks.append((t * cin if stage > 0 else None, cout, s if repeat == 0 else 1, stage, repeat))
+            cin = cout
+    head = make_divisible(V2_LAST_CHANNEL * alpha) if alpha > 1.0 else V2_LAST_CHANNEL
+    return V2Channels(stem, tuple(blocks), head)
+
+
+# ---------------------------------------------------------------- the models by width
+
+
+def mobilenet_v1(
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = 0.0,
+    activation: str = "relu6",
+    *,
+    head: bool = False,
+    fix_stem_head: bool = False,
+    padding: PaddingRule = "symmetric",
+    bn_epsilon: float = BN_EPSILON,
+) -> Architecture:
+    """MobileNetV1 with width multiplier alpha = `width_mult`, channels by `mobilenet_v1_channels`.
 
     The resolution multiplier rho is the input size: the network is fully convolutional up to the
     global average pool and takes any input size (224 * rho in the paper).
     """
-    _check(width_mult, num_classes, dropout)
-    if activation not in ("relu6", "relu"):
-        raise ValueError(f"activation must be 'relu6' or 'relu', got {activation!r}")
-    width = lambda c: make_divisible(c * width_mult)  # noqa: E731
-    cin = width(V1_STEM_CHANNELS)
-    blocks = [_conv_bn_block(0, "stem", 3, cin, 3, 2)]
-    for i, (c, s) in enumerate(V1_BLOCKS, start=1):
-        cout = width(c)
-        layers = _sequential_layers(
-            f"features.{i}.conv",
-            [("depthwise", cin, cin, 3, s, cin, True), ("pointwise", cin, cout, 1, 1, 1, True)],
-        )
-        blocks.append(Block(f"features_{i}", "depthwise_separable", layers))
-        cin = cout
-    return Architecture("v1", width_mult, tuple(blocks), cin, num_classes, dropout, activation)
+    stem, outs, head_channels = mobilenet_v1_channels(width_mult, head=head, fix_stem_head=fix_stem_head)
+    return mobilenet_v1_from_channels(
+        stem, outs, num_classes, head=head_channels, dropout=dropout, activation=activation,
+        padding=padding, bn_epsilon=bn_epsilon, width_mult=width_mult,
+    )
 
 
-def mobilenet_v2(width_mult: float = 1.0, num_classes: int = 1000, dropout: float = V2_DROPOUT) -> Architecture:
-    """torchvision's `mobilenet_v2(width_mult=...)`, layer for layer and key for key."""
-    _check(width_mult, num_classes, dropout)
-    cin = make_divisible(V2_STEM_CHANNELS * width_mult)
-    last_channel = make_divisible(V2_LAST_CHANNEL * max(1.0, width_mult))
-    blocks = [_conv_bn_block(0, "stem", 3, cin, 3, 2)]
-    for t, c, n, s in V2_BLOCKS:
-        cout = make_divisible(c * width_mult)
-        for repeat in range(n):
-            index, stride = len(blocks), s if repeat == 0 else 1
-            hidden = int(round(cin * t))
-            specs = [("expand", cin, hidden, 1, 1, 1, True)] if t != 1 else []
-            specs += [
-                ("depthwise", hidden, hidden, 3, stride, hidden, True),
-                ("project", hidden, cout, 1, 1, 1, False),
-            ]
-            layers = _sequential_layers(f"features.{index}.conv", specs)
-            residual = stride == 1 and cin == cout
-            blocks.append(Block(f"features_{index}", "inverted_residual", layers, residual))
-            cin = cout
-    blocks.append(_conv_bn_block(len(blocks), "head", cin, last_channel, 1, 1))
-    return Architecture("v2", width_mult, tuple(blocks), last_channel, num_classes, dropout, "relu6")
+def mobilenet_v2(
+    width_mult: float = 1.0,
+    num_classes: int = 1000,
+    dropout: float = V2_DROPOUT,
+    *,
+    depth_mult: float = 1.0,
+    fix_stem_head: bool = False,
+    padding: PaddingRule = "symmetric",
+    bn_epsilon: float = BN_EPSILON,
+) -> Architecture:
+    """torchvision's `mobilenet_v2(width_mult=...)`, layer for layer and key for key; with
+    `depth_mult` and `fix_stem_head`, timm's (mobilenetv2_110d: width 1.1, depth 1.2, fixed)."""
+    stem, blocks, head = mobilenet_v2_channels(width_mult, depth_mult=depth_mult, fix_stem_head=fix_stem_head)
+    return mobilenet_v2_from_blocks(
+        stem, blocks, head, num_classes, dropout=dropout, padding=padding, bn_epsilon=bn_epsilon, width_mult=width_mult
+    )
 
 
 def architecture(arch: str, width_mult: float = 1.0, num_classes: int = 1000, **kwargs) -> Architecture:
@@ -204,23 +500,37 @@ def architecture(arch: str, width_mult: float = 1.0, num_classes: int = 1000, **
     raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
 
 
-def _check(width_mult: float, num_classes: int, dropout: float) -> None:
+def _check_width(width_mult: float) -> None:
     if not width_mult > 0:
         raise ValueError(f"width_mult must be positive, got {width_mult}")
+
+
+def _check_channels(*channels: int) -> None:
+    bad = [c for c in channels if not (isinstance(c, int) and c >= 1)]
+    if bad:
+        raise ValueError(f"channel counts must be positive integers, got {bad[0]!r}")
+
+
+def _check(num_classes: int, dropout: float, activation: str, bn_epsilon: float) -> None:
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if activation not in ("relu6", "relu"):
+        raise ValueError(f"activation must be 'relu6' or 'relu', got {activation!r}")
+    if not bn_epsilon > 0:
+        raise ValueError(f"bn_epsilon must be positive, got {bn_epsilon}")
 
 
-def conv_output_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
-    """Spatial size after a convolution with symmetric `padding` (PyTorch's formula)."""
-    return (size + 2 * padding - kernel_size) // stride + 1
+def conv_output_size(size: int, kernel_size: int, stride: int, padding: int | tuple[int, int]) -> int:
+    """Spatial size after a convolution padded by `padding` on both sides, or (before, after)."""
+    before, after = (padding, padding) if isinstance(padding, int) else padding
+    return (size + before + after - kernel_size) // stride + 1
 
 
 def output_size(size: int, layer: ConvBN) -> int:
-    """Spatial size after `layer`."""
-    return conv_output_size(size, layer.kernel_size, layer.stride, layer.padding)
+    """Spatial size after `layer`, for a square input of `size`."""
+    return conv_output_size(size, layer.kernel_size, layer.stride, layer.pads(size, size)[0])
 
 
 def total_stride(arch: Architecture) -> int:
