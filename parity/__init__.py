@@ -3,6 +3,7 @@
 The only package that imports both torch and jax.
 """
 
+from parity.checkpoint import Checkpoint, load, load_torch, save
 from parity.io import (
     WeightsFileError,
     load_as_flax,
@@ -12,9 +13,16 @@ from parity.io import (
     save_flax_variables,
     save_torch_state_dict,
 )
+from parity.layouts import LayoutError, Preprocessing
 from parity.weights import ConversionError, flax_to_torch, infer_width, torch_to_flax
 
 __all__ = [
+    "Checkpoint",
+    "LayoutError",
+    "Preprocessing",
+    "load",
+    "load_torch",
+    "save",
     "ConversionError",
     "WeightsFileError",
     "flax_to_torch",

@@ -32,9 +32,11 @@ from mobilenet_arch.cli import atomic_write
 from parity.weights import ConversionError, check_state_dict, flax_to_torch, num_classes_of, rules, torch_to_flax
 
 Framework = Literal["torch", "flax"]
-FORMATS: dict[str, Framework] = {".pth": "torch", ".pt": "torch", ".safetensors": "torch", ".msgpack": "flax"}
+FORMATS: dict[str, Framework] = {".pth": "torch", ".pt": "torch", ".bin": "torch", ".safetensors": "torch", ".msgpack": "flax"}
 # Where training scripts commonly nest the state dict inside a checkpoint.
 STATE_DICT_ENTRIES = ("state_dict", "model", "model_state_dict")
+# Where the classes of a `torch.save(model)` pickle live: a model, not tensors.
+PICKLED_MODULES = ("torch.nn.modules", "torchvision.", "timm.", "transformers.", "torch_ref.")
 
 
 class WeightsFileError(ValueError):
@@ -63,6 +65,11 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged zip, a pickle of other objects, a file of another kind
+        if "Unsupported global" in str(e) and any(m in str(e) for m in PICKLED_MODULES):
+            raise WeightsFileError(
+                f"{path} holds a whole pickled model (torch.save(model)), which is never unpickled (that runs its code): "
+                "save model.state_dict() instead"
+            ) from e
         raise WeightsFileError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): {_first_line(e)}") from e
     if isinstance(loaded, Mapping):
         for entry in STATE_DICT_ENTRIES:
@@ -103,13 +110,49 @@ def load_flax_variables(path: str | os.PathLike) -> dict[str, Any]:
     return jax.tree.map(np.array, {"params": variables["params"], "batch_stats": variables["batch_stats"]})
 
 
-def save_flax_variables(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write `{"params", "batch_stats"}` to a .msgpack file, atomically."""
+def save_flax_variables(variables: Mapping[str, Any], path: str | os.PathLike, architecture=None, preprocessing=None) -> None:
+    """Write `{"params", "batch_stats"}` to a .msgpack file, atomically, and beside it
+    `<file>.json`: the architecture (inferred from the shapes when not given) and preprocessing,
+    so that `parity.load(path)` needs no flags. The msgpack holds only arrays, as before."""
+    from parity.checkpoint import description_json
+    from parity.layouts import LayoutError, Preprocessing
+    from parity.layouts import flax as flax_layout
+
     path = Path(path)
     if framework_of(path) != "flax":
         raise WeightsFileError(f"{path}: Flax variables go to .msgpack")
     tree = jax.device_get({"params": variables["params"], "batch_stats": variables["batch_stats"]})
+    if architecture is None:
+        try:
+            architecture = flax_layout.architecture(tree)
+        except LayoutError:  # not a MobileNet's tree: the weights alone, as asked
+            architecture = None
     _atomic_write(path, lambda f: f.write(flax.serialization.msgpack_serialize(tree)))
+    if architecture is not None:
+        text = description_json(architecture, preprocessing or flax_layout.preprocessing())
+        _atomic_write(description_path(path), lambda f: f.write(text.encode()))
+
+
+def description_path(path: str | os.PathLike) -> Path:
+    """Where a .msgpack's architecture and preprocessing are written: `<file>.json`."""
+    return Path(f"{path}.json")
+
+
+def read_description(path: str | os.PathLike):
+    """(architecture, preprocessing) written beside a .msgpack, or (None, None) for an older file."""
+    import json
+
+    from parity.checkpoint import architecture_from_json
+    from parity.layouts import Preprocessing
+
+    described = description_path(path)
+    if not described.is_file():
+        return None, None
+    try:
+        d = json.loads(described.read_text())
+        return architecture_from_json(d["architecture"]), Preprocessing.from_dict(d["preprocessing"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsFileError(f"{described} is not a readable description of {Path(path).name} ({_first_line(e)}): delete it to infer the architecture from the shapes") from e
 
 
 def load_as_flax(path: str | os.PathLike, arch: str, width_mult: float) -> dict[str, Any]:

@@ -15,13 +15,12 @@ import numpy as np
 import torch
 
 import mobilenet_arch
+from parity.layouts import ConversionError
+from parity.layouts import flax as flax_layout
+from parity.layouts import torchvision as torchvision_layout
 
-# Widths tried when a file does not fit the width asked for, to say which width it has.
+# Widths tried, beside those the channels suggest, to name the width weights have.
 KNOWN_WIDTHS = (0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, 1.5, 2.0)
-
-
-class ConversionError(ValueError):
-    """Weights that do not fit the model: the message says what differs."""
 
 
 @dataclass(frozen=True)
@@ -108,15 +107,15 @@ def num_classes_of(state_dict: Mapping[str, Any], arch: str) -> int:
 
 
 def infer_width(state_dict: Mapping[str, Any], arch: str) -> float | None:
-    """The width multiplier whose shapes every weight in `state_dict` has, or None."""
-    num_classes = num_classes_of(state_dict, arch)
-    for width in KNOWN_WIDTHS:
-        shapes = expected_shapes(mobilenet_arch.architecture(arch, width, num_classes))
-        if shapes.keys() <= state_dict.keys() and all(
-            tuple(np.shape(state_dict[k])) == shape for k, shape in shapes.items()
-        ):
-            return width
-    return None
+    """The width multiplier whose torchvision shapes every weight in `state_dict` has, or None.
+    Candidates come from the channels themselves, so any width is found, not only listed ones."""
+    try:
+        architecture = torchvision_layout.architecture(state_dict)
+    except (ConversionError, KeyError, ValueError):
+        return None
+    if architecture.arch != arch:
+        return None
+    return torchvision_layout.infer_width(architecture)
 
 
 def check_state_dict(state_dict: Mapping[str, Any], arch: mobilenet_arch.Architecture) -> None:
@@ -148,13 +147,15 @@ def _describe(arch: mobilenet_arch.Architecture) -> str:
     return f"MobileNet{arch.arch.upper()} width {arch.width_mult} with {arch.num_classes} classes"
 
 
-def torch_to_flax(state_dict: Mapping[str, Any], arch: str = "v2", width_mult: float = 1.0) -> dict:
+def torch_to_flax(state_dict: Mapping[str, Any], arch: str = "v2", width_mult: float | None = None) -> dict:
     """PyTorch state dict (torch_ref or torchvision keys) -> `{"params": ..., "batch_stats": ...}`.
 
-    The number of classes is read from the classifier's shape. Values come back as float32 numpy
-    arrays, which `model.apply` takes as they are.
+    The width (when not given) and the number of classes are read from the shapes. Values come
+    back as float32 numpy arrays, which `model.apply` takes as they are.
     """
-    architecture = mobilenet_arch.architecture(arch, width_mult, num_classes_of(state_dict, arch))
+    architecture = _torchvision_architecture(state_dict, arch) if width_mult is None else None
+    if architecture is None:
+        architecture = mobilenet_arch.architecture(arch, width_mult or 1.0, num_classes_of(state_dict, arch))
     check_state_dict(state_dict, architecture)
     variables: dict = {"params": {}, "batch_stats": {}}
     for rule in rules(architecture):
@@ -165,19 +166,41 @@ def torch_to_flax(state_dict: Mapping[str, Any], arch: str = "v2", width_mult: f
     return variables
 
 
+def _torchvision_architecture(state_dict: Mapping[str, Any], arch: str) -> mobilenet_arch.Architecture | None:
+    """The architecture torchvision-keyed weights have (any width), or None where the keys do not
+    parse (check_state_dict then names what is missing)."""
+    from parity.checkpoint import recognise
+
+    try:
+        architecture = torchvision_layout.architecture(state_dict)
+    except (ConversionError, KeyError):
+        try:
+            layout = recognise(state_dict)
+        except ConversionError as e:
+            raise ConversionError(str(e)) from None
+        if layout != "torchvision":
+            raise ConversionError(f"these are {layout} weights, not torchvision's: read them with parity.load") from None
+        return None
+    if architecture.arch != arch:
+        raise ConversionError(
+            f"these weights are MobileNet{architecture.arch.upper()} width {architecture.width_mult:g}, "
+            f"MobileNet{arch.upper()} was asked for (--arch {architecture.arch})"
+        )
+    return architecture
+
+
 def flax_to_torch(variables: Mapping[str, Any], arch: str = "v2", num_batches_tracked: int = 0) -> dict[str, torch.Tensor]:
     """Flax variables -> PyTorch state dict that loads strictly into torch_ref (and, for V2,
-    torchvision's `mobilenet_v2`). Width and classes are read from the variables' shapes.
+    torchvision's `mobilenet_v2`). Width, depth and classes are read from the variables' shapes.
 
     `num_batches_tracked` fills PyTorch's BN step counters (training passes its step count).
     """
-    flat = {}
-    for rule in rules(mobilenet_arch.architecture(arch)):
-        flat[rule.torch_key] = _lookup(variables, rule.flax_path)
-    architecture = _architecture_of(flat, arch)
+    architecture = flax_layout.architecture(variables)
+    if architecture.arch != arch:
+        raise ConversionError(f"Flax variables of MobileNet{architecture.arch.upper()}, MobileNet{arch.upper()} was asked for")
     state_dict = {}
     for rule in rules(architecture):
-        state_dict[rule.torch_key] = torch.from_numpy(np.ascontiguousarray(rule.to_torch(_to_numpy(flat[rule.torch_key]))))
+        state_dict[rule.torch_key] = torch.from_numpy(np.ascontiguousarray(rule.to_torch(_to_numpy(_lookup(variables, rule.flax_path)))))
     for key in batches_tracked_keys(architecture):
         state_dict[key] = torch.tensor(num_batches_tracked, dtype=torch.long)
     return state_dict
@@ -190,14 +213,3 @@ def _lookup(variables: Mapping[str, Any], path: tuple[str, ...]) -> Any:
             raise ConversionError(f"Flax variables have no {'/'.join(path[: depth + 1])}: not a MobileNet of this arch?")
         node = node[name]
     return node
-
-
-def _architecture_of(flat_torch_shaped: Mapping[str, Any], arch: str) -> mobilenet_arch.Architecture:
-    """Width and classes of Flax variables, from their shapes (converted to PyTorch layout)."""
-    probe = {}
-    for rule in rules(mobilenet_arch.architecture(arch)):
-        probe[rule.torch_key] = np.empty(rule.torch_shape(np.shape(flat_torch_shaped[rule.torch_key])), np.uint8)
-    width = infer_width(probe, arch)
-    if width is None:
-        raise ConversionError(f"Flax variables match MobileNet{arch.upper()} at none of the widths {KNOWN_WIDTHS}")
-    return mobilenet_arch.architecture(arch, width, num_classes_of(probe, arch))

@@ -1,0 +1,138 @@
+"""timm's layout (`timm.create_model("mobilenetv1_100" | "mobilenetv2_100" | ...)`, class EfficientNet).
+
+    conv_stem / bn1                                   stem
+    blocks.s.r.conv_dw + bn1, conv_pw + bn2            V1 block, and V2's first (no expansion)
+    blocks.s.r.conv_pw + bn1, conv_dw + bn2, conv_pwl + bn3   V2's inverted residuals
+    conv_head / bn2                                   head (V2; V1 only in mobilenetv1_100h)
+    classifier                                        Linear
+
+`s.r` is the block's stage and repeat in the paper's table: the depth multiplier of
+`mobilenetv2_110d`/`_120d` shows in the repeats per stage, read from the keys.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import mobilenet_arch
+from parity.layouts import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    V1_DEPTHS,
+    LayoutError,
+    Preprocessing,
+    Rule,
+    layer_rules,
+    shape,
+    v2_positions,
+    v2_stride,
+    width_label,
+)
+
+NAME = "timm"
+EXPECTS = "conv_stem.weight, blocks.S.R.conv_dw.weight, classifier.weight"
+
+
+def recognise(keys) -> bool:
+    keys = set(keys)
+    return "conv_stem.weight" in keys and "classifier.weight" in keys and any(k.startswith("blocks.") for k in keys)
+
+
+def other_model(keys) -> str | None:
+    """What a timm checkpoint that is not a MobileNetV1/V2 holds, as far as its keys tell."""
+    keys = set(keys)
+    if not recognise(keys):
+        return None
+    if any(".se." in k for k in keys):  # squeeze-excitation: MobileNetV3 and EfficientNet, not V1/V2
+        if "conv_head.bias" in keys and "bn2.weight" not in keys:  # V3's head: a conv with bias, no BN
+            # timm's arch_def: 7 stages for the large model, 6 for the small
+            stages = len({k.split(".")[1] for k in keys if k.startswith("blocks.")})
+            size = "large" if stages == 7 else "small"
+            return f"a timm mobilenetv3_{size}_100 checkpoint (MobileNetV3-{size.capitalize()})"
+        return "a timm EfficientNet-family checkpoint (squeeze-excitation blocks)"
+    return None
+
+
+def positions(weights: Mapping[str, Any]) -> list[tuple[int, int]]:
+    found = sorted({(int(m[1]), int(m[2])) for k in weights if (m := re.match(r"blocks\.(\d+)\.(\d+)\.", k))})
+    depths: dict[int, int] = {}
+    for stage, repeat in found:
+        depths[stage] = depths.get(stage, 0) + 1
+    return v2_positions([depths[s] for s in sorted(depths)])
+
+
+def architecture(weights: Mapping[str, Any], config=None, **kw) -> mobilenet_arch.Architecture:
+    keys = set(weights)
+    where = positions(weights)
+    stem = shape(weights, "conv_stem.weight")[0]
+    head = shape(weights, "conv_head.weight")[0] if "conv_head.weight" in keys else None
+    num_classes = shape(weights, "classifier.weight")[0]
+    kw.setdefault("padding", "symmetric")
+    kw.setdefault("bn_epsilon", 1e-5)
+    if config is not None:  # a live timm model: its drop_rate
+        kw.setdefault("dropout", float(config.get("drop_rate", 0.0)))
+    if any(".conv_pwl." in k for k in keys):
+        specs = []
+        for stage, repeat in where:
+            p = f"blocks.{stage}.{repeat}."
+            if p + "conv_pwl.weight" in keys:
+                hidden, out = shape(weights, p + "conv_pw.weight")[0], shape(weights, p + "conv_pwl.weight")[0]
+            else:
+                hidden, out = None, shape(weights, p + "conv_pw.weight")[0]
+            specs.append((hidden, out, v2_stride(stage, repeat), stage, repeat))
+        if head is None:
+            raise LayoutError("a timm MobileNetV2 without conv_head")
+        kw.setdefault("width_mult", width_label(stem, specs[-1][1], 320))
+        kw.setdefault("dropout", 0.0)
+        return mobilenet_arch.mobilenet_v2_from_blocks(stem, specs, head, num_classes, **kw)
+    if len(where) != sum(V1_DEPTHS):
+        raise LayoutError(f"a timm MobileNetV1 with {len(where)} blocks: the paper's has {sum(V1_DEPTHS)}")
+    outs = [shape(weights, f"blocks.{s}.{r}.conv_pw.weight")[0] for s, r in where]
+    kw.setdefault("width_mult", width_label(stem, outs[-1], 1024))
+    return mobilenet_arch.mobilenet_v1_from_channels(stem, outs, num_classes, head=head, **kw)
+
+
+def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
+    def names(index: int, block, layer) -> tuple[str, str]:
+        if layer.role == "stem":
+            return "conv_stem.weight", "bn1"
+        if layer.role == "head":
+            return "conv_head.weight", "bn2"
+        p = f"blocks.{block.stage}.{block.repeat}."
+        if block.layers[0].role != "expand":  # timm's DepthwiseSeparableConv: V1, and V2's first block
+            conv, bn = {"depthwise": ("conv_dw", "bn1"), "pointwise": ("conv_pw", "bn2"), "project": ("conv_pw", "bn2")}[layer.role]
+        else:
+            conv, bn = {"expand": ("conv_pw", "bn1"), "depthwise": ("conv_dw", "bn2"), "project": ("conv_pwl", "bn3")}[layer.role]
+        return f"{p}{conv}.weight", p + bn
+
+    return layer_rules(arch, names) + [
+        Rule("classifier.weight", ("params", arch.flax_classifier, "kernel"), "dense"),
+        Rule("classifier.bias", ("params", arch.flax_classifier, "bias"), "same"),
+    ]
+
+
+def preprocessing(config: Mapping[str, Any] | None = None, arch: str = "v2") -> Preprocessing:
+    """From a timm `pretrained_cfg` where given (its test size and crop where it has them: the
+    size the published accuracy is measured at); else the defaults of timm's MobileNet weights."""
+    if config:
+        size = (config.get("test_input_size") or config["input_size"])[-1]
+        crop_pct = config.get("test_crop_pct") or config.get("crop_pct", 0.875)
+        # timm data/transforms_factory.py: scale_size = floor(img_size / crop_pct)
+        return Preprocessing(
+            tuple(config["mean"]), tuple(config["std"]), int(size // crop_pct), int(size), config.get("interpolation", "bicubic")
+        )
+    if arch == "v1":  # mobilenetv1_100.ra4_e3600_r224_in1k at its test size
+        return Preprocessing(INCEPTION_MEAN, INCEPTION_STD, 269, 256, "bicubic")
+    return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, 256, 224, "bicubic")
+
+
+def expresses(arch: mobilenet_arch.Architecture) -> str | None:
+    """Why timm cannot hold `arch`, or None."""
+    if any(layer.pad != "symmetric" for block in arch.blocks for layer in block.layers):
+        return "timm's MobileNets pad symmetrically, these weights were trained with TensorFlow's padding"
+    if arch.bn_epsilon != 1e-5:
+        return f"timm's MobileNets use BatchNorm epsilon 1e-5, these weights {arch.bn_epsilon:g}"
+    return None

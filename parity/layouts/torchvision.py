@@ -1,0 +1,176 @@
+"""torchvision's layout (and torch_ref's, which copies it): `features.i...`, `classifier.1`.
+
+    features.0.0 / .1                      stem conv / BN
+    features.i.conv.0.0 / .0.1 ...         a layer with an activation (Conv2dNormActivation)
+    features.i.conv.k / .k+1               V2's linear projection: a bare conv and a bare BN
+    features.N.0 / .1                      V2's head (and V1's, where it has one)
+    classifier.1                           Linear (classifier.0 is Dropout)
+
+The keys are written down once, on the description's layers (`ConvBN.torch_conv`, `torch_bn`):
+the rules here only read them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import mobilenet_arch
+from parity.layouts import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    V2_DEPTHS,
+    LayoutError,
+    Preprocessing,
+    Rule,
+    layer_rules,
+    shape,
+    v2_positions,
+    v2_stride,
+)
+
+NAME = "torchvision"
+EXPECTS = "features.0.0.weight, features.N.conv.*, classifier.1.weight"
+CLASSIFIER = "classifier.1"
+
+
+def recognise(keys) -> bool:
+    keys = set(keys)
+    return "features.0.0.weight" in keys and f"{CLASSIFIER}.weight" in keys
+
+
+def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
+    out = layer_rules(arch, lambda i, block, layer: (f"{layer.torch_conv}.weight", layer.torch_bn))
+    out += [
+        Rule(f"{arch.torch_classifier}.weight", ("params", arch.flax_classifier, "kernel"), "dense"),
+        Rule(f"{arch.torch_classifier}.bias", ("params", arch.flax_classifier, "bias"), "same"),
+    ]
+    return out
+
+
+def preprocessing(config=None) -> Preprocessing:
+    # torchvision's IMAGENET1K_V1 transforms: resize 256, crop 224, bilinear.
+    return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, 256, 224, "bilinear")
+
+
+def parse_blocks(weights: Mapping[str, Any], conv_key, kernel_out) -> tuple[int, list[dict], int | None]:
+    """Channels of a torchvision-numbered network: (stem, blocks, head).
+
+    `conv_key(i, path)` names the conv kernel of `features.i.<path>` in the weights, or None where
+    absent; `kernel_out(key)` reads its output channels. Each block is {"expand", "depthwise",
+    "out", "v2"}.
+    """
+    indices = sorted({int(m[1]) for k in weights if (m := re.match(r"features[._](\d+)[._/]", k))})
+    if not indices or indices[0] != 0 or indices != list(range(len(indices))):
+        raise LayoutError(f"features blocks numbered {indices[:5]}...: expected 0, 1, 2, ... without gaps")
+    stem_key = conv_key(0, ("0",))
+    if stem_key is None:
+        raise LayoutError("no stem convolution (features.0.0)")
+    stem, blocks, head = kernel_out(stem_key), [], None
+    for i in indices[1:]:
+        single = conv_key(i, ("0",))
+        if single is not None:  # a lone conv+BN: the head, last
+            if i != indices[-1]:
+                raise LayoutError(f"features.{i} is a single convolution but not the last block")
+            head = kernel_out(single)
+            break
+        activated = []
+        j = 0
+        while (key := conv_key(i, ("conv", str(j), "0"))) is not None:
+            activated.append(kernel_out(key))
+            j += 1
+        bare = conv_key(i, ("conv", str(j)))
+        if bare is not None:  # V2: expand?, depthwise, then the linear projection
+            if len(activated) not in (1, 2):
+                raise LayoutError(f"features.{i}: {len(activated)} activated layers before the projection, expected 1 or 2")
+            expand = activated[0] if len(activated) == 2 else None
+            blocks.append({"v2": True, "expand": expand, "depthwise": activated[-1], "out": kernel_out(bare)})
+        elif len(activated) == 2:  # V1: depthwise, pointwise
+            blocks.append({"v2": False, "expand": None, "depthwise": activated[0], "out": activated[1]})
+        else:
+            raise LayoutError(f"features.{i}: neither a depthwise-separable nor an inverted-residual block")
+    return stem, blocks, head
+
+
+def build(stem: int, blocks: list[dict], head: int | None, num_classes: int, **kw) -> mobilenet_arch.Architecture:
+    """The Architecture of torchvision-numbered channels, symmetric padding and eps 1e-5 unless
+    `kw` says otherwise (the Flax layout reads its file's own description instead where it has one)."""
+    kw.setdefault("padding", "symmetric")
+    kw.setdefault("bn_epsilon", 1e-5)
+    if any(b["v2"] for b in blocks):
+        depths = _v2_depths([b["out"] for b in blocks])
+        specs = [
+            (b["expand"], b["out"], v2_stride(stage, repeat), stage, repeat)
+            for b, (stage, repeat) in zip(blocks, v2_positions(depths))
+        ]
+        if head is None:
+            raise LayoutError("a MobileNetV2 without its head convolution (features.N.0)")
+        kw.setdefault("dropout", mobilenet_arch.V2_DROPOUT)
+        return mobilenet_arch.mobilenet_v2_from_blocks(stem, specs, head, num_classes, **kw)
+    if len(blocks) != len(mobilenet_arch.V1_BLOCKS):
+        raise LayoutError(f"a MobileNetV1 with {len(blocks)} blocks: the paper's has {len(mobilenet_arch.V1_BLOCKS)}")
+    return mobilenet_arch.mobilenet_v1_from_channels(stem, [b["out"] for b in blocks], num_classes, head=head, **kw)
+
+
+def _v2_depths(outs: list[int]) -> list[int]:
+    """Repeats per stage: the paper's when there are 17 blocks; otherwise (a depth multiplier) the
+    runs of equal output channels, which must then be 7, one per stage."""
+    if len(outs) == sum(V2_DEPTHS):
+        return list(V2_DEPTHS)
+    runs = [1]
+    for a, b in zip(outs, outs[1:]):
+        if a == b:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    if len(runs) != len(V2_DEPTHS):
+        raise LayoutError(f"{len(outs)} inverted residuals in {len(runs)} runs of equal channels: cannot tell the 7 stages apart")
+    return runs
+
+
+def architecture(weights: Mapping[str, Any], config=None, **kw) -> mobilenet_arch.Architecture:
+    def conv_key(i, path):
+        key = ".".join(("features", str(i), *path, "weight"))
+        return key if key in weights and len(shape(weights, key)) == 4 else None
+
+    stem, blocks, head = parse_blocks(weights, conv_key, lambda key: shape(weights, key)[0])
+    if f"{CLASSIFIER}.weight" not in weights:
+        raise LayoutError(f"no classifier: key '{CLASSIFIER}.weight' is missing")
+    num_classes = shape(weights, f"{CLASSIFIER}.weight")[0]
+    arch = build(stem, blocks, head, num_classes, **kw)
+    return _with_width(arch)
+
+
+def _with_width(arch: mobilenet_arch.Architecture) -> mobilenet_arch.Architecture:
+    """Label the architecture with the torchvision width multiplier that gives its channels, when one
+    does (candidates read from the channels themselves, so any width is found)."""
+    width = infer_width(arch)
+    if width is None:
+        return arch
+    import dataclasses
+
+    return dataclasses.replace(arch, width_mult=width)
+
+
+def infer_width(arch: mobilenet_arch.Architecture) -> float | None:
+    """The width multiplier whose torchvision architecture has `arch`'s shapes, or None."""
+    from parity.weights import KNOWN_WIDTHS, expected_shapes
+
+    if arch.arch == "v1":
+        bases = [mobilenet_arch.V1_STEM_CHANNELS] + [c for c, _ in mobilenet_arch.V1_BLOCKS]
+    else:
+        bases = [mobilenet_arch.V2_STEM_CHANNELS] + [c for _, c, n, _ in mobilenet_arch.V2_BLOCKS for _ in range(n)]
+    outs = [block.out_channels for block in arch.blocks]
+    candidates = [round(c / b, 4) for c, b in zip(outs, bases)] + list(KNOWN_WIDTHS)
+    want = expected_shapes(arch)
+    has_head = arch.arch == "v1" and arch.blocks[-1].layers[0].role == "head"
+    for width in sorted(set(candidates), key=candidates.index):
+        if width <= 0 or has_head:
+            continue
+        try:
+            candidate = mobilenet_arch.architecture(arch.arch, width, arch.num_classes)
+        except ValueError:
+            continue
+        if expected_shapes(candidate) == want:
+            return width
+    return None
