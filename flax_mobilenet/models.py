@@ -30,20 +30,28 @@ class ConvBN(nn.Module):
     layer: mobilenet_arch.ConvBN
     activation: str
     dtype: Dtype
+    epsilon: float = mobilenet_arch.BN_EPSILON
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         layer = self.layer
+        padding = (layer.kernel_size - 1) // 2
+        (top, bottom), (left, right) = layer.pads(x.shape[1], x.shape[2])
+        if (top, bottom, left, right) != (padding,) * 4:
+            # TensorFlow's SAME at stride 2 or Keras's fixed padding is one-sided: pad explicitly,
+            # then the same convolution (and so the same variables) without padding of its own.
+            x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+            padding = 0
         if layer.depthwise:
-            conv = DepthwiseConv(layer.kernel_size, layer.stride, layer.padding, dtype=self.dtype, name="conv")
+            conv = DepthwiseConv(layer.kernel_size, layer.stride, padding, dtype=self.dtype, name="conv")
         elif layer.kernel_size == 1 and layer.stride == 1 and layer.groups == 1:
             conv = PointwiseConv(layer.out_channels, dtype=self.dtype, name="conv")
         elif layer.groups == 1:
-            conv = PatchConv(layer.out_channels, layer.kernel_size, layer.stride, layer.padding, dtype=self.dtype, name="conv")
+            conv = PatchConv(layer.out_channels, layer.kernel_size, layer.stride, padding, dtype=self.dtype, name="conv")
         else:
             raise NotImplementedError(f"{layer}: a grouped convolution that is not depthwise")
         activation = self.activation if layer.activation else None
-        bn = BatchNorm(dtype=self.dtype, activation=activation, name="bn")
+        bn = BatchNorm(epsilon=self.epsilon, dtype=self.dtype, activation=activation, name="bn")
         if not train and not self.is_initializing():
             # Eval: BatchNorm's multiply-add and the activation as the convolution's epilogue.
             return conv(x, bn.eval_affine(), activation)
@@ -56,12 +64,13 @@ class Block(nn.Module):
     block: mobilenet_arch.Block
     activation: str
     dtype: Dtype
+    epsilon: float = mobilenet_arch.BN_EPSILON
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         y = x
         for layer in self.block.layers:
-            y = ConvBN(layer, self.activation, self.dtype, name=layer.role)(y, train)
+            y = ConvBN(layer, self.activation, self.dtype, self.epsilon, name=layer.role)(y, train)
         y = x + y if self.block.residual else y
         self.sow("intermediates", "output", y)
         return y
@@ -79,7 +88,7 @@ class MobileNet(nn.Module):
         arch = self.architecture
         x = x.astype(self.dtype)
         for block in arch.blocks:
-            x = Block(block, arch.activation, self.dtype, name=block.name)(x, train)
+            x = Block(block, arch.activation, self.dtype, arch.bn_epsilon, name=block.name)(x, train)
         x = x.mean(axis=(1, 2))
         x = nn.Dropout(arch.dropout, deterministic=not train)(x)
         x = nn.Dense(
@@ -94,11 +103,12 @@ def MobileNetV1(
     dropout: float = 0.0,
     activation: str = "relu6",
     dtype: Dtype = jnp.float32,
+    **kwargs,
 ) -> MobileNet:
     """MobileNetV1 (Howard et al. 2017). ReLU6 by default, as TensorFlow's reference and timm's
     weights use; `activation="relu"` is the paper's text. Any input size works (the resolution
-    multiplier)."""
-    return MobileNet(mobilenet_arch.mobilenet_v1(width_mult, num_classes, dropout, activation), dtype)
+    multiplier). `kwargs` are `mobilenet_arch.mobilenet_v1`'s (head, padding, bn_epsilon, ...)."""
+    return MobileNet(mobilenet_arch.mobilenet_v1(width_mult, num_classes, dropout, activation, **kwargs), dtype)
 
 
 def MobileNetV2(
@@ -106,9 +116,11 @@ def MobileNetV2(
     width_mult: float = 1.0,
     dropout: float = mobilenet_arch.V2_DROPOUT,
     dtype: Dtype = jnp.float32,
+    **kwargs,
 ) -> MobileNet:
-    """MobileNetV2 (Sandler et al. 2018), layer for layer torchvision's `mobilenet_v2`."""
-    return MobileNet(mobilenet_arch.mobilenet_v2(width_mult, num_classes, dropout), dtype)
+    """MobileNetV2 (Sandler et al. 2018), layer for layer torchvision's `mobilenet_v2`. `kwargs` are
+    `mobilenet_arch.mobilenet_v2`'s (depth_mult, fix_stem_head, padding, bn_epsilon)."""
+    return MobileNet(mobilenet_arch.mobilenet_v2(width_mult, num_classes, dropout, **kwargs), dtype)
 
 
 def create_model(arch: str, width_mult: float = 1.0, num_classes: int = 1000, dtype: Dtype = jnp.float32, **kwargs):

@@ -22,7 +22,25 @@ import mobilenet_arch
 ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU}
 
 
+class PaddedConv2d(nn.Conv2d):
+    """A Conv2d that pads its input as the layer says (TensorFlow's SAME, which depends on the input
+    size, or a fixed one-sided padding) and then convolves without padding of its own, as Hugging
+    Face's `apply_tf_padding` does. Its state-dict keys are a Conv2d's."""
+
+    def __init__(self, layer: mobilenet_arch.ConvBN):
+        super().__init__(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, 0, groups=layer.groups, bias=False
+        )
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (top, bottom), (left, right) = self.layer.pads(x.shape[-2], x.shape[-1])
+        return super().forward(nn.functional.pad(x, (left, right, top, bottom)))
+
+
 def _conv(layer: mobilenet_arch.ConvBN) -> nn.Conv2d:
+    if layer.pad != "symmetric":
+        return PaddedConv2d(layer)
     return nn.Conv2d(
         layer.in_channels,
         layer.out_channels,
@@ -37,19 +55,19 @@ def _conv(layer: mobilenet_arch.ConvBN) -> nn.Conv2d:
 class ConvBNActivation(nn.Sequential):
     """torchvision's Conv2dNormActivation: Conv2d, BatchNorm2d, activation."""
 
-    def __init__(self, layer: mobilenet_arch.ConvBN, activation: str):
-        super().__init__(_conv(layer), nn.BatchNorm2d(layer.out_channels), ACTIVATIONS[activation](inplace=True))
+    def __init__(self, layer: mobilenet_arch.ConvBN, activation: str, eps: float = mobilenet_arch.BN_EPSILON):
+        super().__init__(_conv(layer), nn.BatchNorm2d(layer.out_channels, eps), ACTIVATIONS[activation](inplace=True))
 
 
-def _layers(block: mobilenet_arch.Block, activation: str) -> list[nn.Module]:
+def _layers(block: mobilenet_arch.Block, activation: str, eps: float) -> list[nn.Module]:
     # A layer without activation (V2's linear projection) is a bare Conv2d and BatchNorm2d, as in
     # torchvision; mobilenet_arch names the state-dict keys by the same rule.
     modules: list[nn.Module] = []
     for layer in block.layers:
         if layer.activation:
-            modules.append(ConvBNActivation(layer, activation))
+            modules.append(ConvBNActivation(layer, activation, eps))
         else:
-            modules += [_conv(layer), nn.BatchNorm2d(layer.out_channels)]
+            modules += [_conv(layer), nn.BatchNorm2d(layer.out_channels, eps)]
     return modules
 
 
@@ -57,9 +75,9 @@ class InvertedResidual(nn.Module):
     """MobileNetV2's block: 1x1 expansion, 3x3 depthwise, linear 1x1 projection, and the residual
     connection when the stride is 1 and the channels are equal (Sandler et al., Section 3.3)."""
 
-    def __init__(self, block: mobilenet_arch.Block, activation: str):
+    def __init__(self, block: mobilenet_arch.Block, activation: str, eps: float):
         super().__init__()
-        self.conv = nn.Sequential(*_layers(block, activation))
+        self.conv = nn.Sequential(*_layers(block, activation, eps))
         self.use_res_connect = block.residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,9 +87,9 @@ class InvertedResidual(nn.Module):
 class DepthwiseSeparable(nn.Module):
     """MobileNetV1's block: 3x3 depthwise then 1x1 pointwise, each with BN and activation."""
 
-    def __init__(self, block: mobilenet_arch.Block, activation: str):
+    def __init__(self, block: mobilenet_arch.Block, activation: str, eps: float):
         super().__init__()
-        self.conv = nn.Sequential(*_layers(block, activation))
+        self.conv = nn.Sequential(*_layers(block, activation, eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -80,10 +98,10 @@ class DepthwiseSeparable(nn.Module):
 BLOCKS = {"inverted_residual": InvertedResidual, "depthwise_separable": DepthwiseSeparable}
 
 
-def _block(block: mobilenet_arch.Block, activation: str) -> nn.Module:
+def _block(block: mobilenet_arch.Block, activation: str, eps: float) -> nn.Module:
     if block.kind == "conv_bn":
-        return ConvBNActivation(block.layers[0], activation)
-    return BLOCKS[block.kind](block, activation)
+        return ConvBNActivation(block.layers[0], activation, eps)
+    return BLOCKS[block.kind](block, activation, eps)
 
 
 class MobileNet(nn.Module):
@@ -92,7 +110,9 @@ class MobileNet(nn.Module):
     def __init__(self, architecture: mobilenet_arch.Architecture):
         super().__init__()
         self.architecture = architecture
-        self.features = nn.Sequential(*[_block(b, architecture.activation) for b in architecture.blocks])
+        self.features = nn.Sequential(
+            *[_block(b, architecture.activation, architecture.bn_epsilon) for b in architecture.blocks]
+        )
         self.classifier = nn.Sequential(
             nn.Dropout(p=architecture.dropout), nn.Linear(architecture.num_features, architecture.num_classes)
         )
@@ -113,13 +133,21 @@ class MobileNet(nn.Module):
 
 
 class MobileNetV1(MobileNet):
-    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.0, activation: str = "relu6"):
-        super().__init__(mobilenet_arch.mobilenet_v1(width_mult, num_classes, dropout, activation))
+    """`kwargs` are `mobilenet_arch.mobilenet_v1`'s (head, padding, bn_epsilon, ...)."""
+
+    def __init__(
+        self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.0, activation: str = "relu6", **kwargs
+    ):
+        super().__init__(mobilenet_arch.mobilenet_v1(width_mult, num_classes, dropout, activation, **kwargs))
 
 
 class MobileNetV2(MobileNet):
-    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = mobilenet_arch.V2_DROPOUT):
-        super().__init__(mobilenet_arch.mobilenet_v2(width_mult, num_classes, dropout))
+    """`kwargs` are `mobilenet_arch.mobilenet_v2`'s (depth_mult, fix_stem_head, padding, bn_epsilon)."""
+
+    def __init__(
+        self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = mobilenet_arch.V2_DROPOUT, **kwargs
+    ):
+        super().__init__(mobilenet_arch.mobilenet_v2(width_mult, num_classes, dropout, **kwargs))
 
 
 def create_model(arch: str, width_mult: float = 1.0, num_classes: int = 1000, **kwargs) -> MobileNet:
