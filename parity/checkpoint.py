@@ -177,7 +177,10 @@ def _rebuilt(arch: mobilenet_arch.Architecture, **kw) -> mobilenet_arch.Architec
 
 def _check_overrides(arch: mobilenet_arch.Architecture, overrides: Mapping[str, Any]) -> mobilenet_arch.Architecture:
     if "arch" in overrides and overrides["arch"] != arch.arch:
-        raise ConversionError(f"these weights are MobileNet{arch.arch.upper()}, arch={overrides['arch']!r} was asked for")
+        raise ConversionError(
+            f"these weights are MobileNet{arch.arch.upper()} width {arch.width_mult:g}, not MobileNet{overrides['arch'].upper()}: "
+            f"use arch={arch.arch!r} (--arch {arch.arch})"
+        )
     if "num_classes" in overrides and overrides["num_classes"] != arch.num_classes:
         raise ConversionError(f"these weights have {arch.num_classes} classes, num_classes={overrides['num_classes']} was asked for")
     width = overrides.get("width_mult")
@@ -189,7 +192,7 @@ def _check_overrides(arch: mobilenet_arch.Architecture, overrides: Mapping[str, 
         if not same:
             raise ConversionError(
                 f"these weights have width {arch.width_mult:g} (stem {arch.blocks[0].out_channels}, "
-                f"{arch.num_features} features), width_mult={width:g} was asked for: use width_mult={arch.width_mult:g}"
+                f"{arch.num_features} features), width_mult={width:g} was asked for: use width_mult={arch.width_mult:g} (--width {arch.width_mult:g})"
             )
         arch = dataclasses.replace(arch, width_mult=width)
     return arch
@@ -252,7 +255,10 @@ def layout_for_path(path: Path) -> str:
         return "torchvision"
     if not path.suffix:
         return "hf"
-    raise LayoutError(f"{path}: cannot tell the layout from the name: pass layout= (torchvision, timm, hf, keras or flax)")
+    raise LayoutError(
+        f"{path}: unknown extension {path.suffix!r}: expected .msgpack, .pth, .pt, .safetensors, .keras, .weights.h5 "
+        "or a directory (Hugging Face), or name the layout (--layout)"
+    )
 
 
 def save(checkpoint: Checkpoint, path: str | os.PathLike, layout: str | None = None, num_batches_tracked: int = 0) -> None:

@@ -78,15 +78,15 @@ def test_convert_verify_above_tolerance_exits_1_and_writes_nothing(v2_pth, tmp_p
     "args, fragments",
     [
         (["{src}", "{dst}", "--arch", "v2", "--width", "1.0"], ["these weights have width 0.35", "--width 0.35"]),
-        (["{src}", "{dst}", "--arch", "v1", "--width", "0.35"], ["MobileNetV1", "missing keys"]),
+        (["{src}", "{dst}", "--arch", "v1", "--width", "0.35"], ["MobileNetV2", "not MobileNetV1", "--arch v2"]),
         (["{src}", "{tmp}/out.onnx", "--arch", "v2", "--width", "0.35"], ["unknown extension '.onnx'"]),
         (["{tmp}/absent.pth", "{dst}", "--arch", "v2"], ["absent.pth: no such file"]),
         (["{src}", "{tmp}/no/such/dir/out.msgpack", "--arch", "v2", "--width", "0.35"], ["does not exist"]),
         (["{src}", "{dst}", "--arch", "v3"], ["invalid choice: 'v3'"]),
-        (["{src}", "{dst}"], ["--arch"]),
+        (["{src}", "{dst}", "--resolution", "16"], ["--resolution 16 is below 32"]),
         (["{src}", "{dst}", "--arch", "v2", "--width", "-1"], ["width_mult must be positive"]),
     ],
-    ids=["other-width", "wrong-arch", "unknown-extension", "missing-file", "missing-directory", "unknown-arch", "no-arch", "bad-width"],
+    ids=["other-width", "wrong-arch", "unknown-extension", "missing-file", "missing-directory", "unknown-arch", "resolution-below-32", "bad-width"],
 )
 def test_convert_bad_input_is_one_line_exit_2_no_output(v2_pth, tmp_path, capsys, args, fragments):
     dst = tmp_path / "out.msgpack"
