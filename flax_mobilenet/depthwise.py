@@ -18,9 +18,8 @@ Three implementations compute the same function:
   higher derivatives all go through them (each kernel's derivatives are the other two).
 
 ``"auto"`` (the default) picks "native" on the CPU and "xla" elsewhere, from
-`jax.default_backend()` at trace time. The environment variable ``FLAX_MOBILENET_DEPTHWISE``
-(xla | shifted | native | auto) overrides it; like any trace-time choice it applies to functions
-traced after it is set (a jitted function already compiled keeps the implementation it was traced with).
+`jax.default_backend()` at trace time; the environment variable ``FLAX_MOBILENET_DEPTHWISE``
+overrides it (`flax_mobilenet.backend`, where every such choice is made).
 """
 
 from __future__ import annotations
@@ -31,17 +30,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from flax_mobilenet import native
+from flax_mobilenet import backend, native
+from flax_mobilenet.portable import output_hw, pad_spatial, padded_input, tap_window, with_affine, xla_depthwise_conv2d
 
-ENV_VAR = "FLAX_MOBILENET_DEPTHWISE"
-IMPLEMENTATIONS = ("xla", "shifted", "native")
-# Measured in bench/NOTES.md; only the CPU has been measured, so other backends keep XLA's conv.
-AUTO = {"cpu": "native"}
-
-
-def implementation(backend: str | None = None) -> str:
-    """The implementation `depthwise_conv2d` uses now: the env override, else the backend's default."""
-    return native.choose(ENV_VAR, IMPLEMENTATIONS, AUTO, backend)
+# The switch's name and the choice it makes, where callers of this module look for them.
+ENV_VAR = backend.DEPTHWISE_ENV
+implementation = backend.depthwise
 
 
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -58,37 +52,14 @@ def depthwise_conv2d_affine(x, kernel, stride: int, padding: int, mul, add, acti
     """activation(depthwise_conv2d(x, kernel) * mul + add), mul and add per channel: the layer with
     eval-mode BatchNorm and its activation. The native kernel applies them as it writes each output,
     so no pass reads the convolution's output back; the other forms compose the same operations."""
-    if implementation() == "native" and native.supports(x, kernel, mul, add) and native.available():
-        return native.forward_affine(x, kernel[:, :, 0, :], mul, add, _native_out_hw(x, kernel, stride, padding), stride, padding, activation)
-    from flax_mobilenet.layers import with_affine  # layers imports this module
-
+    if backend.native_depthwise(x, kernel, mul, add):
+        return native.forward_affine(x, kernel[:, :, 0, :], mul, add, output_hw(x, kernel.shape[0], stride, padding), stride, padding, activation)
     return with_affine(depthwise_conv2d(x, kernel, stride, padding), mul, add, activation)
-
-
-def xla_depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    return lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1],
-    )
 
 
 def _accumulation_dtype(dtype) -> jnp.dtype:
     # Sum the k*k products in float32 for half-precision inputs, as a convolution unit does.
     return jnp.promote_types(dtype, jnp.float32)
-
-
-def _output_size(size: int, k: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - k) // stride + 1
-
-
-def _pad_spatial(x: jax.Array, low_h: int, high_h: int, low_w: int, high_w: int) -> jax.Array:
-    # lax.pad takes negative amounts, which crop: one op shifts and pads at once.
-    zero = jnp.zeros((), x.dtype)
-    return lax.pad(x, zero, ((0, 0, 0), (low_h, high_h, 0), (low_w, high_w, 0), (0, 0, 0)))
 
 
 def _taps_sum(xp, taps, out_hw, stride, out_dtype):
@@ -106,20 +77,6 @@ def _taps_sum(xp, taps, out_hw, stride, out_dtype):
             term = tap_window(xp, i, j, out_hw, stride).astype(acc) * taps[i, j].astype(acc)
             total = term if total is None else total + term
     return total.astype(out_dtype)
-
-
-def tap_window(xp: jax.Array, i: int, j: int, out_hw: tuple[int, int], stride: int) -> jax.Array:
-    """What kernel tap (i, j) sees at every output position: xp[:, stride*o + i, stride*q + j, :]."""
-    ho, wo = out_hw
-    limit = (xp.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, xp.shape[3])
-    return lax.slice(xp, (0, i, j, 0), limit, (1, stride, stride, 1))
-
-
-def padded_input(x, k, stride, padding):
-    """x padded by `padding` on every side (as PyTorch pads), and the output size."""
-    h, w = x.shape[1], x.shape[2]
-    ho, wo = _output_size(h, k, stride, padding), _output_size(w, k, stride, padding)
-    return _pad_spatial(x, padding, padding, padding, padding), (ho, wo)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -158,7 +115,7 @@ def _input_grad(g, kernel, x_shape, stride, padding):
     # Rows per phase, rounded up so that the phases interleave to a full grid covering the input.
     mh, mw = -(-(h + 2 * padding) // stride), -(-(w + 2 * padding) // stride)
     tmax = (k - 1) // stride  # the most output rows a phase reaches back
-    gp = _pad_spatial(g, tmax, mh - g.shape[1], tmax, mw - g.shape[2])
+    gp = pad_spatial(g, tmax, mh - g.shape[1], tmax, mw - g.shape[2])
     phases = []
     for a in range(stride):
         row = []
@@ -176,8 +133,9 @@ def _input_grad(g, kernel, x_shape, stride, padding):
 
 
 # The kernel gradient's working set: each tap's window is written out (see `_kernel_grad`), and a
-# window of at most this many bytes stays in the cache (the CPU measured has 1 MiB of L2 per core)
-# while it is written and read back. Measured in bench/NOTES.md: 2 MiB beat 4 and 8 MiB and bands of rows.
+# window of at most this many bytes stays in the cache (L2, about 1 MiB per core on the CPUs
+# measured) while it is written and read back; 2 MiB ran faster than 4 and 8 MiB and than bands
+# of rows (the shifted form's line of `python -m bench --depthwise`).
 KERNEL_GRAD_CHUNK_BYTES = 2 << 20
 
 
@@ -229,10 +187,5 @@ def native_depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, paddin
     """`xla_depthwise_conv2d` by the `flax_mobilenet.native` CPU kernels, where they are built and
     take the dtype; else by `shifted_depthwise_conv2d`."""
     if native.supports(x, kernel) and native.available():
-        return native.forward(x, kernel[:, :, 0, :], _native_out_hw(x, kernel, stride, padding), stride, padding)
+        return native.forward(x, kernel[:, :, 0, :], output_hw(x, kernel.shape[0], stride, padding), stride, padding)
     return shifted_depthwise_conv2d(x, kernel, stride, padding)
-
-
-def _native_out_hw(x, kernel, stride, padding) -> tuple[int, int]:
-    k = kernel.shape[0]
-    return _output_size(x.shape[1], k, stride, padding), _output_size(x.shape[2], k, stride, padding)

@@ -8,10 +8,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from jax import lax
 
-from flax_mobilenet import native
+from flax_mobilenet import backend, native, portable
 from flax_mobilenet.depthwise import depthwise_conv2d, depthwise_conv2d_affine
+from flax_mobilenet.portable import ACTIVATIONS, with_affine
 
 Dtype = Any
 
@@ -23,54 +23,6 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 classifier_init = nn.initializers.normal(stddev=0.01)
 
 
-# The activations a BatchNorm may end with, and where each passes the gradient, read off its output
-# y (the same set as its input's: relu6 passes 0 < x < 6, relu x > 0, as PyTorch's backward does).
-ACTIVATIONS = {"relu6": jax.nn.relu6, "relu": jax.nn.relu}
-_PASSES = {"relu6": lambda y: (y > 0) & (y < 6), "relu": lambda y: y > 0}
-
-
-# Where training-mode BatchNorm computes its reductions (the batch statistics, and the backward's
-# two sums): "native" (CPU kernels of flax_mobilenet.native, one read of their operands each;
-# float32/float64, else "xla") or "xla" (XLA's reductions, two reads each). "auto" is native on
-# the CPU; the environment variable overrides it at trace time. Both are differentiable again
-# (second derivatives): the native kernels' tangents are XLA's forms below.
-BATCH_NORM_ENV = "FLAX_MOBILENET_BATCHNORM"
-
-
-def batch_norm_reductions(backend: str | None = None) -> str:
-    return native.choose(BATCH_NORM_ENV, ("native", "xla"), {"cpu": "native"}, backend)
-
-
-# Where, in eval mode, the stem's convolution (`PatchConv`) and the 1x1 convolutions where it pays
-# (`native.dense_pays`) run on the CPU, each with its BatchNorm and activation:
-# "native" (`native.dense_conv_affine`: no patches written, and BatchNorm and the activation
-# applied as it writes its output) or "xla" (XLA's dot, of the patches for the stem, then BatchNorm
-# as a pass of its own). "auto" is native on the CPU; the environment variable overrides it at
-# trace time. Training, and other backends, are not affected.
-DENSE_ENV = "FLAX_MOBILENET_DENSE"
-
-
-def dense_convolutions(backend: str | None = None) -> str:
-    return native.choose(DENSE_ENV, ("native", "xla"), {"cpu": "native"}, backend)
-
-
-def _native_dense(x, kernel, *affine) -> bool:
-    """Whether the native dense kernel runs this layer: chosen, one dtype it takes, and a kernel
-    for which it pays on this CPU (`native.dense_pays`)."""
-    return (dense_convolutions() == "native" and native.supports(x, kernel, *affine) and native.available()
-            and native.dense_pays(kernel.shape))  # fmt: skip
-
-
-def with_affine(y: jax.Array, mul: jax.Array, add: jax.Array, activation: str | None) -> jax.Array:
-    """activation(y * mul + add): eval-mode BatchNorm (`eval_affine`) and its activation."""
-    y = y * mul + add
-    return ACTIVATIONS[activation](y) if activation else y
-
-
-def _batch_axes(x):
-    return tuple(range(x.ndim - 1))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def batch_norm_train(x, scale, bias, epsilon: float, activation: str | None, dtype):
     """Training-mode BatchNorm over the batch and spatial axes, output in `dtype`, then
@@ -80,40 +32,23 @@ def batch_norm_train(x, scale, bias, epsilon: float, activation: str | None, dty
     standard BatchNorm backward, as PyTorch's): autodiff would keep the centred input and the
     pre-activation as residuals, i.e. write two more activation-sized arrays per layer and read
     them back; this keeps only x and the output, and recomputes the rest inside the fused passes.
-    Where `batch_norm_reductions()` says native (float32 or float64 on the CPU), all four passes
-    are native kernels (statistics, normalisation, the backward's sums and input gradient) and
-    the backward recomputes the activation's mask from x with the forward's own expression, so it
-    keeps and reads x alone: the output is not read back (bench/NOTES.md section 11).
+    Where `backend.batch_norm_reductions()` says native (float32 or float64 on the CPU), all four
+    passes are native kernels (statistics, normalisation, the backward's sums and input gradient)
+    and the backward recomputes the activation's mask from x with the forward's own expression, so
+    it keeps and reads x alone: the output is not read back.
     """
     return _bn_fwd(x, scale, bias, epsilon, activation, dtype)[0]
 
 
-def _native_reductions(*arrays) -> bool:
-    """Whether BatchNorm's reductions over these operands, as they come (no conversion), run in
-    the native kernels."""
-    return batch_norm_reductions() == "native" and native.supports(*arrays) and native.available()
-
-
-def _statistics_xla(x32):
-    axes = _batch_axes(x32)
-    mean = x32.mean(axes)
-    return mean, jnp.square(x32 - mean).mean(axes)
-
-
-def _normalise(x32, mean, mul, bias, activation):
-    """activation((x - mean) * mul + bias), mul = scale / std: training-mode BatchNorm's output."""
-    return with_affine(x32 - mean, mul, bias, activation)
-
-
 def _bn_fwd(x, scale, bias, epsilon, activation, dtype):
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean, var = (native.batch_norm_statistics if _native_reductions(x) else _statistics_xla)(x32)
+    mean, var = (native.batch_norm_statistics if backend.native_batch_norm(x) else portable.batch_norm_statistics)(x32)
     # Centred before scaling: folded into x * mul + (bias - mean * mul), the gradient through the
     # batch mean subtracts two large sums, and measured 100x less accurate than PyTorch's against
     # float64 (1.6e-3 against 1.5e-5, V1 at 64 px, batch 16).
     rstd = jax.lax.rsqrt(var + epsilon)
     mul, shift = (scale * rstd).astype(mean.dtype), bias.astype(mean.dtype)
-    if x.dtype == dtype and _native_reductions(x, mean, mul, shift):
+    if x.dtype == dtype and backend.native_batch_norm(x, mean, mul, shift):
         # The native passes keep x alone as the residual: the backward recomputes the activation's
         # mask from it (`native.batch_norm_normalise`), so y is neither kept for nor read by it.
         y = native.batch_norm_normalise(x, mean, mul, shift, activation)
@@ -122,36 +57,6 @@ def _bn_fwd(x, scale, bias, epsilon, activation, dtype):
     if activation is not None:
         y = ACTIVATIONS[activation](y)
     return (y, mean, var), (x, y, scale, shift, mean, rstd, mul)
-
-
-def _passed(g, y, activation):
-    """The cotangent g where `activation`'s output y lets the gradient through."""
-    return g if activation is None else jnp.where(_PASSES[activation](y), g, 0)
-
-
-def _backward_sums_xla(g, y, x, mean, activation):
-    """sum(g') and sum(g' * (x - mean)) per channel, g' = `_passed(g, y, activation)`."""
-    kept = _passed(g, y, activation)
-    axes = _batch_axes(x)
-    return kept.sum(axes), (kept * (x - mean)).sum(axes)
-
-
-def _backward_sums_from_input(g, x, mean, mul, bias, activation):
-    """`_backward_sums_xla` with the activation's mask recomputed from x (the native kernel's form)."""
-    return _backward_sums_xla(g, _normalise(x, mean, mul, bias, activation), x, mean, activation)
-
-
-def _input_grad(g_passed, centred, mul, rstd, g_bias, g_scale, g_mean, g_var):
-    """The standard BatchNorm input gradient from the per-channel terms (each already over n):
-    mul * (g' - sum(g')/n - xhat * sum(g' xhat)/n) plus the batch statistics' own cotangents."""
-    return mul * (g_passed - g_bias - centred * rstd * g_scale) + (g_mean + g_var * centred)
-
-
-def _backward_input(g, x, terms, activation):
-    """`native.batch_norm_backward_input` in XLA's operations (its portable form)."""
-    mean, mul, bias, rstd, *rest = terms
-    g_passed = _passed(g, _normalise(x, mean, mul, bias, activation), activation)
-    return _input_grad(g_passed, x - mean, mul, rstd, *rest)
 
 
 def _bn_bwd(epsilon, activation, dtype, residuals, cotangents):
@@ -166,12 +71,12 @@ def _bn_bwd(epsilon, activation, dtype, residuals, cotangents):
         return dx, g_scale.astype(scale.dtype), g_bias.astype(scale.dtype)
     x32 = x.astype(mean.dtype)
     g32 = g.astype(mean.dtype)
-    g_bias, g_centred = _backward_sums_xla(g32, y, x32, mean, activation)
+    g_bias, g_centred = portable.backward_sums_from_output(g32, y, x32, mean, activation)
     g_scale = g_centred * rstd
     # The batch statistics are outputs too (for the running averages): their cotangents, zero in
     # training, are added for exactness.
-    dx = _input_grad(_passed(g32, y, activation), x32 - mean, mul, rstd, g_bias / count, g_scale / count,
-                     g_mean / count, g_var * (2.0 / count))  # fmt: skip
+    dx = portable.batch_norm_input_grad(portable.passed(g32, y, activation), x32 - mean, mul, rstd, g_bias / count,
+                                        g_scale / count, g_mean / count, g_var * (2.0 / count))  # fmt: skip
     return dx.astype(x.dtype), g_scale.astype(scale.dtype), g_bias.astype(scale.dtype)
 
 
@@ -256,8 +161,8 @@ class PointwiseConv(nn.Module):
     """A bias-free 1x1 convolution, stored as `nn.Conv` stores it ((1, 1, in, out) under "kernel"),
     computed as a matrix product over the channel axis.
 
-    On the CPU, XLA lowers the 1x1 `conv_general_dilated` to a slower kernel than the dot: the
-    V1 training step at 224 measured 7.4 s with `nn.Conv` against 5.9 s with this (bench/NOTES.md).
+    On the CPU, XLA lowers the 1x1 `conv_general_dilated` to a slower kernel than the dot, which
+    lengthened the whole training step (`python -m bench`).
     """
 
     features: int
@@ -273,7 +178,7 @@ class PointwiseConv(nn.Module):
         if affine is None:
             return pointwise_conv(x, kernel.reshape(channels, self.features))
         mul, add = (a.astype(x.dtype) for a in affine)
-        if _native_dense(x, kernel, mul, add):
+        if backend.native_dense(x, kernel, mul, add):
             return native.dense_conv_affine(x, kernel, mul, add, 1, 0, activation)
         return with_affine(pointwise_conv(x, kernel.reshape(channels, self.features)), mul, add, activation)
 
@@ -282,14 +187,13 @@ class PatchConv(nn.Module):
     """A bias-free k x k convolution (groups 1), stored as `nn.Conv` stores it: the stem.
 
     On the CPU, one matrix product of the patches, written out, with the kernel; in eval mode
-    (`affine` given) the native dense kernel instead, where `dense_convolutions()` says so, which
-    sums each output pixel's k*k*C patch in registers and applies BatchNorm and the activation as
-    it writes. For the stem (3 input channels) XLA:CPU's convolution ran at about 12 GFLOP/s:
-    28-30 ms of V1's 224 step at batch 16, forward, against 13 ms for writing the 27-channel
-    patches and multiplying, and 4 for the native kernel (bench/NOTES.md sections 6 and 10).
-    Training keeps the patches: the kernel gradient reads them anyway, and the native forward did
-    not shorten the training step (section 10). Elsewhere XLA's convolution stays (cuDNN, the TPU's
-    convolution unit).
+    (`affine` given) the native dense kernel instead, where `backend.dense_convolutions()` says so,
+    which sums each output pixel's k*k*C patch in registers and applies BatchNorm and the
+    activation as it writes. For the stem (3 input channels) XLA:CPU's convolution runs far below
+    the dot's speed, and writing the 27-channel patches and multiplying is faster; the native
+    kernel, which writes no patches, faster still (`python -m bench`). Training keeps the patches:
+    the kernel gradient reads them anyway, and the native forward did not shorten the training
+    step. Elsewhere XLA's convolution stays (cuDNN, the TPU's convolution unit).
     """
 
     features: int
@@ -307,12 +211,12 @@ class PatchConv(nn.Module):
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         affine = None if affine is None else tuple(a.astype(x.dtype) for a in affine)
         cpu = jax.default_backend() == "cpu"
-        if cpu and affine is not None and _native_dense(x, kernel, *affine):
+        if cpu and affine is not None and backend.native_dense(x, kernel, *affine):
             return native.dense_conv_affine(x, kernel, *affine, s, p, activation)
         if cpu:
-            y = pointwise_conv(native.patches(x, k, s, p), kernel.reshape(k * k * channels, self.features))
+            y = pointwise_conv(portable.patches(x, k, s, p), kernel.reshape(k * k * channels, self.features))
         else:
-            y = lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = portable.xla_conv2d(x, kernel, s, p)
         return y if affine is None else with_affine(y, *affine, activation)
 
 
@@ -323,8 +227,8 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Flattened, the kernel gradient is x^T g over the pixels, reading both operands in their own
     layout. Contracted over N, H and W instead, it reached XLA:CPU in a form whose layout
     assignment transposed the cotangent into (out, pixels) before the product, fused into the
-    producer (the BatchNorm backward) as a strided write: 172 ms of V1's 224 training step at the
-    first 1x1 layer alone (bench/NOTES.md). Where that gradient has few values (the first layers),
-    a native kernel sums it (`native.pixel_outer`).
+    producer (the BatchNorm backward) as a strided write, slow enough to dominate the first 1x1
+    layer's step. Where that gradient has few values (the first layers), a native kernel sums it
+    (`native.pixel_outer`).
     """
     return native.channel_product(x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[-1])

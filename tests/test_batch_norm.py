@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_mobilenet import layers, native
+from flax_mobilenet import backend, native
 from flax_mobilenet.layers import ACTIVATIONS, BatchNorm, batch_norm_train
 
 
@@ -45,7 +45,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("activation", [None, "relu6", "relu"])
 def test_vjp_equals_autodiff_in_float64(activation, reductions, monkeypatch):
     # The statistics and the backward's two sums in the native kernels (one read) or XLA's.
-    monkeypatch.setenv(layers.BATCH_NORM_ENV, reductions)
+    monkeypatch.setenv(backend.BATCH_NORM_ENV, reductions)
     with jax.enable_x64(True):
         if reductions == "native":
             assert native.available()
@@ -73,7 +73,7 @@ def test_vjp_equals_autodiff_in_float64(activation, reductions, monkeypatch):
 # derivative of the custom call).
 @pytest.mark.parametrize("reductions", ["native", "xla"])
 def test_second_derivatives_equal_autodiff_in_float64(reductions, monkeypatch):
-    monkeypatch.setenv(layers.BATCH_NORM_ENV, reductions)
+    monkeypatch.setenv(backend.BATCH_NORM_ENV, reductions)
     with jax.enable_x64(True):
         x, scale, bias, (g, _, _) = _operands(jnp.float64)
         args = (1e-5, "relu6", jnp.dtype(jnp.float64))
@@ -117,10 +117,10 @@ def test_the_module_applies_its_activation_in_both_modes_and_updates_running_sta
 
 
 def test_the_reductions_are_native_on_the_cpu_unless_overridden(monkeypatch):
-    monkeypatch.delenv(layers.BATCH_NORM_ENV, raising=False)
-    assert layers.batch_norm_reductions() == "native" and layers.batch_norm_reductions("gpu") == "xla"
-    monkeypatch.setenv(layers.BATCH_NORM_ENV, "xla")
-    assert layers.batch_norm_reductions() == "xla"
-    monkeypatch.setenv(layers.BATCH_NORM_ENV, "cudnn")
+    monkeypatch.delenv(backend.BATCH_NORM_ENV, raising=False)
+    assert backend.batch_norm_reductions() == "native" and backend.batch_norm_reductions("gpu") == "xla"
+    monkeypatch.setenv(backend.BATCH_NORM_ENV, "xla")
+    assert backend.batch_norm_reductions() == "xla"
+    monkeypatch.setenv(backend.BATCH_NORM_ENV, "cudnn")
     with pytest.raises(ValueError, match="^FLAX_MOBILENET_BATCHNORM='cudnn': expected one of auto, native, xla$"):
-        layers.batch_norm_reductions()
+        backend.batch_norm_reductions()

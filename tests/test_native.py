@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from flax_mobilenet import depthwise, native
+from flax_mobilenet.native import library
 from flax_mobilenet.depthwise import native_depthwise_conv2d, xla_depthwise_conv2d
 
 
@@ -57,7 +58,7 @@ def test_float64_forward_and_gradients_equal_xla_conv(stride, channels):
 @pytest.mark.parametrize("activation", [None, "relu", "relu6"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_forward_with_batch_norm_and_activation_equals_the_composition_in_float64(stride, activation, channels):
-    from flax_mobilenet.layers import ACTIVATIONS
+    from flax_mobilenet.portable import ACTIVATIONS
 
     with jax.enable_x64(True):
         x, kernel, _ = _operands((2, 13, 10, channels), 3, stride, 1, jnp.float64)
@@ -92,7 +93,7 @@ DENSE_SHAPES = [((2, 13, 10, 3), 3, 2, 1, 25), ((1, 9, 7, 5), 3, 1, 1, 17), ((3,
 @pytest.mark.parametrize("activation", ["plain", None, "relu6"])
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 def test_dense_convolution_equals_xla_conv(shape, k, stride, padding, features, activation, dtype):
-    from flax_mobilenet.layers import with_affine
+    from flax_mobilenet.portable import with_affine
 
     with jax.enable_x64(True):
         kx, kw = jax.random.split(jax.random.key(sum(shape) + k + features))
@@ -185,7 +186,7 @@ def test_a_missing_compiler_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
     with pytest.raises(RuntimeError, match=r"no C\+\+ compiler .*no-such-c\+\+.* on PATH \(set CXX\)"):
-        native._build()
+        library._build()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -193,23 +194,23 @@ def test_a_failed_build_names_the_command_and_leaves_no_library(monkeypatch, tmp
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails, printing nothing
     with pytest.raises(RuntimeError, match=r"^false -O3 .* failed: \(no output\)$"):
-        native._build()
+        library._build()
     assert list(tmp_path.iterdir()) == []
 
 
 def test_the_build_is_cached_by_source_compiler_and_machine(monkeypatch, tmp_path):
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
-    first = native._build()
+    first = library._build()
     assert first.parent == tmp_path and first.suffix == ".so"
     stamp = first.stat().st_mtime_ns
-    assert native._build() == first and first.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert library._build() == first and first.stat().st_mtime_ns == stamp  # loaded, not rebuilt
     monkeypatch.setenv("CXX", "g++")
-    assert native._build() != first  # another compiler command: another library
+    assert library._build() != first  # another compiler command: another library
 
 
 def test_where_the_kernels_cannot_be_built_the_layer_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(native, "_registered", lambda: "no C++ compiler 'c++' on PATH (set CXX)")
-    native._warn_once.cache_clear()
+    monkeypatch.setattr(library, "_registered", lambda: "no C++ compiler 'c++' on PATH (set CXX)")
+    library._warn_once.cache_clear()
     x, kernel, _ = _operands((1, 6, 6, 4), 3, 1, 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -218,7 +219,7 @@ def test_where_the_kernels_cannot_be_built_the_layer_falls_back_with_one_warning
     assert "flax_mobilenet_" not in text and "custom_vjp_call" in text
     messages = [str(w.message) for w in caught]
     assert messages == ["flax_mobilenet: the native CPU kernels are not available (no C++ compiler 'c++' on PATH (set CXX)); using the pure-JAX forms"]
-    native._warn_once.cache_clear()
+    library._warn_once.cache_clear()
 
 
 SHARDED = """
@@ -313,7 +314,7 @@ def test_a_jaxlib_older_than_tested_is_one_clear_error(monkeypatch):
 
     monkeypatch.setattr(jaxlib, "__version__", "0.4.35")
     with pytest.raises(RuntimeError, match=r"^jaxlib 0.4.35 is older than 0.10, the oldest tested$"):
-        native._build()
+        library._build()
 
 
 def _batch_norm_operands(dtype, shape=(3, 9, 7, 85), seed=4):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_mobilenet import create_model, depthwise, init_variables, layers, native
+from flax_mobilenet import backend, create_model, depthwise, init_variables, native
 from flax_mobilenet.depthwise import native_depthwise_conv2d, xla_depthwise_conv2d
 
 # Everything here runs in float64: the native kernels sum the same products as XLA in another
@@ -90,7 +90,7 @@ LAYERS = {
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("name", TRANSFORMATIONS)
 def test_each_transformation_of_the_native_layer_equals_the_same_of_xla_conv(name, stride, layer, monkeypatch):
-    monkeypatch.setenv(depthwise.ENV_VAR, "native")
+    monkeypatch.setenv(backend.DEPTHWISE_ENV, "native")
     native_layer, xla_layer, _ = LAYERS[layer]
     x, kernel = _operands()
     if name.startswith("an ensemble"):
@@ -241,12 +241,12 @@ MODEL_TRANSFORMATIONS = {
 def test_model_transformations_with_the_native_kernels_equal_xla_forms(name, monkeypatch):
     model, variables, images = _model()
     transform = MODEL_TRANSFORMATIONS[name]
-    for env in (depthwise.ENV_VAR, layers.BATCH_NORM_ENV, layers.DENSE_ENV):
+    for env in (backend.DEPTHWISE_ENV, backend.BATCH_NORM_ENV, backend.DENSE_ENV):
         monkeypatch.setenv(env, "native")
     jitted = jax.jit(lambda v, x: transform(model, v, x))
     assert "flax_mobilenet_depthwise" in str(jax.make_jaxpr(jitted)(variables, images))
     got = jitted(variables, images)
-    for env in (depthwise.ENV_VAR, layers.BATCH_NORM_ENV, layers.DENSE_ENV):
+    for env in (backend.DEPTHWISE_ENV, backend.BATCH_NORM_ENV, backend.DENSE_ENV):
         monkeypatch.setenv(env, "xla")
     want = jax.jit(lambda v, x: transform(model, v, x))(variables, images)
     # One relative error over all the parameters' results: some are zero but for rounding (the

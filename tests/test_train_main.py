@@ -157,9 +157,9 @@ def test_runs_keep_compiled_programs_beside_the_kernels_unless_a_cache_is_config
         jax.config.update("jax_compilation_cache_dir", configured and str(tmp_path / configured))
         step_lib.use_compilation_cache()
         # Unconfigured: a folder beside the kernels ($FLAX_MOBILENET_CACHE), one per build of them.
-        expected = tmp_path / configured if configured else native.programs_dir()
+        expected = tmp_path / configured if configured else step_lib.programs_dir()
         assert jax.config.jax_compilation_cache_dir == str(expected)
-        assert configured or native.programs_dir().parent == tmp_path / "xla"
+        assert configured or step_lib.programs_dir().parent == tmp_path / "xla"
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
 

@@ -12,6 +12,7 @@ the cross-device reductions.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from flax_mobilenet import MobileNet, create_model, init_variables
+from flax_mobilenet import MobileNet, create_model, init_variables, native
 
 
 class TrainState(train_state.TrainState):
@@ -28,18 +29,23 @@ class TrainState(train_state.TrainState):
     batch_stats: Any
 
 
+def programs_dir() -> Path:
+    """Where XLA's compiled programs are kept between runs: beside the native kernels
+    (`native.cache_dir()`), a folder per build of them (`native.build_id()`), so that a program
+    compiled beside one build never runs with another's handlers."""
+    return native.cache_dir() / "xla" / native.build_id()
+
+
 def use_compilation_cache() -> None:
     """Keep compiled programs on disk between runs (JAX's persistent compilation cache), in
-    `flax_mobilenet.native.programs_dir()`, unless JAX_COMPILATION_CACHE_DIR (or jax.config)
-    already names a directory; JAX_ENABLE_COMPILATION_CACHE=false turns it off.
+    `programs_dir()`, unless JAX_COMPILATION_CACHE_DIR (or jax.config) already names a directory;
+    JAX_ENABLE_COMPILATION_CACHE=false turns it off.
 
-    The default run spends 12-16 s of its minute compiling, most of it the initial state: XLA:CPU
-    takes ~0.1 s for each of its ~110 random draws. Run again, the programs load in ~1 s
-    (bench/NOTES.md section 15). Not for train.bench, which times compilation."""
+    Most of a short run's compiling is the initial state (XLA:CPU compiles each of its random draws
+    slowly); run again, the programs load from the cache. Not for the benchmarks, which time
+    compilation."""
     if jax.config.jax_compilation_cache_dir is None:
-        from flax_mobilenet import native
-
-        jax.config.update("jax_compilation_cache_dir", str(native.programs_dir()))
+        jax.config.update("jax_compilation_cache_dir", str(programs_dir()))
 
 
 def model_for(config, num_classes: int) -> MobileNet:

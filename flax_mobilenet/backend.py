@@ -1,0 +1,84 @@
+"""Which implementation each operation runs: chosen here, so that the layers read like the paper.
+
+Three switches, each an environment variable read at trace time (a jitted function already compiled
+keeps the implementation it was traced with):
+
+- ``FLAX_MOBILENET_DEPTHWISE`` (auto, native, shifted, xla): the depthwise convolution
+  (`flax_mobilenet.depthwise`);
+- ``FLAX_MOBILENET_BATCHNORM`` (auto, native, xla): training-mode BatchNorm's reductions and passes;
+- ``FLAX_MOBILENET_DENSE`` (auto, native, xla): in eval mode, the stem and the 1x1 convolutions with
+  their BatchNorm and activation.
+
+"auto" (the default) is the backend's entry in `AUTO`, else "xla": the native kernels on the CPU,
+the only backend measured (`python -m bench`), and XLA's own operations (cuDNN, the TPU's
+convolution unit) elsewhere. A native choice runs the kernels only on operands they take (float32
+or float64) and where they are built (`native.available`); elsewhere a pure-JAX form runs. A fourth
+variable, ``FLAX_MOBILENET_CACHE`` (`native.CACHE_ENV`), names the folder the kernels are built in.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from flax_mobilenet import native
+
+DEPTHWISE_ENV = "FLAX_MOBILENET_DEPTHWISE"
+BATCH_NORM_ENV = "FLAX_MOBILENET_BATCHNORM"
+DENSE_ENV = "FLAX_MOBILENET_DENSE"
+
+# Each switch's choices, and what "auto" picks per backend.
+OPTIONS = {DEPTHWISE_ENV: ("xla", "shifted", "native"), BATCH_NORM_ENV: ("native", "xla"), DENSE_ENV: ("native", "xla")}
+AUTO = {DEPTHWISE_ENV: {"cpu": "native"}, BATCH_NORM_ENV: {"cpu": "native"}, DENSE_ENV: {"cpu": "native"}}
+
+
+def choose(env_var: str, backend: str | None = None) -> str:
+    """The implementation `env_var` names (one of its OPTIONS, or "auto": its AUTO entry for the
+    backend, else "xla"), read now."""
+    choice = os.environ.get(env_var, "auto").strip().lower() or "auto"
+    if choice == "auto":
+        return AUTO[env_var].get(backend or jax.default_backend(), "xla")
+    if choice not in OPTIONS[env_var]:
+        raise ValueError(f"{env_var}={choice!r}: expected one of auto, {', '.join(OPTIONS[env_var])}")
+    return choice
+
+
+def depthwise(backend: str | None = None) -> str:
+    """The implementation `depthwise.depthwise_conv2d` uses: "xla", "shifted" or "native"."""
+    return choose(DEPTHWISE_ENV, backend)
+
+
+def batch_norm_reductions(backend: str | None = None) -> str:
+    """Where training-mode BatchNorm computes its reductions (the batch statistics, the backward's
+    two sums) and passes: "native" (one read of their operands each) or "xla" (two reads each).
+    Both differentiate again: the native kernels' tangents are the portable forms'."""
+    return choose(BATCH_NORM_ENV, backend)
+
+
+def dense_convolutions(backend: str | None = None) -> str:
+    """Where, in eval mode, the stem (`layers.PatchConv`) and the 1x1 convolutions run with their
+    BatchNorm and activation: "native" (`native.dense_conv_affine`: no patches written, BatchNorm
+    and the activation applied as it writes) or "xla" (XLA's dot, then BatchNorm as a pass of its
+    own). Training is not affected."""
+    return choose(DENSE_ENV, backend)
+
+
+def runs_native(chosen: str, *operands) -> bool:
+    """Whether a native kernel runs on these operands: `chosen` is "native", the kernels take the
+    operands as they come (one dtype they have) and are built on this machine."""
+    return chosen == "native" and native.supports(*operands) and native.available()
+
+
+def native_depthwise(*operands) -> bool:
+    return runs_native(depthwise(), *operands)
+
+
+def native_batch_norm(*operands) -> bool:
+    return runs_native(batch_norm_reductions(), *operands)
+
+
+def native_dense(x, kernel, *affine) -> bool:
+    """Whether the native dense kernel runs this layer: chosen, one dtype it takes, and a kernel
+    for which it pays on this CPU (`native.dense_pays`)."""
+    return runs_native(dense_convolutions(), x, kernel, *affine) and native.dense_pays(kernel.shape)
