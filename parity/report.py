@@ -26,10 +26,13 @@ import torch
 
 import mobilenet_arch
 from mobilenet_arch.cli import ArgumentParser, architecture_or_fail, fail
-from parity.io import WeightsFileError, load_as_torch
-from parity.models import DTYPES, REFERENCES, flax_model, to_nchw, torch_model
+import flax_mobilenet
+from parity.checkpoint import load, load_torch
+from parity.convert import MIN_RESOLUTION
+from parity.io import WeightsFileError
+from parity.models import DTYPES, REFERENCES, to_nchw, torch_model
 from parity.random_weights import random_batch, random_torch_model
-from parity.weights import ConversionError, num_classes_of, torch_to_flax
+from parity.weights import ConversionError, flax_to_torch, num_classes_of, torch_to_flax
 
 # float32 rounding through ~50 layers stays near 1e-6 relative (measured); a difference 100x
 # larger is an implementation difference. bfloat16 (8 bits of mantissa) is ~1e-2 and fails it.
@@ -98,8 +101,8 @@ def compare(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> l
 def parse_args(argv: list[str] | None):
     parser = ArgumentParser(prog="python -m parity.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", required=True, choices=mobilenet_arch.ARCHS)
-    parser.add_argument("--width", type=float, default=1.0, help="width multiplier (default 1.0)")
-    parser.add_argument("--weights", help="weights to compare (.pth, .pt, .safetensors, .msgpack); default random")
+    parser.add_argument("--width", type=float, help="width multiplier (default 1.0; with --weights, a check of theirs)")
+    parser.add_argument("--weights", help="weights to compare: any source parity.load reads (a file or a Hugging Face directory); default random")
     parser.add_argument("--resolution", type=int, default=224, help="input size (default 224)")
     parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     parser.add_argument("--reference", choices=REFERENCES, default="torch_ref", help="the PyTorch model (default torch_ref)")
@@ -111,32 +114,35 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    architecture_or_fail(args.arch, args.width)
-    if args.resolution < 1 or args.batch < 1:
-        fail(f"--resolution and --batch must be positive, got {args.resolution} and {args.batch}")
+    architecture_or_fail(args.arch, args.width or 1.0)
+    if args.resolution < MIN_RESOLUTION or args.batch < 1:
+        fail(f"--resolution must be at least {MIN_RESOLUTION} (the networks' total stride) and --batch positive, got {args.resolution} and {args.batch}")
     if args.reference == "torchvision" and args.arch != "v2":
         fail("torchvision has no MobileNetV1: use --reference torch_ref")
     try:
         if args.weights:
-            state_dict = load_as_torch(args.weights, args.arch, args.width)
-            model = torch_model(args.arch, args.width, num_classes_of(state_dict, args.arch), args.reference)
-            model.load_state_dict(state_dict, strict=True)
-            source = f"weights {args.weights}"
+            checkpoint = load(args.weights, arch=args.arch, **({"width_mult": args.width} if args.width else {}))
+            if args.reference == "torchvision":
+                model = torch_model(args.arch, checkpoint.architecture.width_mult, checkpoint.architecture.num_classes, "torchvision")
+                model.load_state_dict(flax_to_torch(checkpoint.variables, args.arch), strict=True)
+            else:
+                model = load_torch(checkpoint)
+            architecture, source = checkpoint.architecture, f"weights {args.weights}"
         else:
-            model = random_torch_model(args.arch, args.width, seed=args.seed, reference=args.reference)
+            model = random_torch_model(args.arch, args.width or 1.0, seed=args.seed, reference=args.reference)
+            architecture = mobilenet_arch.architecture(args.arch, args.width or 1.0, num_classes_of(model.state_dict(), args.arch))
             source = f"random weights, randomised BatchNorm (seed {args.seed})"
-        num_classes = num_classes_of(model.state_dict(), args.arch)
-        variables = torch_to_flax(model.state_dict(), args.arch, args.width)
+        variables = torch_to_flax(model.state_dict(), args.arch) if not args.weights else checkpoint.variables
     except (WeightsFileError, ConversionError, OSError) as e:
-        fail(str(e))
+        fail(f"{args.weights}: {e}" if args.weights and args.weights not in str(e) else str(e))
     x = random_batch(args.batch, args.resolution, args.seed)
     rows = compare(
         torch_activations(model, x),
-        flax_activations(flax_model(args.arch, args.width, num_classes, args.dtype), variables, x),
+        flax_activations(flax_mobilenet.MobileNet(architecture, DTYPES[args.dtype]), variables, x),
     )
 
     print(
-        f"MobileNet{args.arch.upper()} width {args.width}, {source}, input {'x'.join(map(str, x.shape))} (NHWC)\n"
+        f"MobileNet{args.arch.upper()} width {architecture.width_mult:g}, {source}, input {'x'.join(map(str, x.shape))} (NHWC)\n"
         f"PyTorch ({args.reference}, float32) vs Flax ({args.dtype})\n"
         f"relative difference = {RELATIVE}; tolerance {args.tolerance:g}\n"
     )
