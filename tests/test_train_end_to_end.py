@@ -17,6 +17,7 @@ from PIL import Image
 
 import mobilenet_arch
 import torch_ref
+from tests.cli_errors import assert_one_line_error
 
 # The helpers and shared runs of test_train_main (one compile cache per session, subprocess runs).
 _spec = importlib.util.spec_from_file_location("train_main_tests", Path(__file__).with_name("test_train_main.py"))
@@ -121,6 +122,5 @@ def test_compare_rejects_a_workdir_without_metrics_in_one_line_and_writes_nothin
     output.parent.mkdir()
     result = run(["-m", "train.compare", str(baseline), str(bad), "--output", str(output)], compile_cache, check=False)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and str(bad) in lines[0], result.stderr
+    assert_one_line_error(result.stderr, str(bad))
     assert list(output.parent.iterdir()) == []  # no PNG, no temporary file

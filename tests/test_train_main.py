@@ -25,6 +25,8 @@ import torch
 import torchvision
 from flax import serialization
 
+from tests.cli_errors import assert_one_line_error
+
 ROOT = Path(__file__).resolve().parents[1]
 # MobileNetV1 at width 0.25 on 32x32 digits: the cheapest network to compile; 16 a batch.
 TINY = "--arch v1 --width 0.25 --batch-size 16 --epochs 1 --lr 0.01 --warmup-epochs 0 --log-every 1 --no-progress".split()
@@ -272,8 +274,7 @@ def test_bad_set_up_fails_with_one_line_before_any_work(flags, expected, tmp_pat
     flags = [f.format(tmp_path=tmp_path) for f in flags]
     result = run(["-m", "train.main", *flags, "--workdir", str(workdir)], compile_cache, env=env, check=False, timeout=120)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and expected in lines[0], result.stderr
+    assert_one_line_error(result.stderr, expected)
     assert not workdir.exists()
 
 
@@ -327,7 +328,6 @@ def test_bad_flags_fail_with_one_line_before_jax_or_torch_is_imported(module, fl
     flags = [*flags, "--workdir", str(workdir)] if module == "train.main" else flags
     result = run(["-c", FRAMEWORKS_IMPORTED, module, *flags], compile_cache, check=False, timeout=120)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and expected in lines[0], result.stderr
+    assert_one_line_error(result.stderr, expected)
     assert result.stdout.strip() == ""  # none of jax, torch, flax or grain (which imports jax)
     assert not workdir.exists()
