@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any, Callable, Sequence
 
 import mobilenet_arch
@@ -31,6 +32,13 @@ def non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
     return value
 
 
@@ -103,15 +111,18 @@ def flag(
     *,
     type: Callable[[str], Any] | None = None,
     choices: Sequence[str] | None = None,
+    metavar: tuple[str, ...] | None = None,
 ) -> Any:
     """A `Config` field that is also the flag --NAME (its underscores as dashes): its default, its
     help, the --help section it is listed in, and how its text is read (`type` or `choices`; a
-    bool is --NAME/--no-NAME)."""
-    return dataclasses.field(default=default, metadata={"help": help, "group": group, "type": type, "choices": choices})
+    bool is --NAME/--no-NAME; a `metavar` tuple makes it take that many values, a tuple)."""
+    metadata = {"help": help, "group": group, "type": type, "choices": choices, "metavar": metavar}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 # The sections of --help, in the order of Config's fields.
 MODEL, DATA, OPTIMIZER, RUN = "model", "data", "schedule and optimizer", "run"
+AUGMENT = "augmentation and preprocessing (torchvision's transforms; all but --mean/--std for --dataset DIR only)"
 MULTI_HOST = "multi-host (jax.distributed; also detected from SLURM/Open MPI/TPU/Kubernetes environment variables)"
 
 
@@ -136,10 +147,53 @@ class Config:
     precision: str = flag("fp32", "computation dtype; parameters stay float32", MODEL, choices=("fp32", "bf16"))
 
     dataset: str = flag(
-        "digits", "'digits' (bundled with scikit-learn) or a prepared TFDS name (cifar10, imagenette, imagenet2012, ...)", DATA
+        "digits",
+        "'digits' (bundled with scikit-learn), a prepared TFDS name (cifar10, imagenette, imagenet2012, ...), or a folder "
+        "DIR of images in torchvision's ImageFolder layout: DIR/train/CLASS/*.jpg (or png, bmp, webp, ...) and DIR/val/ or DIR/test/",
+        DATA,
     )
     data_dir: str | None = flag(None, "TFDS data directory (default: TFDS's own)", DATA)
     batch_size: int = flag(64, "global batch size, over all devices and hosts", DATA, type=positive_int)
+    data_workers: int | None = flag(
+        None,
+        "--dataset DIR: processes decoding the images (grain workers; 0 decodes in the training process; default: one per CPU core)",
+        DATA,
+        type=non_negative_int,
+    )
+
+    # torchvision's usual ImageNet training recipe: RandomResizedCrop, RandomHorizontalFlip, then
+    # optional RandomRotation and ColorJitter; evaluation Resize then CenterCrop.
+    crop_scale: tuple[float, float] = flag(
+        (0.08, 1.0), "random resized crop: range of the crop's area, a fraction of the image's", AUGMENT, type=positive_float, metavar=("MIN", "MAX")
+    )
+    crop_ratio: tuple[float, float] = flag(
+        (3 / 4, 4 / 3), "random resized crop: range of the crop's aspect ratio, width / height", AUGMENT, type=positive_float, metavar=("MIN", "MAX")
+    )
+    hflip: float = flag(0.5, "probability of a horizontal flip", AUGMENT, type=non_negative_float)
+    rotation: float = flag(0.0, "rotate by an angle drawn from [-x, x] degrees (RandomRotation)", AUGMENT, type=non_negative_float)
+    brightness: float = flag(0.0, "colour jitter: brightness factor drawn from [max(0, 1 - x), 1 + x] (ColorJitter)", AUGMENT, type=non_negative_float)
+    contrast: float = flag(0.0, "colour jitter: contrast factor drawn from [max(0, 1 - x), 1 + x]", AUGMENT, type=non_negative_float)
+    saturation: float = flag(0.0, "colour jitter: saturation factor drawn from [max(0, 1 - x), 1 + x]", AUGMENT, type=non_negative_float)
+    hue: float = flag(0.0, "colour jitter: hue shift drawn from [-x, x], x at most 0.5", AUGMENT, type=non_negative_float)
+    mean: tuple[float, float, float] | None = flag(
+        None, "normalisation mean of R, G, B on the 0..1 scale (default: the --init-from checkpoint's, else ImageNet's)", AUGMENT, type=float, metavar=("R", "G", "B")
+    )
+    std: tuple[float, float, float] | None = flag(
+        None, "normalisation standard deviation of R, G, B on the 0..1 scale (default: the checkpoint's, else ImageNet's)", AUGMENT, type=positive_float, metavar=("R", "G", "B")
+    )
+    interpolation: str | None = flag(
+        None, "resizing filter (default: the checkpoint's, else bilinear)", AUGMENT, choices=("nearest", "bilinear", "bicubic")
+    )
+    eval_resize: int | None = flag(
+        None,
+        "evaluation: resize the shorter side to this (default: --resolution / 0.875, or the checkpoint's ratio of resize to crop)",
+        AUGMENT,
+        type=positive_int,
+    )
+    eval_crop: int | None = flag(None, "evaluation: then keep the centre square of this side (default: --resolution)", AUGMENT, type=positive_int)
+    jpeg_draft: bool = flag(
+        True, "decode a JPEG at 1/2, 1/4 or 1/8 of its size when the crop needs no more pixels (PIL's draft mode: faster)", AUGMENT
+    )
 
     # 15 epochs, not 12: training is chaotic, and at 12 one of seeds 0, 1, 2 ended under 97%
     # (`python -m train.main --epochs 12 --seed 0`: 96.9%).
@@ -218,9 +272,11 @@ def add_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: st
     kwargs: dict[str, Any] = {"default": field.default, "help": field.metadata["help"]}
     if isinstance(field.default, bool):
         kwargs["action"] = argparse.BooleanOptionalAction
-    for key in ("type", "choices"):
+    for key in ("type", "choices", "metavar"):
         if field.metadata[key] is not None:
             kwargs[key] = field.metadata[key]
+    if field.metadata["metavar"] is not None:
+        kwargs["nargs"] = len(field.metadata["metavar"])
     parser.add_argument(f"--{name.replace('_', '-')}", **{**kwargs, **overrides})
 
 
@@ -248,7 +304,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     if preset:
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
-    config = Config(**vars(args))
+    config = Config(**{key: tuple(value) if isinstance(value, list) else value for key, value in vars(args).items()})
     problem = static_problem(config)
     if problem:
         parser.error(problem)
@@ -271,22 +327,62 @@ def static_problem(config: Config) -> str | None:
         return f"--process-id {config.process_id} is not in 0..{config.num_processes - 1}"
     if config.framework == "torch" and (config.num_processes or 1) > 1:
         return "--framework torch runs in one process; multi-host training is for --framework jax"
+    return augmentation_problem(config)
+
+
+# What the folder pipeline alone reads: digits and TFDS datasets keep their own fixed recipe.
+FOLDER_ONLY = (
+    "data_workers", "crop_scale", "crop_ratio", "hflip", "rotation", "brightness", "contrast", "saturation", "hue",
+    "interpolation", "eval_resize", "eval_crop", "jpeg_draft",
+)
+
+
+def augmentation_problem(config: Config) -> str | None:
+    """Why the augmentation and preprocessing flags do not fit together or the dataset, or None."""
+    for name in ("crop_scale", "crop_ratio"):
+        low, high = getattr(config, name)
+        if low > high:
+            return f"--{name.replace('_', '-')} {low} {high}: expected MIN <= MAX"
+    if config.crop_scale[1] > 1:
+        return f"--crop-scale {config.crop_scale[0]} {config.crop_scale[1]}: expected fractions of the image, at most 1"
+    if config.hflip > 1:
+        return f"--hflip {config.hflip}: expected a probability in [0, 1]"
+    if config.hue > 0.5:
+        return f"--hue {config.hue}: expected a value in [0, 0.5] (a shift of half the hue circle)"
+    if not is_folder(config.dataset):
+        changed = [name for name in FOLDER_ONLY if getattr(config, name) != FIELDS[name].default]
+        if changed:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
+            return f"{flags} applies to an image folder (--dataset DIR); {config.dataset!r} keeps its own fixed recipe"
     return None
+
+
+def is_folder(dataset: str) -> bool:
+    """Whether --dataset names a folder of images rather than 'digits' or a TFDS name: a path that
+    reads as one (absolute, ./, ../, ~, or ending in a separator; no TFDS name starts or ends so),
+    or a directory holding train/ (a TFDS data directory's dataset folder holds versions)."""
+    if dataset == "digits":
+        return False
+    if dataset.startswith(("/", "./", "../", "~", os.sep)) or dataset.endswith(("/", os.sep)):
+        return True
+    return os.path.isdir(os.path.join(dataset, "train"))
 
 
 def dataset_problem(dataset: str, data_dir: str | None = None) -> str | None:
     """Why `dataset` names no dataset, or None. Asks TFDS's registry only, which imports neither
     jax nor torch; whether the data is prepared on disk is train/data.py's check."""
-    if dataset == "digits":
-        return None
+    if dataset == "digits" or is_folder(dataset):
+        return None  # a folder's layout is train/data.py's check
     import tensorflow_datasets as tfds
 
     try:
         tfds.builder_cls(dataset.split(":")[0].split("/")[0])  # the registry: no disk, no logging
     except tfds.core.registered.DatasetNotFoundError:
         return (
-            f"unknown --dataset {dataset!r}: expected 'digits' or the name of a TFDS image classification "
-            "dataset, e.g. cifar10, imagenette, imagenet2012 (tfds.list_builders() lists them all)"
+            f"unknown --dataset {dataset!r}: expected 'digits', the name of a TFDS image classification "
+            "dataset, e.g. cifar10, imagenette, imagenet2012 (tfds.list_builders() lists them all), "
+            "or a folder of images (DIR/train/CLASS/*.jpg)"
+            + (f"; the folder {dataset} has no train/ in it" if os.path.isdir(dataset) else "")
         )
     return None
 
