@@ -3,11 +3,11 @@
 //
 // XLA's CPU backend computes a depthwise layer either as a grouped convolution (a slow generic
 // loop) or, in flax_mobilenet's "shifted" form, as k*k separate fusions and reductions that each
-// read or write a full-size activation (bench/NOTES.md sections 1, 5 and 6). Here each output
+// read or write a full-size activation. Here each output
 // channel block is summed in registers over its taps (forward, input gradient) or over an output
 // row (kernel gradient), channels innermost so that the compiler vectorises the channel loop.
 //
-// Built by flax_mobilenet/native/__init__.py with the system C++ compiler against the XLA FFI
+// Built by flax_mobilenet/native/library.py with the system C++ compiler against the XLA FFI
 // headers that jaxlib ships (jax.ffi.include_dir()).
 //
 // Sums are deterministic: work is split into a fixed number of blocks that depends on the shape
@@ -39,9 +39,9 @@ namespace {
 
 // This build's widest vector and how many registers of it the CPU has. GCC's vector extension
 // lowers a vector wider than a register through the stack, a load and a store around every
-// multiply-add: with 16-float tiles, the dense kernel ran at 7-13 GFLOP/s on an AVX2 CPU, against
-// XLA's 90-117 (bench/NOTES.md section 14). So the register tiles below are arrays of vectors at
-// most a register wide, as many as fit in the register file.
+// multiply-add: with 16-float tiles on an AVX2 CPU the dense kernel ran several times slower than
+// XLA's dot. So the register tiles below are arrays of vectors at most a register wide, as many
+// as fit in the register file.
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;
 constexpr int kVectorRegisters = 32;
@@ -69,7 +69,7 @@ constexpr int kWriteChunk = 64;  // values computed, then written out together
 // Streaming stores write whole cache lines to memory without first reading them into the cache
 // (an ordinary store reads each line it writes). The kernels' outputs are activation-sized arrays
 // written once: n values from `src` to `out`, streamed where out is aligned to a cache line
-// (bench/NOTES.md section 12: the eval step 4% shorter, training 2-4%). Same values either way.
+// (both the eval and the training step ran shorter: `python -m bench`). Same values either way.
 template <typename T>
 inline void WriteOut(T* __restrict out, const T* __restrict src, int n) {
   int e = 0;
@@ -250,11 +250,11 @@ void ForwardRow(const Shape& d, const T* __restrict x, const T* __restrict k, T*
 
 // Below 64 channels a pixel has no 64-channel block, and ForwardRow sums each 16-channel block as
 // one chain of k*k dependent multiply-adds, loading x and the kernel for each (InputGradRow too,
-// with integer divisions besides): the 112 x 112 x 32 layer that both models start with ran at
-// ~5 GB/s. Here one block of NB vectors of channels has its 3 x 3 taps in registers for a whole
+// with integer divisions besides): the 112 x 112 x 32 layer that both models start with ran far
+// below memory speed. Here one block of NB vectors of channels has its 3 x 3 taps in registers for a whole
 // row, and PW pixels are summed together (independent chains, one load per multiply-add). Each
 // sum has the same terms in the same order as ForwardRow's (InputGradRow's); the float32 outputs
-// are bit-identical (bench/NOTES.md section 13).
+// are bit-identical.
 constexpr int kRowTapsPixels = 4;
 
 // Whether a layer's forward, and at stride 1 its input gradient, go through RowTapsLine: 3 x 3
@@ -326,7 +326,7 @@ inline void RowTapsLine(const T* __restrict k, int64_t channels, int64_t c, int6
 }
 
 // Blocks of 2 vectors of channels, then of 1: line(NB, c) for each. (On AVX2 a pair's 18 taps
-// do not all fit in registers; blocks of 1 vector ran no faster there: bench/NOTES.md section 14.)
+// do not all fit in registers; blocks of 1 vector ran no faster there: `python -m bench.kernels`.)
 template <typename T, typename Line>
 inline void RowTapsBlocks(int64_t channels, Line&& line) {
   constexpr int L = kVectorBytes / sizeof(T);
@@ -457,8 +457,8 @@ constexpr int64_t kKernelGradPartials = 32;
 
 // out[a, b] = sum_p x[p, a] * g[p, b]: the kernel gradient of a 1x1 convolution, x its input and g
 // the cotangent of its output, pixels flattened. Its output is small (channels in by channels
-// out) and its sum long (every pixel of the batch): XLA's CPU dot runs it at 30-70 GFLOP/s
-// (bench/NOTES.md section 9). Here each tile of AT x BT outputs is summed in registers over a
+// out) and its sum long (every pixel of the batch): XLA's CPU dot runs it well below its peak.
+// Here each tile of AT x BT outputs is summed in registers over a
 // chunk of rows that stays in L2, the tiles of a chunk taking turns.
 constexpr int64_t kOuterChunk = 256;
 
@@ -512,11 +512,11 @@ void OuterRows(const T* x, const T* g, int64_t A, int64_t B, int64_t first, int6
 // y[n, oh, ow, :] = sum_{i, j, c} x[n, oh*s - p + i, ow*s - p + j, c] * w[i, j, c, :], zero outside x:
 // a convolution with groups 1 whose patch (k*k*C values) is short, as the stem's 3x3 over 3 input
 // channels (27) or a 1x1 layer. XLA computes the stem by writing the patches out and multiplying
-// (bench/NOTES.md section 6), and BatchNorm reads each layer's output back in a pass of its own.
+// (`layers.PatchConv`), and BatchNorm reads each layer's output back in a pass of its own.
 // Here each output pixel's patch is gathered into a small buffer (or, for a 1x1 layer, read in
 // place), PB pixels x DB output channels are summed in registers over it, and eval-mode BatchNorm
-// and the activation can be applied as they are written (section 10). All of w is read for every
-// PB pixels: it has to stay in cache (flax_mobilenet.native.DENSE_NATIVE_MAX).
+// and the activation can be applied as they are written. All of w is read for every PB pixels:
+// it has to stay in cache (flax_mobilenet.native.heuristics.DENSE_NATIVE_MAX).
 struct DenseShape {
   int64_t n, h, w, c;  // input
   int64_t k, s, p;     // kernel size, stride, padding
