@@ -71,10 +71,12 @@ def runs_native(chosen: str, *operands) -> bool:
 
 
 def native_depthwise(*operands) -> bool:
+    """Whether the native depthwise kernels run on these operands."""
     return runs_native(depthwise(), *operands)
 
 
 def native_batch_norm(*operands) -> bool:
+    """Whether BatchNorm's native kernels run on these operands, as they come (no conversion)."""
     return runs_native(batch_norm_reductions(), *operands)
 
 

@@ -56,11 +56,8 @@ def per_image(run, sharding_rule: str, static: int = 0, combine=None, reduction_
 
     def shardings(arg_shapes, mesh):
         images = _per_image(arg_shapes[0].sharding, mesh)
-        if combine is None:
-            results = images if len(outputs) == 1 else (images,) * len(outputs)
-        else:
-            results = _replicated(mesh) if len(outputs) == 1 else (_replicated(mesh),) * len(outputs)
-        return results, tuple(images if s else _replicated(mesh) for s in split)
+        each = images if combine is None else _replicated(mesh)
+        return (each if len(outputs) == 1 else (each,) * len(outputs)), tuple(images if s else _replicated(mesh) for s in split)
 
     def partition(*args):
         static_args, (mesh, arg_shapes, result_shape) = args[:-3], args[-3:]
