@@ -175,7 +175,7 @@ def _config_of(model_config: Mapping[str, Any]) -> dict:
 
 def of_model(model) -> tuple[dict[str, np.ndarray], dict]:
     """(weights, config) of a live keras.applications model."""
-    weights = {v.path: np.array(v) for v in model.weights}
+    weights = {v.path: np.asarray(v.numpy()) for v in model.weights}
     config: dict = {"s2_pads": [tuple(map(tuple, l.padding)) for l in model.layers if type(l).__name__ == "ZeroPadding2D"]}
     for l in model.layers:
         if type(l).__name__ == "Dropout":
