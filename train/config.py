@@ -122,6 +122,7 @@ def flag(
 
 # The sections of --help, in the order of Config's fields.
 MODEL, DATA, OPTIMIZER, RUN = "model", "data", "schedule and optimizer", "run"
+FINE_TUNING = "fine-tuning (pretrained weights, frozen layers, parameter groups)"
 AUGMENT = "augmentation and preprocessing (torchvision's transforms; all but --mean/--std for --dataset DIR only)"
 MULTI_HOST = "multi-host (jax.distributed; also detected from SLURM/Open MPI/TPU/Kubernetes environment variables)"
 
@@ -136,8 +137,11 @@ class Config:
 
     preset: str | None = flag(None, "start from a paper's ImageNet recipe; explicit flags override it", choices=sorted(PRESETS))
 
-    arch: str = flag("v2", "MobileNetV1 or MobileNetV2", MODEL, choices=mobilenet_arch.ARCHS)
-    width: float = flag(1.0, "width multiplier alpha", MODEL, type=positive_float)
+    # None only with --init-from, whose checkpoint then says (parse_config, train.main.plan).
+    arch: str | None = flag(
+        "v2", "MobileNetV1 or MobileNetV2 (with --init-from: the checkpoint's, which another value contradicts)", MODEL, choices=mobilenet_arch.ARCHS
+    )
+    width: float | None = flag(1.0, "width multiplier alpha (with --init-from: the checkpoint's)", MODEL, type=positive_float)
     resolution: int | None = flag(
         None, "input side in pixels (default: the dataset's own; at least the network's total stride, 32)", MODEL, type=positive_int
     )
@@ -145,6 +149,26 @@ class Config:
         None, "dropout before the classifier (default: the architecture's, 0.2 for V2)", MODEL, type=non_negative_float
     )
     precision: str = flag("fp32", "computation dtype; parameters stay float32", MODEL, choices=("fp32", "bf16"))
+
+    init_from: str | None = flag(
+        None,
+        "start from these weights: anything parity.load reads (.pth/.safetensors of torchvision or timm, .msgpack, "
+        ".keras/.h5, a Hugging Face folder); the architecture comes from them, the classifier too when the class "
+        "count matches (else a new one), and the preprocessing unless --mean/--std/--interpolation/--eval-* say",
+        FINE_TUNING,
+    )
+    freeze: str | None = flag(
+        None,
+        "'backbone': train the classifier only; frozen layers run BatchNorm in inference mode, so nothing in them changes",
+        FINE_TUNING,
+        choices=("backbone",),
+    )
+    trainable_blocks: int | None = flag(
+        None, "train the last N blocks of features and the classifier; the blocks before them are frozen as by --freeze", FINE_TUNING, type=non_negative_int
+    )
+    backbone_lr_mult: float = flag(
+        1.0, "the learning rate of features (the backbone) is --lr times this, the classifier's --lr (parameter groups)", FINE_TUNING, type=non_negative_float
+    )
 
     dataset: str = flag(
         "digits",
@@ -202,7 +226,7 @@ class Config:
         None, "stop after this many steps in all (the schedule still spans --epochs)", OPTIMIZER, type=positive_int
     )
     optimizer: str = flag(
-        "sgd", "torch.optim.SGD or torch.optim.RMSprop semantics, in both frameworks", OPTIMIZER, choices=("sgd", "rmsprop")
+        "sgd", "torch.optim.SGD, RMSprop or AdamW semantics, in both frameworks", OPTIMIZER, choices=("sgd", "rmsprop", "adamw")
     )
     lr: float = flag(0.04, "peak learning rate", OPTIMIZER, type=positive_float)
     momentum: float = flag(0.9, "momentum (SGD and RMSprop)", OPTIMIZER, type=non_negative_float)
@@ -220,7 +244,8 @@ class Config:
     lr_decay_rate: float = flag(0.98, "--schedule exponential: factor per epoch", OPTIMIZER, type=positive_float)
     weight_decay: float = flag(
         5e-5,
-        "L2 weight decay added to the gradient (torch's coupled weight_decay), on all parameters",
+        "weight decay on all parameters: L2 added to the gradient (torch's coupled weight_decay) for sgd and rmsprop, "
+        "decoupled (torch.optim.AdamW's, lr * decay * weight) for adamw",
         OPTIMIZER,
         type=non_negative_float,
     )
@@ -231,6 +256,9 @@ class Config:
         type=non_negative_float,
     )
     label_smoothing: float = flag(0.1, "label smoothing of the training loss", OPTIMIZER, type=non_negative_float)
+    clip_grad_norm: float | None = flag(
+        None, "scale the gradients down to this global norm when above it (torch.nn.utils.clip_grad_norm_)", OPTIMIZER, type=positive_float
+    )
 
     framework: str = flag("jax", "train the Flax model, or torch_ref on the same batches", RUN, choices=("jax", "torch"))
     workdir: str = flag(
@@ -259,6 +287,54 @@ class Config:
     @property
     def dw_weight_decay(self) -> float:
         return self.weight_decay if self.depthwise_weight_decay is None else self.depthwise_weight_decay
+
+
+# torch.optim.AdamW's defaults, which --optimizer adamw uses in both frameworks.
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-8
+
+
+def frozen_block_count(config: Config, num_blocks: int) -> int:
+    """How many blocks of `features`, from the stem on, --freeze or --trainable-blocks freezes."""
+    if config.freeze == "backbone":
+        return num_blocks
+    if config.trainable_blocks is not None:
+        return max(num_blocks - config.trainable_blocks, 0)
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterGroup:
+    """Parameters that train with one learning-rate factor and one weight decay: a param group
+    of torch.optim, a label of optax.partition."""
+
+    lr_mult: float
+    weight_decay: float
+
+    @property
+    def name(self) -> str:
+        return f"lr x{self.lr_mult:g}, weight decay {self.weight_decay:g}"
+
+
+def parameter_group(config: Config, block: int | None, depthwise: bool, frozen_blocks: int = 0) -> ParameterGroup | None:
+    """The group of a parameter of block `block` of features (None: the classifier; `depthwise`: a
+    depthwise filter), or None when it is frozen. Both frameworks group their parameters by this."""
+    if block is not None and block < frozen_blocks:
+        return None
+    lr_mult = 1.0 if block is None else config.backbone_lr_mult
+    return ParameterGroup(lr_mult, config.dw_weight_decay if depthwise else config.weight_decay)
+
+
+def parameter_groups(config: Config, architecture: mobilenet_arch.Architecture, frozen_blocks: int = 0) -> list[ParameterGroup]:
+    """The groups of the parameters of the model `architecture` describes, in the order of its
+    parameters (convolution and BatchNorm of each layer, then the classifier), each once."""
+    groups = [
+        parameter_group(config, index, depthwise, frozen_blocks)
+        for index, block in enumerate(architecture.blocks)
+        for layer in block.layers
+        for depthwise in (layer.depthwise, False)
+    ] + [parameter_group(config, None, False)]
+    return list(dict.fromkeys(group for group in groups if group is not None))
 
 
 FIELDS: dict[str, dataclasses.Field] = {field.name: field for field in dataclasses.fields(Config)}
@@ -303,7 +379,13 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     preset = parser.parse_known_args(argv)[0].preset
     if preset:
         parser.set_defaults(**PRESETS[preset])
-    args = parser.parse_args(argv)
+    # The architecture flags start unset, so that a checkpoint (--init-from) can tell apart what
+    # was asked for from a default.
+    unset = object()
+    args = parser.parse_args(argv, namespace=argparse.Namespace(arch=unset, width=unset))
+    for name in ("arch", "width"):
+        if getattr(args, name) is unset:
+            setattr(args, name, None if args.init_from else parser.get_default(name))
     config = Config(**{key: tuple(value) if isinstance(value, list) else value for key, value in vars(args).items()})
     problem = static_problem(config)
     if problem:
@@ -313,10 +395,12 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
 
 def static_problem(config: Config) -> str | None:
     """What is wrong with the flags on their own (the dataset and devices are checked in main)."""
-    if config.arch not in mobilenet_arch.ARCHS:
+    if config.arch not in mobilenet_arch.ARCHS and not (config.arch is None and config.init_from):
         return f"unknown --arch {config.arch!r}: expected one of {', '.join(mobilenet_arch.ARCHS)}"
-    if config.resolution is not None and (problem := resolution_problem(config.arch, config.resolution)):
+    if config.resolution is not None and config.arch is not None and (problem := resolution_problem(config.arch, config.resolution)):
         return problem
+    if config.freeze and config.trainable_blocks is not None:
+        return f"--freeze {config.freeze} and --trainable-blocks {config.trainable_blocks} say the same thing twice: give one"
     if config.dropout is not None and config.dropout >= 1:
         return f"--dropout {config.dropout}: expected a value in [0, 1)"
     if config.label_smoothing >= 1:
