@@ -196,7 +196,8 @@ def mock_tfds():
 
 def test_tfds_dataset_info_comes_from_the_builder(mock_tfds):
     info = data.dataset_info("cifar10")
-    assert info == data.DatasetInfo("cifar10", 10, MOCK_EXAMPLES, MOCK_EXAMPLES, 32)
+    names = tuple(tfds.builder("cifar10").info.features["label"].names)
+    assert info == data.DatasetInfo("cifar10", 10, MOCK_EXAMPLES, MOCK_EXAMPLES, 32, names)
     assert data.dataset_info("imagenette").default_resolution == 224
 
 

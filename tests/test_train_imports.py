@@ -21,6 +21,7 @@ IMPORTS = {
     "train.metrics": (),
     "train.malloc": (),
     "train.augment": (),
+    "train.folder": (),
     "train.checkpoint": ("jax",),
     "train.data": ("jax",),  # through grain
     "train.distributed": ("jax",),

@@ -1,6 +1,8 @@
 """Training MobileNetV1/V2: `python -m train.main`, `python -m train.eval`, `python -m train.compare`.
 
-    data.py         input pipelines (digits, TFDS through grain)
+    data.py         input pipelines (digits, TFDS, an image folder, through grain)
+    augment.py      the transforms (torchvision's recipe for an image folder)
+    folder.py       an image folder in torchvision's ImageFolder layout: layout checks, decoding
     config.py       flags and the papers' recipes as presets
     optim.py        schedules and optax chains with torch.optim's semantics
     step.py         create_train_state, train_step, eval_step (JAX)

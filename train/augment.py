@@ -1,21 +1,29 @@
-"""Per-example image transforms (numpy uint8 HWC in, uint8 HWC out) and batch normalisation.
+"""Per-example image transforms and batch normalisation.
+
+The digits and TFDS pipelines transform numpy uint8 HWC arrays; the image-folder pipeline
+(`train.folder`) follows `Recipe`, torchvision's usual classification transforms, on PIL images,
+with PIL doing what torchvision's PIL path does, so that the same draws give the same pixels.
 
 Randomness always comes from the `np.random.Generator` passed in, which the pipeline
 (`train.data`) derives from (seed, epoch, position in the epoch), so every crop and flip
 is reproducible and independent of how the epoch is split over processes.
-Resizing is PIL bilinear (antialiased when shrinking, like torchvision's `antialias=True`).
+Resizing is PIL's (antialiased when shrinking, like torchvision's `antialias=True`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance
 
-# ImageNet statistics (torchvision's), on the 0..255 scale so uint8 batches normalise in one step.
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+# ImageNet statistics (torchvision's) of RGB on the 0..1 scale, and on the 0..255 scale so that
+# uint8 batches normalise in one step.
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = np.array(IMAGENET_MEAN_RGB, np.float32) * 255
+IMAGENET_STD = np.array(IMAGENET_STD_RGB, np.float32) * 255
 
 # Inception-style crop (Szegedy et al. 2015, as in torchvision's RandomResizedCrop).
 CROP_SCALE = (0.08, 1.0)
@@ -24,6 +32,43 @@ CROP_ATTEMPTS = 10
 # Evaluation crop: resize the shorter side to resolution / 0.875, keep the centre (the
 # standard ImageNet protocol, 224 of 256).
 EVAL_CROP_FRACTION = 0.875
+EVAL_RESIZE, EVAL_CROP = 256, 224
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """torchvision's usual classification transforms, as values (what the flags of the same names
+    set). Training: RandomResizedCrop(size, crop_scale, crop_ratio, interpolation),
+    RandomHorizontalFlip(hflip), RandomRotation(rotation), ColorJitter(brightness, contrast,
+    saturation, hue). Evaluation: Resize(eval_resize, interpolation), CenterCrop(eval_crop). Both:
+    Normalize(mean, std) of RGB on the 0..1 scale. `jpeg_draft`: decode JPEGs at 1/2, 1/4 or 1/8
+    scale when the output needs no more pixels (`train.folder`)."""
+
+    size: int
+    eval_resize: int
+    eval_crop: int
+    crop_scale: tuple[float, float] = CROP_SCALE
+    crop_ratio: tuple[float, float] = CROP_RATIO
+    hflip: float = 0.5
+    rotation: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN_RGB
+    std: tuple[float, float, float] = IMAGENET_STD_RGB
+    interpolation: str = "bilinear"
+    jpeg_draft: bool = True
+
+    @property
+    def resample(self) -> Image.Resampling:
+        return INTERPOLATIONS[self.interpolation]
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -62,30 +107,95 @@ def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    """A crop covering CROP_SCALE of the area with aspect ratio in CROP_RATIO, resized to
-    size x size; after CROP_ATTEMPTS misses, the largest centred crop within CROP_RATIO
-    (torchvision's `RandomResizedCrop.get_params`)."""
+    """`crop_box`'s crop of `image`, resized to size x size."""
     height, width = image.shape[:2]
+    left, top, crop_w, crop_h = crop_box(width, height, rng)
+    return resize(image, size, size, box=(left, top, left + crop_w, top + crop_h))
+
+
+def crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of a crop covering `scale` of the area with aspect ratio in
+    `ratio`; after CROP_ATTEMPTS misses, the largest centred crop within `ratio`
+    (torchvision's `RandomResizedCrop.get_params`)."""
     area = height * width
-    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(CROP_ATTEMPTS):
-        target_area = area * rng.uniform(*CROP_SCALE)
+        target_area = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*log_ratio))
         crop_w = round(math.sqrt(target_area * aspect))
         crop_h = round(math.sqrt(target_area / aspect))
         if 0 < crop_w <= width and 0 < crop_h <= height:
             top = int(rng.integers(0, height - crop_h + 1))
             left = int(rng.integers(0, width - crop_w + 1))
-            return resize(image, size, size, box=(left, top, left + crop_w, top + crop_h))
+            return left, top, crop_w, crop_h
     in_ratio = width / height
-    if in_ratio < CROP_RATIO[0]:
-        crop_w, crop_h = width, round(width / CROP_RATIO[0])
-    elif in_ratio > CROP_RATIO[1]:
-        crop_w, crop_h = round(height * CROP_RATIO[1]), height
+    if in_ratio < ratio[0]:
+        crop_w, crop_h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        crop_w, crop_h = round(height * ratio[1]), height
     else:
         crop_w, crop_h = width, height
-    top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    return resize(image, size, size, box=(left, top, left + crop_w, top + crop_h))
+    return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
+
+
+def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """(width, height) with the shorter side `shorter` and the aspect kept, rounded down
+    (torchvision's `Resize(int)`)."""
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def center_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centred size x size square (torchvision's `CenterCrop`;
+    the image is at least `size` a side)."""
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+    return left, top, left + size, top + size
+
+
+def flip_rotate_jitter(image: Image.Image, rng: np.random.Generator, recipe: Recipe) -> Image.Image:
+    """The recipe's steps after the crop, in torchvision's order: RandomHorizontalFlip,
+    RandomRotation (nearest neighbour, black corners, torchvision's defaults), ColorJitter."""
+    if rng.random() < recipe.hflip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if recipe.rotation:
+        angle = rng.uniform(-recipe.rotation, recipe.rotation)
+        image = image.rotate(angle, resample=Image.Resampling.NEAREST, fillcolor=(0, 0, 0))
+    return color_jitter(image, rng, recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)
+
+
+def color_jitter(
+    image: Image.Image, rng: np.random.Generator, brightness: float, contrast: float, saturation: float, hue: float
+) -> Image.Image:
+    """torchvision's `ColorJitter` on a PIL RGB image: the four adjustments in a random order, each
+    factor drawn from [max(0, 1 - x), 1 + x] (the hue shift from [-hue, hue]); a zero leaves its
+    adjustment out."""
+    if not (brightness or contrast or saturation or hue):
+        return image
+    for index in rng.permutation(4):
+        if index == 0 and brightness:
+            image = ImageEnhance.Brightness(image).enhance(rng.uniform(max(0.0, 1 - brightness), 1 + brightness))
+        elif index == 1 and contrast:
+            image = ImageEnhance.Contrast(image).enhance(rng.uniform(max(0.0, 1 - contrast), 1 + contrast))
+        elif index == 2 and saturation:
+            image = ImageEnhance.Color(image).enhance(rng.uniform(max(0.0, 1 - saturation), 1 + saturation))
+        elif index == 3 and hue:
+            image = shift_hue(image, rng.uniform(-hue, hue))
+    return image
+
+
+def shift_hue(image: Image.Image, shift: float) -> Image.Image:
+    """Rotate the hue by `shift` turns (torchvision's `adjust_hue` on a PIL image: the HSV hue
+    byte wraps around)."""
+    h, s, v = image.convert("HSV").split()
+    hue = np.array(h, np.uint8) + np.array(np.int32(shift * 255)).astype(np.uint8)
+    return Image.merge("HSV", (Image.fromarray(hue, "L"), s, v)).convert(image.mode)
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -97,6 +207,8 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return resize(image, size, size, box=(left, top, left + side, top + side))
 
 
-def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3] -> float32, ImageNet mean/std per channel."""
-    return (images.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+def normalize(
+    images: np.ndarray, mean: tuple[float, ...] = IMAGENET_MEAN_RGB, std: tuple[float, ...] = IMAGENET_STD_RGB
+) -> np.ndarray:
+    """uint8 [..., 3] -> float32, (x / 255 - mean) / std per channel (ImageNet's by default)."""
+    return (images.astype(np.float32) - np.array(mean, np.float32) * 255) / (np.array(std, np.float32) * 255)

@@ -1,17 +1,29 @@
-"""Input pipelines: scikit-learn's digits (the default) and any TFDS image classification dataset.
+"""Input pipelines: scikit-learn's digits (the default), any TFDS image classification dataset,
+and a folder of images in torchvision's ImageFolder layout (`train.folder`).
 
-Both are grain `MapDataset` pipelines over random-access sources, so an epoch is a pure
+All are grain `MapDataset` pipelines over random-access sources, so an epoch is a pure
 function of (seed, epoch): the same batches in JAX and PyTorch, on one host or many, resumed
-or not.
+or not, with any number of worker processes.
 
 Interface (used by `train/` for both frameworks; the torch path transposes to NCHW itself):
 
     DataError(ValueError)                 one-line message for the user
-    DatasetInfo(name, num_classes, train_size, eval_size, default_resolution)
+    DatasetInfo(name, num_classes, train_size, eval_size, default_resolution, class_names)
+        class_names: the label of class i is class_names[i] (a folder's subfolder names, sorted;
+        a TFDS ClassLabel's names; "0".."9" for digits): what run.json and checkpoints record.
     dataset_info(name, data_dir=None) -> DatasetInfo
+        For a folder this checks its layout and opens every image (see train/folder.py), once
+        per process: call it before any work, its DataError is the user's one-line error.
+    recipe(config, resolution, preprocessing=None) -> augment.Recipe
+        The transforms of a run: each flag that `config` gives (a train.config.Config; a field
+        that is None or absent is not given), else the checkpoint's `preprocessing` (anything
+        with mean, std, resize_size, crop_size, interpolation: parity's Preprocessing), else
+        torchvision's. Pass it to train_batches and eval_batches; a folder uses all of it,
+        digits and TFDS only its mean and std.
     steps_per_epoch(name, global_batch_size, data_dir=None) -> int   (train_size // global batch)
     train_batches(name, *, resolution, global_batch_size, seed, epoch, start_batch=0,
-                  process_index=0, process_count=1, data_dir=None) -> Iterator[dict]
+                  process_index=0, process_count=1, data_dir=None, recipe=None,
+                  workers=None) -> Iterator[dict]
         One epoch of {"image": float32 [local, H, W, 3] normalised, "label": int32 [local]},
         local = global_batch_size // process_count, the last partial global batch dropped.
         Batch b holds positions [b * global, (b + 1) * global) of the epoch's shuffle and
@@ -19,12 +31,14 @@ Interface (used by `train/` for both frameworks; the torch path transposes to NC
         processes' local batches concatenated in process order are the global batch
         (what `jax.make_array_from_process_local_data` assembles). The shuffle and every
         random crop/flip depend only on (seed, epoch, position in the epoch): `start_batch=k`
-        yields exactly batches k.. of the uninterrupted epoch.
+        yields exactly batches k.. of the uninterrupted epoch. `workers` (a folder only):
+        grain worker processes decoding (default: one per core; 0: threads of this process).
     eval_batches(name, *, resolution, global_batch_size, process_index=0, process_count=1,
-                 data_dir=None) -> Iterator[dict]
+                 data_dir=None, recipe=None, workers=None) -> Iterator[dict]
         The whole eval split in order, as above plus "mask": float32 [local] (1 real,
         0 padding); the split is padded to a whole number of global batches so every
-        example counts exactly once and every batch has the same shape.
+        example counts exactly once and every batch has the same shape (a folder's:
+        recipe.eval_crop a side).
 
 Datasets:
 - "digits": `sklearn.datasets.load_digits` (1,797 8x8 grey images, 0..16), split 80/20
@@ -38,7 +52,10 @@ Datasets:
   mnist): pad side // 8 + random crop + flip, then resize to the resolution; evaluation only
   resizes. Larger images (imagenette, imagenet2012): inception random-resized crop + flip;
   evaluation resizes the shorter side to resolution / 0.875 and crops the centre.
-- All: ImageNet mean/std normalisation (`train.augment.normalize`).
+- A folder (`--dataset DIR`, see `train.config.is_folder`): `augment.Recipe`, torchvision's
+  transforms (RandomResizedCrop, flip, rotation, colour jitter; evaluation Resize and
+  CenterCrop) on PIL images decoded in grain's worker processes (`train.folder`).
+- All: mean/std normalisation (`train.augment.normalize`; ImageNet's unless the recipe says).
 """
 
 from __future__ import annotations
@@ -53,7 +70,9 @@ from collections.abc import Callable, Iterator
 import grain
 import numpy as np
 
-from train import augment
+from train import augment, folder
+from train.config import is_folder
+from train.folder import DataError
 
 DIGITS = "digits"
 DIGITS_TEST_FRACTION = 0.2
@@ -66,10 +85,10 @@ SMALL_IMAGE_MAX_SIDE = 64
 LARGE_IMAGE_RESOLUTION = 224
 # Translation (digits) and padding (small TFDS images) as a fraction of the side: 4 px at 32.
 PAD_DIVISOR = 8
+# Decoded batches each worker process keeps ready.
+WORKER_BUFFER = 2
 
-
-class DataError(ValueError):
-    """A dataset problem the user can fix; the message is one line."""
+__all__ = ["DataError", "DatasetInfo", "dataset_info", "recipe", "steps_per_epoch", "train_batches", "eval_batches"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +98,7 @@ class DatasetInfo:
     train_size: int
     eval_size: int
     default_resolution: int
+    class_names: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,18 +110,60 @@ class _Split:
     train_transform: Callable[[dict, np.random.Generator], dict]
     eval_transform: Callable[[dict], dict]
     default_resolution: int
+    class_names: tuple[str, ...]
 
 
 def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
-    train = _open_split(name, "train", DIGITS_RESOLUTION, data_dir)
-    evaluation = _open_split(name, "eval", DIGITS_RESOLUTION, data_dir)
+    recipe_ = _default_recipe(DIGITS_RESOLUTION)
+    train = _open_split(name, "train", recipe_, data_dir)
+    evaluation = _open_split(name, "eval", recipe_, data_dir)
     return DatasetInfo(
         name=name,
         num_classes=train.num_classes,
         train_size=len(train.examples),
         eval_size=len(evaluation.examples),
         default_resolution=train.default_resolution,
+        class_names=train.class_names,
     )
+
+
+def recipe(config, resolution: int, preprocessing=None) -> augment.Recipe:
+    def given(name: str):
+        return getattr(config, name, None)
+
+    base = preprocessing
+    mean = given("mean") or (base.mean if base else augment.IMAGENET_MEAN_RGB)
+    std = given("std") or (base.std if base else augment.IMAGENET_STD_RGB)
+    interpolation = given("interpolation") or (base.interpolation if base else "bilinear")
+    if interpolation not in augment.INTERPOLATIONS:
+        raise DataError(
+            f"the checkpoint's interpolation {interpolation!r} is not one of {', '.join(augment.INTERPOLATIONS)}; "
+            "pass --interpolation"
+        )
+    eval_crop = given("eval_crop") or resolution
+    # The checkpoint's ratio of resize to crop (timm's crop_pct), else torchvision's 256 of 224.
+    resize, crop = (base.resize_size, base.crop_size) if base else (augment.EVAL_RESIZE, augment.EVAL_CROP)
+    eval_resize = given("eval_resize") or eval_crop * resize // crop
+    if eval_resize < eval_crop:
+        raise DataError(f"--eval-resize {eval_resize} is smaller than --eval-crop {eval_crop}: expected at least {eval_crop}")
+    flags = {
+        name: given(name)
+        for name in ("crop_scale", "crop_ratio", "hflip", "rotation", "brightness", "contrast", "saturation", "hue", "jpeg_draft")
+        if given(name) is not None
+    }
+    return augment.Recipe(
+        size=resolution,
+        eval_resize=eval_resize,
+        eval_crop=eval_crop,
+        mean=tuple(mean),
+        std=tuple(std),
+        interpolation=interpolation,
+        **{name: tuple(value) if isinstance(value, list) else value for name, value in flags.items()},
+    )
+
+
+def _default_recipe(resolution: int) -> augment.Recipe:
+    return recipe(None, resolution)
 
 
 def steps_per_epoch(name: str, global_batch_size: int, data_dir: str | None = None) -> int:
@@ -119,9 +181,12 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
     data_dir: str | None = None,
+    recipe: augment.Recipe | None = None,
+    workers: int | None = None,
 ) -> Iterator[dict]:
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
-    split = _open_split(name, "train", resolution, data_dir)
+    recipe = _with_size(recipe, resolution)
+    split = _open_split(name, "train", recipe, data_dir)
     size = len(split.examples)
     steps = _steps_per_epoch(size, global_batch_size, name)
     # grain folds the epoch into the shuffle seed after `repeat`, and `random_map` seeds each
@@ -135,8 +200,8 @@ def train_batches(
         .random_map(split.train_transform)[epoch_start : epoch_start + steps * global_batch_size]
         .batch(local_batch, drop_remainder=True)
     )
-    ds = ds[start_batch * process_count + process_index :: process_count].map(_to_model_input)
-    return iter(ds.to_iter_dataset(_read_options(name)))
+    ds = ds[start_batch * process_count + process_index :: process_count]
+    return _iterate(ds.map(functools.partial(_to_model_input, mean=recipe.mean, std=recipe.std)), name, workers)
 
 
 def eval_batches(
@@ -147,23 +212,61 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     data_dir: str | None = None,
+    recipe: augment.Recipe | None = None,
+    workers: int | None = None,
 ) -> Iterator[dict]:
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
-    split = _open_split(name, "eval", resolution, data_dir)
-    ds = split.examples.map(split.eval_transform).map(lambda example: {**example, "mask": 1.0})
+    recipe = _with_size(recipe, resolution)
+    split = _open_split(name, "eval", recipe, data_dir)
+    ds = split.examples.map(split.eval_transform).map(_real)
     padding = -len(ds) % global_batch_size
     if padding:
-        blank = {"image": np.zeros((resolution, resolution, 3), np.uint8), "label": 0, "mask": 0.0}
+        side = recipe.eval_crop if is_folder(name) else resolution
+        blank = {"image": np.zeros((side, side, 3), np.uint8), "label": 0, "mask": 0.0}
         ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([blank]).repeat(padding)])
-    ds = ds.batch(local_batch)[process_index::process_count].map(_to_model_input)
-    return iter(ds.to_iter_dataset(_read_options(name)))
+    ds = ds.batch(local_batch)[process_index::process_count]
+    return _iterate(ds.map(functools.partial(_to_model_input, mean=recipe.mean, std=recipe.std)), name, workers)
 
 
-def _to_model_input(batch: dict) -> dict:
-    out = {"image": augment.normalize(batch["image"]), "label": batch["label"].astype(np.int32)}
+def _with_size(recipe_: augment.Recipe | None, resolution: int) -> augment.Recipe:
+    if recipe_ is None:
+        return _default_recipe(resolution)
+    return dataclasses.replace(recipe_, size=resolution)
+
+
+def _real(example: dict) -> dict:
+    return {**example, "mask": 1.0}
+
+
+def _to_model_input(batch: dict, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
+    out = {"image": augment.normalize(batch["image"], mean, std), "label": batch["label"].astype(np.int32)}
     if "mask" in batch:
         out["mask"] = batch["mask"].astype(np.float32)
     return out
+
+
+def _iterate(ds: grain.MapDataset, name: str, workers: int | None) -> Iterator[dict]:
+    if not is_folder(name):
+        return iter(ds.to_iter_dataset(_read_options(name)))
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers == 0:
+        # PIL releases the GIL while it decodes and resizes, so threads of this process scale too.
+        return iter(ds.to_iter_dataset(_read_options(name)))
+    # One thread a worker: the processes are the parallelism (as torch's DataLoader workers), and
+    # each hands over whole normalised batches through shared memory.
+    _absl_flags_parsed()
+    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=WORKER_BUFFER)
+    multiprocessing = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=WORKER_BUFFER)
+    return iter(ds.to_iter_dataset(options).mp_prefetch(multiprocessing))
+
+
+def _absl_flags_parsed() -> None:
+    # grain's worker start reads an absl flag, which raises unless absl parsed the command line
+    # (google/grain#1355); ours is argparse's, so absl's flags keep their defaults.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _read_options(name: str) -> grain.ReadOptions:
@@ -201,11 +304,29 @@ def _steps_per_epoch(train_size: int, global_batch_size: int, name: str) -> int:
     return train_size // global_batch_size
 
 
-def _open_split(name: str, split: str, resolution: int, data_dir: str | None) -> _Split:
+def _open_split(name: str, split: str, recipe_: augment.Recipe, data_dir: str | None) -> _Split:
     if name == DIGITS:
-        return _digits_split(split, resolution)
+        return _digits_split(split, recipe_.size)
+    if is_folder(name):
+        return _folder_split(name, split, recipe_)
     with _absl_warnings_silenced():
-        return _tfds_split(name, split, resolution, data_dir)
+        return _tfds_split(name, split, recipe_.size, data_dir)
+
+
+# --- a folder of images ------------------------------------------------------------------------
+
+
+def _folder_split(root: str, split: str, recipe_: augment.Recipe) -> _Split:
+    images = folder.find(root)
+    # Module-level functions and frozen values only: grain pickles the pipeline into its workers.
+    return _Split(
+        examples=grain.MapDataset.source(images.train if split == "train" else images.eval),
+        num_classes=len(images.class_names),
+        train_transform=functools.partial(folder.train_example, recipe=recipe_),
+        eval_transform=functools.partial(folder.eval_example, recipe=recipe_),
+        default_resolution=LARGE_IMAGE_RESOLUTION,
+        class_names=images.class_names,
+    )
 
 
 # --- digits ----------------------------------------------------------------------------------
@@ -227,6 +348,7 @@ def _digits_split(split: str, resolution: int) -> _Split:
         train_transform=translate,
         eval_transform=lambda example: example,
         default_resolution=DIGITS_RESOLUTION,
+        class_names=tuple(str(digit) for digit in range(10)),
     )
 
 
@@ -314,6 +436,7 @@ def _tfds_split(name: str, split: str, resolution: int, data_dir: str | None) ->
         train_transform=train_transform,
         eval_transform=eval_transform,
         default_resolution=default_resolution,
+        class_names=tuple(features["label"].names),
     )
 
 
