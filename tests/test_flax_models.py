@@ -59,3 +59,26 @@ def test_initialisation_follows_torchvision():
     stats = variables["batch_stats"]["features_13"]["pointwise"]["bn"]
     assert np.all(bn["scale"] == 1) and not np.any(bn["bias"])
     assert not np.any(stats["mean"]) and np.all(stats["var"] == 1)
+
+
+@pytest.mark.parametrize("padding", ["same", ((0, 1), (0, 1))])
+def test_padding_and_epsilon_change_no_variable(padding):
+    # They change how the layers compute, not what they hold: checkpoints load either way.
+    symmetric, _, _ = eval_shapes(flax_mobilenet.create_model("v1", 0.25, num_classes=10), 65)
+    variables, out, _ = eval_shapes(flax_mobilenet.create_model("v1", 0.25, num_classes=10, padding=padding, bn_epsilon=1e-3), 65)
+    assert jax.tree.map(lambda a: a.shape, variables) == jax.tree.map(lambda a: a.shape, symmetric)
+    assert out.shape == (2, 10)
+
+
+@pytest.mark.parametrize("resolution, last", [(64, 2), (67, 3)])
+def test_same_padding_gives_tensorflows_sizes(resolution, last):
+    # ceil(n / 2) at each of the five stride-2 layers: 64 -> 2, 67 -> 34, 17, 9, 5, 3.
+    model = flax_mobilenet.MobileNetV2(num_classes=10, width_mult=0.35, padding="same")
+    _, _, intermediates = eval_shapes(model, resolution)
+    assert intermediates[model.architecture.blocks[-1].name]["output"][0].shape[1:3] == (last, last)
+
+
+def test_depth_multiplied_v2_has_a_block_per_repeat():
+    model = flax_mobilenet.MobileNetV2(num_classes=10, width_mult=0.5, depth_mult=1.4, fix_stem_head=True)
+    variables, _, _ = eval_shapes(model, 32)
+    assert len([name for name in variables["params"] if name.startswith("features_")]) == 1 + 26 + 1  # stem, 1+3+5+6+5+5+1, head
