@@ -27,8 +27,6 @@ JAX and PyTorch are imported inside the runners, never at the top: the command l
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 
 import numpy as np
@@ -38,21 +36,11 @@ DEFAULT_FRAMEWORKS = ("jax", "torch", "torch-compile")
 NUM_CLASSES = 1000
 
 
-@contextlib.contextmanager
 def _depthwise_impl(name: str | None):
     # The depthwise implementation is read at trace time, so it only needs to hold while tracing.
-    from flax_mobilenet import depthwise
+    from flax_mobilenet import backend
 
-    old = os.environ.get(depthwise.ENV_VAR)
-    if name is not None:
-        os.environ[depthwise.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(depthwise.ENV_VAR, None)
-        else:
-            os.environ[depthwise.ENV_VAR] = old
+    return backend.chosen({backend.DEPTHWISE_ENV: name})
 
 
 def _config(arch: str, resolution: int, batch: int, precision: str = "fp32"):

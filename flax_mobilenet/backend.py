@@ -18,7 +18,9 @@ variable, ``FLAX_MOBILENET_CACHE`` (`native.CACHE_ENV`), names the folder the ke
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator, Mapping
 
 import jax
 
@@ -42,6 +44,25 @@ def choose(env_var: str, backend: str | None = None) -> str:
     if choice not in OPTIONS[env_var]:
         raise ValueError(f"{env_var}={choice!r}: expected one of auto, {', '.join(OPTIONS[env_var])}")
     return choice
+
+
+@contextlib.contextmanager
+def chosen(choices: Mapping[str, str | None]) -> Iterator[None]:
+    """Within the block, each switch in `choices` (an environment variable above) makes the choice
+    given (None: the one it had); after it, each is as before. A function traced inside keeps the
+    choice, so the block need only hold while tracing (`jax.jit(...).lower`, `jax.export`)."""
+    saved = {name: os.environ.get(name) for name in choices}
+    try:
+        for name, choice in choices.items():
+            if choice is not None:
+                os.environ[name] = choice
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def depthwise(backend: str | None = None) -> str:

@@ -1,0 +1,383 @@
+"""Export a MobileNet to a deployment runtime; each file runs in its runtime before it is kept.
+
+    python -m parity.export workdir/model.pth model.onnx
+    python -m parity.export model.msgpack model.stablehlo --with-preprocessing
+    python -m parity.export mobilenetv2_100.pth model.tflite
+
+SRC is anything `parity.load` reads (.msgpack, .pth, .safetensors, .keras, a Hugging Face
+directory); the format follows from DST's extension. Every file takes a dynamic batch of square
+images of the checkpoint's crop size (--resolution) and gives logits (batch, classes):
+
+    .onnx       float32 NCHW (batch, 3, H, W): torch_ref through torch.onnx.export, run in onnxruntime
+    .stablehlo  float32 NHWC (batch, H, W, 3): jax.export of the Flax model in eval mode, run by
+                jax.export.deserialize(data).call(images); no custom call, so it runs without this
+                project's native kernels (or this project)
+    .tflite     float32 NCHW (batch, 3, H, W): torch_ref through litert-torch, run in LiteRT's
+                interpreter; the file says batch 1, other batches through resize_tensor_input
+
+--with-preprocessing: the model takes uint8 RGB, 0..255, in the same layout, and normalises it as
+the checkpoint's preprocessing says ((x / 255 - mean) / std); resizing and cropping stay outside.
+
+Before anything is written the file runs in its runtime on a random batch, whole and one image,
+against the Flax model on the same (normalised) images: the relative L2 of the logits must be at
+most --tolerance. A mistake (unreadable source, unknown extension, runtime not installed, an export
+or a check that fails) gives one `error: ...` line and exit 2, and no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mobilenet_arch.cli import ArgumentParser, atomic_write, fail
+from parity.checkpoint import Checkpoint, describe, load, load_torch
+from parity.io import WeightsFileError
+from parity.layouts import ConversionError, Preprocessing
+from parity.models import flax_logits, relative_l2
+
+# The runtimes' logits and the Flax model's differ by float32 rounding only (about 1e-6 relative
+# L2 measured for ONNX, StableHLO and TFLite: tests/test_export.py), as do parity.convert's.
+DEFAULT_TOLERANCE = 1e-5
+MIN_RESOLUTION = 32  # the networks' total stride: smaller inputs end as 1x1 maps of padding
+CHECK_BATCH = 3  # the check runs this batch, then its first image alone: a dynamic batch, both ways
+# The one custom call a portable StableHLO module may hold: jax.export's own check of the symbolic
+# batch at call time. Anything else would be a kernel that exists only where it was built.
+PORTABLE_CUSTOM_CALLS = {"shape_assertion"}
+
+
+class ExportError(ValueError):
+    """An export that cannot be made or kept: the message says what and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    name: str
+    layout: str  # of the images the file takes: "NCHW" or "NHWC"
+    runtime: str  # what runs it, as the check names it
+    extra: str  # pip install 'flax-mobilenet[<extra>]' brings `modules`
+    modules: tuple[str, ...]
+    export: Callable[[Checkpoint, int, bool], bytes]
+    load: Callable[[bytes], Callable[[np.ndarray], np.ndarray]]  # file -> (images -> logits)
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def normalisation(preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) per channel, float32: uint8 RGB x becomes the model's input x * scale + shift,
+    which is (x / 255 - mean) / std."""
+    mean, std = np.asarray(preprocessing.mean, np.float64), np.asarray(preprocessing.std, np.float64)
+    return (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+
+
+def normalise(images: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """NHWC uint8 RGB as the model takes it: (x / 255 - mean) / std, float32."""
+    mean, std = np.asarray(preprocessing.mean), np.asarray(preprocessing.std)
+    return ((images / 255.0 - mean) / std).astype(np.float32)
+
+
+def check_images(batch: int, resolution: int, with_preprocessing: bool, seed: int = 0) -> np.ndarray:
+    """NHWC images to check an export on: uint8 RGB, or standard normal like normalised input."""
+    rng = np.random.default_rng(seed)
+    if with_preprocessing:
+        return rng.integers(0, 256, (batch, resolution, resolution, 3), dtype=np.uint8)
+    return rng.standard_normal((batch, resolution, resolution, 3), dtype=np.float32)
+
+
+# ---------------------------------------------------------------- the PyTorch side
+
+
+def _torch_model(checkpoint: Checkpoint, with_preprocessing: bool):
+    """torch_ref in eval mode, NCHW, with the normalisation in front where asked."""
+    import torch
+
+    model = load_torch(checkpoint)
+    if not with_preprocessing:
+        return model
+    scale, shift = (torch.from_numpy(v).reshape(1, 3, 1, 1) for v in normalisation(checkpoint.preprocessing))
+
+    class Normalised(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.register_buffer("scale", scale)
+            self.register_buffer("shift", shift)
+
+        def forward(self, images):
+            return self.model(images.to(torch.float32) * self.scale + self.shift)
+
+    return Normalised().eval()
+
+
+def _torch_example(batch: int, resolution: int, with_preprocessing: bool):
+    import torch
+
+    return torch.zeros((batch, 3, resolution, resolution), dtype=torch.uint8 if with_preprocessing else torch.float32)
+
+
+def onnx_bytes(checkpoint: Checkpoint, resolution: int, with_preprocessing: bool) -> bytes:
+    """An ONNX model (input "image", output "logits", dynamic "batch") through torch.export."""
+    import torch
+
+    model = _torch_model(checkpoint, with_preprocessing)
+    batch = torch.export.Dim("batch")
+    with torch.no_grad():
+        program = torch.onnx.export(
+            model,
+            (_torch_example(2, resolution, with_preprocessing),),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            verbose=False,
+        )
+    return program.model_proto.SerializeToString()
+
+
+def onnx_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return lambda images: session.run(None, {"image": images})[0]
+
+
+def tflite_bytes(checkpoint: Checkpoint, resolution: int, with_preprocessing: bool) -> bytes:
+    """A LiteRT flatbuffer through litert-torch, traced at batch 1: its dynamic batch fails to
+    lower (a symbolic shape reaches its JAX bridge), and LiteRT's interpreter resizes the input."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO lines on every conversion
+    with _quiet():
+        import litert_torch
+
+        model = litert_torch.convert(_torch_model(checkpoint, with_preprocessing), (_torch_example(1, resolution, with_preprocessing),))
+        return bytes(model.model_content())
+
+
+def tflite_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=data)
+    (image,), (logits,) = interpreter.get_input_details(), interpreter.get_output_details()
+
+    def run(images: np.ndarray) -> np.ndarray:
+        if tuple(interpreter.get_input_details()[0]["shape"]) != images.shape:
+            interpreter.resize_tensor_input(image["index"], list(images.shape))
+            interpreter.allocate_tensors()
+        interpreter.set_tensor(image["index"], np.ascontiguousarray(images))
+        interpreter.invoke()
+        return interpreter.get_tensor(logits["index"]).copy()
+
+    interpreter.allocate_tensors()
+    return run
+
+
+# ---------------------------------------------------------------- the JAX side
+
+
+# The implementations an exported module is traced with: no native kernel (which exists only
+# where it was built), and the pure-JAX "shifted" depthwise convolution rather than XLA's grouped
+# one, which XLA:CPU runs several times slower (`python -m bench.latency --frameworks stablehlo`
+# with FLAX_MOBILENET_DEPTHWISE as the export's shows it).
+EXPORT_BACKEND = {"FLAX_MOBILENET_DEPTHWISE": "shifted", "FLAX_MOBILENET_BATCHNORM": "xla", "FLAX_MOBILENET_DENSE": "xla"}
+
+
+def stablehlo_exported(checkpoint: Checkpoint, resolution: int, with_preprocessing: bool):
+    """`jax.export.Exported` of the eval-mode model, NHWC, symbolic batch, the weights inside."""
+    import jax
+    import jax.numpy as jnp
+    from jax import export
+
+    from flax_mobilenet import backend
+
+    scale, shift = normalisation(checkpoint.preprocessing)
+
+    def forward(images):
+        x = images.astype(jnp.float32) * scale + shift if with_preprocessing else images
+        return checkpoint.model.apply(checkpoint.variables, x, train=False)
+
+    (batch,) = export.symbolic_shape("batch")
+    dtype = jnp.uint8 if with_preprocessing else jnp.float32
+    with backend.chosen(EXPORT_BACKEND):
+        exported = export.export(jax.jit(forward))(jax.ShapeDtypeStruct((batch, resolution, resolution, 3), dtype))
+    calls = custom_calls(exported.mlir_module()) - PORTABLE_CUSTOM_CALLS
+    if calls:
+        raise ExportError(f"the exported module calls {', '.join(sorted(calls))}, which exist only where they were built: report this as a bug")
+    return exported
+
+
+def custom_calls(mlir_text: str) -> set[str]:
+    """The targets of the custom calls in a StableHLO module's text, in either print form."""
+    return set(re.findall(r"custom_call @([\w.$-]+)", mlir_text)) | set(re.findall(r'call_target_name = "([^"]+)"', mlir_text))
+
+
+def stablehlo_bytes(checkpoint: Checkpoint, resolution: int, with_preprocessing: bool) -> bytes:
+    return bytes(stablehlo_exported(checkpoint, resolution, with_preprocessing).serialize())
+
+
+def stablehlo_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
+    from jax import export
+
+    exported = export.deserialize(bytearray(data))
+    return lambda images: np.asarray(exported.call(images))
+
+
+FORMATS = {
+    ".onnx": Format("ONNX", "NCHW", "onnxruntime", "deploy", ("onnx", "onnxscript", "onnxruntime"), onnx_bytes, onnx_runner),
+    ".stablehlo": Format("StableHLO", "NHWC", "jax.export", "deploy", (), stablehlo_bytes, stablehlo_runner),
+    ".tflite": Format("TFLite", "NCHW", "LiteRT", "tflite", ("litert_torch", "ai_edge_litert"), tflite_bytes, tflite_runner),
+}
+
+
+# ---------------------------------------------------------------- export and check
+
+
+def format_of(path: str | os.PathLike) -> Format:
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        expected = ", ".join(f"{s} ({f.name}, {f.layout})" for s, f in FORMATS.items())
+        raise ExportError(f"{path}: unknown extension {suffix or '(none)'!r}: expected {expected}")
+    return FORMATS[suffix]
+
+
+def check_installed(fmt: Format) -> None:
+    """ExportError naming the extra to install where a module the format needs is missing."""
+    import importlib.util
+
+    missing = [m for m in fmt.modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(
+            f"exporting to {fmt.name} needs {', '.join(fmt.modules)} ({', '.join(missing)} not installed): "
+            f"pip install 'flax-mobilenet[{fmt.extra}]'"
+        )
+
+
+def check(fmt: Format, data: bytes, checkpoint: Checkpoint, resolution: int, with_preprocessing: bool) -> float:
+    """The largest relative L2 between the file's logits in its runtime and the Flax model's, on a
+    random batch of CHECK_BATCH and on its first image alone."""
+    images = check_images(CHECK_BATCH, resolution, with_preprocessing)
+    reference = flax_logits(checkpoint.model, checkpoint.variables, normalise(images, checkpoint.preprocessing) if with_preprocessing else images)
+    run = fmt.load(data)
+    inputs = images if fmt.layout == "NHWC" else np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    return max(relative_l2(run(inputs[:n]), reference[:n]) for n in (CHECK_BATCH, 1))
+
+
+def export(
+    checkpoint: Checkpoint,
+    path: str | os.PathLike,
+    resolution: int | None = None,
+    with_preprocessing: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> float:
+    """Write `checkpoint` to `path` in the format its extension names, once it ran in its runtime
+    within `tolerance` (relative L2) of the Flax model; returns that error. ExportError otherwise,
+    and nothing is written."""
+    fmt = format_of(path)
+    check_installed(fmt)
+    resolution = resolution or checkpoint.preprocessing.crop_size
+    try:
+        data = fmt.export(checkpoint, resolution, with_preprocessing)
+    except ExportError:
+        raise
+    except Exception as e:  # the exporters raise their own types, with pages of context
+        raise ExportError(f"{path}: the {fmt.name} export failed: {_first_line(e)}") from e
+    try:
+        with _quiet():  # LiteRT's interpreter announces its CPU delegate on stdout
+            error = check(fmt, data, checkpoint, resolution, with_preprocessing)
+    except Exception as e:
+        raise ExportError(f"{path}: the {fmt.name} file did not run in {fmt.runtime}: {_first_line(e)}") from e
+    if not error <= tolerance:  # a NaN fails too
+        raise ExportError(
+            f"{path}: {fmt.runtime}'s logits are {error:.3g} from the Flax model's (relative L2), above the bound {tolerance:g}: nothing written"
+        )
+    atomic_write(path, lambda f: f.write(data))
+    return error
+
+
+def signature(fmt: Format, checkpoint: Checkpoint, resolution: int, with_preprocessing: bool) -> str:
+    """What the file takes and gives, as --help and the docs say it."""
+    shape = "(batch, 3, {r}, {r})" if fmt.layout == "NCHW" else "(batch, {r}, {r}, 3)"
+    takes = "uint8 RGB 0..255" if with_preprocessing else "float32 normalised"
+    return f"{takes} {fmt.layout} {shape.format(r=resolution)} -> logits (batch, {checkpoint.architecture.num_classes})"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence a library that prints progress and C++ log lines to the process's stdout and stderr:
+    both file descriptors go to a temporary file for the block (an error still raises)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None):
+    description, rest = __doc__.split("\n\n", 1)
+    parser = ArgumentParser(prog="python -m parity.export", description=description, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="weights to read: .msgpack, .pth, .pt, .bin, .safetensors, .keras, .h5 or a Hugging Face directory")
+    parser.add_argument("dst", help=f"the file to write: {', '.join(FORMATS)}")
+    parser.add_argument("--resolution", type=int, help="input height and width (default: the checkpoint's crop size, 224 for most)")
+    parser.add_argument("--with-preprocessing", action="store_true", help="take uint8 RGB (0..255) and normalise inside the model")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative L2 between the runtime's and the Flax model's logits")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.resolution is not None and args.resolution < MIN_RESOLUTION:
+        fail(f"--resolution {args.resolution} is below {MIN_RESOLUTION}, the networks' total stride: use at least {MIN_RESOLUTION}")
+    try:
+        fmt = format_of(args.dst)
+        if not Path(args.dst).resolve().parent.is_dir():
+            raise ExportError(f"cannot write {args.dst}: directory {Path(args.dst).parent} does not exist")
+        check_installed(fmt)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                checkpoint = load(args.src)
+            except ConversionError as e:
+                raise ConversionError(f"{args.src}: {e}") from e
+        for w in caught:
+            print(f"note: {args.src}: {w.message}")
+        resolution = args.resolution or checkpoint.preprocessing.crop_size
+        error = export(checkpoint, args.dst, resolution, args.with_preprocessing, args.tolerance)
+    except (ExportError, WeightsFileError, ConversionError, OSError) as e:
+        fail(str(e))
+    print(
+        f"wrote {args.dst}: {describe(checkpoint.architecture)}; takes {signature(fmt, checkpoint, resolution, args.with_preprocessing)}; "
+        f"{fmt.runtime} vs Flax: relative L2 {error:.2g} at batch {CHECK_BATCH} and 1 (bound {args.tolerance:g})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
