@@ -103,7 +103,7 @@ def check_padding(padding: Padding) -> Padding:
             fixed = ((int(top), int(bottom)), (int(left), int(right)))
         except (TypeError, ValueError):
             fixed = None
-        if fixed is not None and fixed == tuple(map(tuple, padding)) and min(min(fixed)) >= 0:
+        if fixed is not None and fixed == tuple(map(tuple, padding)) and min(*fixed[0], *fixed[1]) >= 0:
             return fixed
     raise ValueError(
         f"padding must be 'symmetric', 'same' or ((top, bottom), (left, right)) of non-negative ints, got {padding!r}"
@@ -285,7 +285,9 @@ def mobilenet_v1_from_channels(
     _check(num_classes, dropout, activation, bn_epsilon)
     outs = tuple(outs)
     if len(outs) != len(V1_BLOCKS):
-        raise ValueError(f"MobileNetV1 has {len(V1_BLOCKS)} depthwise-separable blocks: got {len(outs)} output channel counts")
+        raise ValueError(
+            f"MobileNetV1 has {len(V1_BLOCKS)} depthwise-separable blocks: got {len(outs)} output channel counts"
+        )
     _check_channels(stem, *outs, *([head] if head is not None else []))
     pad = _padding_rule(padding)
     blocks = [_conv_bn_block(0, "stem", 3, stem, 3, 2, pad)]
@@ -328,7 +330,9 @@ def mobilenet_v2_from_blocks(
     _check(num_classes, dropout, activation, bn_epsilon)
     specs = [tuple(b) for b in blocks]
     if not specs or any(len(b) != 5 for b in specs):
-        raise ValueError("blocks must be (expanded channels or None, output channels, stride, stage, repeat) per block, at least one")
+        raise ValueError(
+            "blocks must be (expanded channels or None, output channels, stride, stage, repeat) per block, at least one"
+        )
     _check_channels(stem, head, *(c for hidden, cout, *_ in specs for c in (hidden, cout) if c is not None))
     pad = _padding_rule(padding)
     features = [_conv_bn_block(0, "stem", 3, stem, 3, 2, pad)]
@@ -369,7 +373,8 @@ def scale_depths(depth_mult: float, fix_first_last: bool = False) -> tuple[int, 
         raise ValueError(f"depth_mult must be positive, got {depth_mult}")
     last = len(V2_STAGE_DEPTHS) - 1
     return tuple(
-        n if fix_first_last and i in (0, last) else int(math.ceil(n * depth_mult)) for i, n in enumerate(V2_STAGE_DEPTHS)
+        n if fix_first_last and i in (0, last) else int(math.ceil(n * depth_mult))
+        for i, n in enumerate(V2_STAGE_DEPTHS)
     )
 
 

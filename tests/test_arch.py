@@ -119,7 +119,9 @@ def test_v1_head_is_a_last_conv_bn_block_feeding_the_classifier():
 
 
 def test_blocks_are_in_stage_and_repeat_order_with_the_stem_first_and_the_head_last():
-    for arch in (mobilenet_arch.mobilenet_v1(1.0, head=True), mobilenet_arch.mobilenet_v2(1.2, depth_mult=1.4, fix_stem_head=True)):
+    v1_with_head = mobilenet_arch.mobilenet_v1(1.0, head=True)
+    v2_deeper = mobilenet_arch.mobilenet_v2(1.2, depth_mult=1.4, fix_stem_head=True)
+    for arch in (v1_with_head, v2_deeper):
         positions = [(b.stage, b.repeat) for b in arch.blocks]
         assert positions == sorted(positions) and len(set(positions)) == len(positions)
         assert positions[0] == (-1, 0)
@@ -155,7 +157,8 @@ def test_a_first_block_with_an_expansion_layer_keys_it_first():
     block = mobilenet_arch.mobilenet_v2_from_blocks(*c).blocks[1]
     assert [layer.role for layer in block.layers] == ["expand", "depthwise", "project"]
     assert block.layers[0].in_channels == block.layers[0].out_channels == c.stem
-    assert [layer.torch_conv for layer in block.layers] == ["features.1.conv.0.0", "features.1.conv.1.0", "features.1.conv.2"]
+    keys = [layer.torch_conv for layer in block.layers]
+    assert keys == ["features.1.conv.0.0", "features.1.conv.1.0", "features.1.conv.2"]
 
 
 def test_bn_epsilon_is_recorded():

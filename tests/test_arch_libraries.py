@@ -50,7 +50,9 @@ def test_timm_models_are_described(name):
     arch = TIMM_MODELS[name]()
     assert our_convolutions(arch) == torch_convolutions(model)
     assert model.classifier.in_features == arch.num_features
-    blocks = [(int(s), int(r), module) for s, stage in model.blocks.named_children() for r, module in stage.named_children()]
+    blocks = [
+        (int(s), int(r), module) for s, stage in model.blocks.named_children() for r, module in stage.named_children()
+    ]
     ours = arch.blocks[1 : len(blocks) + 1]
     assert [(b.stage, b.repeat) for b in ours] == [(s, r) for s, r, _ in blocks]  # timm's blocks.{stage}.{repeat}
     assert [b.residual for b in ours] == [module.has_skip for _, _, module in blocks]

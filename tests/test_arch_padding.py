@@ -82,9 +82,12 @@ def test_a_fixed_padding_is_stored_as_tuples():
     hash(arch)
 
 
-@pytest.mark.parametrize("padding", ["valid", "SAME", ((0, 1),), ((0, -1), (0, 1)), ((0, 1.5), (0, 1)), 1])
+@pytest.mark.parametrize(
+    "padding", ["valid", "SAME", ((0, 1),), ((0, -1), (0, 1)), ((0, 1), (1, -1)), ((0, 1.5), (0, 1)), 1]
+)
 def test_other_paddings_are_refused_with_what_is_accepted(padding):
-    with pytest.raises(ValueError, match=r"padding must be 'symmetric', 'same' or \(\(top, bottom\), \(left, right\)\)"):
+    accepted = r"padding must be 'symmetric', 'same' or \(\(top, bottom\), \(left, right\)\)"
+    with pytest.raises(ValueError, match=accepted):
         mobilenet_arch.mobilenet_v2(0.35, padding=padding)
 
 

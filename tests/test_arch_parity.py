@@ -40,7 +40,9 @@ def keras_v1_padding(role: str, stride: int) -> mobilenet_arch.Padding:
 def hf_v1(padding: mobilenet_arch.PaddingRule = "same", bn_epsilon: float = 1e-3) -> mobilenet_arch.Architecture:
     # Hugging Face's Google checkpoints: tf_padding, layer_norm_eps 1e-3 (1001 labels in the originals).
     channels = mobilenet_arch.hf_v1_channels(0.25)
-    return mobilenet_arch.mobilenet_v1_from_channels(channels.stem, channels.outs, 10, padding=padding, bn_epsilon=bn_epsilon)
+    return mobilenet_arch.mobilenet_v1_from_channels(
+        channels.stem, channels.outs, 10, padding=padding, bn_epsilon=bn_epsilon
+    )
 
 
 def keras_v1(padding: mobilenet_arch.PaddingRule = keras_v1_padding) -> mobilenet_arch.Architecture:

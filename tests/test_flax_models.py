@@ -65,7 +65,8 @@ def test_initialisation_follows_torchvision():
 def test_padding_and_epsilon_change_no_variable(padding):
     # They change how the layers compute, not what they hold: checkpoints load either way.
     symmetric, _, _ = eval_shapes(flax_mobilenet.create_model("v1", 0.25, num_classes=10), 65)
-    variables, out, _ = eval_shapes(flax_mobilenet.create_model("v1", 0.25, num_classes=10, padding=padding, bn_epsilon=1e-3), 65)
+    model = flax_mobilenet.create_model("v1", 0.25, num_classes=10, padding=padding, bn_epsilon=1e-3)
+    variables, out, _ = eval_shapes(model, 65)
     assert jax.tree.map(lambda a: a.shape, variables) == jax.tree.map(lambda a: a.shape, symmetric)
     assert out.shape == (2, 10)
 
@@ -81,4 +82,5 @@ def test_same_padding_gives_tensorflows_sizes(resolution, last):
 def test_depth_multiplied_v2_has_a_block_per_repeat():
     model = flax_mobilenet.MobileNetV2(num_classes=10, width_mult=0.5, depth_mult=1.4, fix_stem_head=True)
     variables, _, _ = eval_shapes(model, 32)
-    assert len([name for name in variables["params"] if name.startswith("features_")]) == 1 + 26 + 1  # stem, 1+3+5+6+5+5+1, head
+    blocks = [name for name in variables["params"] if name.startswith("features_")]
+    assert len(blocks) == 1 + 26 + 1  # stem, 1+3+5+6+5+5+1, head

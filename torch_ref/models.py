@@ -136,7 +136,12 @@ class MobileNetV1(MobileNet):
     """`kwargs` are `mobilenet_arch.mobilenet_v1`'s (head, padding, bn_epsilon, ...)."""
 
     def __init__(
-        self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.0, activation: str = "relu6", **kwargs
+        self,
+        num_classes: int = 1000,
+        width_mult: float = 1.0,
+        dropout: float = 0.0,
+        activation: str = "relu6",
+        **kwargs,
     ):
         super().__init__(mobilenet_arch.mobilenet_v1(width_mult, num_classes, dropout, activation, **kwargs))
 
