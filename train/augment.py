@@ -210,5 +210,13 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 def normalize(
     images: np.ndarray, mean: tuple[float, ...] = IMAGENET_MEAN_RGB, std: tuple[float, ...] = IMAGENET_STD_RGB
 ) -> np.ndarray:
-    """uint8 [..., 3] -> float32, (x / 255 - mean) / std per channel (ImageNet's by default)."""
-    return (images.astype(np.float32) - np.array(mean, np.float32) * 255) / (np.array(std, np.float32) * 255)
+    """uint8 [..., W, 3] -> float32, (x / 255 - mean) / std per channel (ImageNet's by default),
+    computed as (x - 255 mean) / (255 std)."""
+    # Rows of W * 3 values against the constants tiled along them: the same float32 operations as
+    # broadcasting over the last axis, so the same bits, but numpy's inner loop runs over a whole
+    # row instead of 3 values (several times faster).
+    width = images.shape[-2]
+    rows = images.reshape(-1, width * 3)
+    out = np.subtract(rows, np.tile(np.array(mean, np.float32) * 255, width), dtype=np.float32)
+    out /= np.tile(np.array(std, np.float32) * 255, width)
+    return out.reshape(images.shape)
