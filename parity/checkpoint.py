@@ -13,9 +13,7 @@ that disagrees with them is an error naming both.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,8 +24,8 @@ import mobilenet_arch
 from parity.layouts import ConversionError, LayoutError, Preprocessing, from_flax, short_list, to_flax
 from parity.layouts import flax as flax_layout
 from parity.layouts import hf, keras, timm, torchvision
+from parity.layouts.detect import LAYOUTS, recognise, strip_module_prefix
 
-LAYOUTS = {m.NAME: m for m in (torchvision, timm, hf, keras)}
 # Which layout a file's name asks for when writing.
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 KERAS_SUFFIXES = (".keras", ".h5")
@@ -61,7 +59,7 @@ def load(source: Any, **overrides) -> Checkpoint:
         raise ConversionError(f"these are {layout} weights, layout={overrides['layout']!r} was asked for")
     if layout is None:
         layout = overrides.get("layout") or recognise(weights)
-    weights = _strip_module_prefix(weights)
+    weights = strip_module_prefix(weights)
     kw = {k: overrides[k] for k in ("dropout", "padding", "bn_epsilon") if k in overrides}
     if layout == "flax":
         arch = config or flax_layout.architecture(weights)
@@ -84,20 +82,6 @@ def load(source: Any, **overrides) -> Checkpoint:
     return Checkpoint(flax_mobilenet.MobileNet(arch), variables, arch, pre, layout)
 
 
-def recognise(weights: Mapping[str, Any]) -> str:
-    """The layout of `weights`' keys, or LayoutError saying what was seen and what each expects."""
-    for name in ("hf", "timm", "keras", "torchvision"):
-        if LAYOUTS[name].recognise(weights):
-            if name == "timm" and (other := timm.other_model(weights)):
-                raise LayoutError(f"{other}, not MobileNetV1/V2")
-            return name
-    stripped = _strip_module_prefix(weights, quiet=True)
-    if stripped is not weights:
-        return recognise(stripped)
-    expected = "; ".join(f"{name}: {m.EXPECTS}" for name, m in LAYOUTS.items())
-    raise LayoutError(f"unrecognised layout: keys {short_list(sorted(weights), 4)}; expected {expected}")
-
-
 def _read(source: Any) -> tuple[Mapping[str, Any], Any, Any, str | None]:
     """(weights, config, preprocessing config, layout or None to recognise)."""
     from parity import io
@@ -105,7 +89,7 @@ def _read(source: Any) -> tuple[Mapping[str, Any], Any, Any, str | None]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
-            state_dict, config, pre = hf.read_directory(path)
+            state_dict, config, pre = io.read_hf_directory(path)
             return _numpy(state_dict), config, pre, None
         if not path.is_file():
             raise io.WeightsFileError(f"{path}: no such file or directory")
@@ -150,14 +134,6 @@ def _numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     from parity.weights import _to_numpy
 
     return {k: _to_numpy(v) for k, v in state_dict.items()}
-
-
-def _strip_module_prefix(weights: Mapping[str, Any], quiet: bool = False):
-    if weights and all(k.startswith("module.") for k in weights):
-        if not quiet:
-            warnings.warn("the keys start with 'module.' (DataParallel): the prefix was stripped", stacklevel=3)
-        return {k[len("module."):]: v for k, v in weights.items()}
-    return weights
 
 
 def _rebuilt(arch: mobilenet_arch.Architecture, **kw) -> mobilenet_arch.Architecture:
@@ -315,22 +291,3 @@ def describe(arch: mobilenet_arch.Architecture) -> str:
 
 
 # ---------------------------------------------------------------- the description as JSON
-
-
-def architecture_to_json(arch: mobilenet_arch.Architecture) -> dict:
-    return dataclasses.asdict(arch)
-
-
-def architecture_from_json(d: Mapping[str, Any]) -> mobilenet_arch.Architecture:
-    def pad(p):
-        return p if isinstance(p, str) else mobilenet_arch.check_padding(p)
-
-    blocks = tuple(
-        mobilenet_arch.Block(**{**b, "layers": tuple(mobilenet_arch.ConvBN(**{**l, "pad": pad(l["pad"])}) for l in b["layers"])})
-        for b in d["blocks"]
-    )
-    return mobilenet_arch.Architecture(**{**d, "blocks": blocks})
-
-
-def description_json(arch: mobilenet_arch.Architecture, preprocessing: Preprocessing) -> str:
-    return json.dumps({"architecture": architecture_to_json(arch), "preprocessing": dataclasses.asdict(preprocessing)}, indent=1) + "\n"

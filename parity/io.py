@@ -17,6 +17,7 @@ half-written file.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Literal, Mapping
@@ -29,6 +30,8 @@ import torch
 
 import mobilenet_arch
 from mobilenet_arch.cli import atomic_write
+from parity.layouts import LayoutError, Preprocessing, WeightsFileError
+from parity.layouts import flax as flax_layout
 from parity.weights import ConversionError, check_state_dict, flax_to_torch, num_classes_of, rules, torch_to_flax
 
 Framework = Literal["torch", "flax"]
@@ -37,10 +40,6 @@ FORMATS: dict[str, Framework] = {".pth": "torch", ".pt": "torch", ".bin": "torch
 STATE_DICT_ENTRIES = ("state_dict", "model", "model_state_dict")
 # Where the classes of a `torch.save(model)` pickle live: a model, not tensors.
 PICKLED_MODULES = ("torch.nn.modules", "torchvision.", "timm.", "transformers.", "torch_ref.")
-
-
-class WeightsFileError(ValueError):
-    """A weights file that cannot be read or written: the message says which file and why."""
 
 
 def framework_of(path: str | os.PathLike) -> Framework:
@@ -114,10 +113,6 @@ def save_flax_variables(variables: Mapping[str, Any], path: str | os.PathLike, a
     """Write `{"params", "batch_stats"}` to a .msgpack file, atomically, and beside it
     `<file>.json`: the architecture (inferred from the shapes when not given) and preprocessing,
     so that `parity.load(path)` needs no flags. The msgpack holds only arrays, as before."""
-    from parity.checkpoint import description_json
-    from parity.layouts import LayoutError, Preprocessing
-    from parity.layouts import flax as flax_layout
-
     path = Path(path)
     if framework_of(path) != "flax":
         raise WeightsFileError(f"{path}: Flax variables go to .msgpack")
@@ -129,7 +124,7 @@ def save_flax_variables(variables: Mapping[str, Any], path: str | os.PathLike, a
             architecture = None
     _atomic_write(path, lambda f: f.write(flax.serialization.msgpack_serialize(tree)))
     if architecture is not None:
-        text = description_json(architecture, preprocessing or flax_layout.preprocessing())
+        text = flax_layout.description_json(architecture, preprocessing or flax_layout.preprocessing())
         _atomic_write(description_path(path), lambda f: f.write(text.encode()))
 
 
@@ -140,17 +135,12 @@ def description_path(path: str | os.PathLike) -> Path:
 
 def read_description(path: str | os.PathLike):
     """(architecture, preprocessing) written beside a .msgpack, or (None, None) for an older file."""
-    import json
-
-    from parity.checkpoint import architecture_from_json
-    from parity.layouts import Preprocessing
-
     described = description_path(path)
     if not described.is_file():
         return None, None
     try:
         d = json.loads(described.read_text())
-        return architecture_from_json(d["architecture"]), Preprocessing.from_dict(d["preprocessing"])
+        return flax_layout.architecture_from_json(d["architecture"]), Preprocessing.from_dict(d["preprocessing"])
     except (ValueError, KeyError, TypeError) as e:
         raise WeightsFileError(f"{described} is not a readable description of {Path(path).name} ({_first_line(e)}): delete it to infer the architecture from the shapes") from e
 
@@ -210,3 +200,19 @@ def _first_line(error: Exception) -> str:
     """The gist of a library's error: its first sentence (PyTorch's run on for several)."""
     lines = str(error).strip().splitlines()
     return lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__
+
+
+def read_hf_directory(path: Path) -> tuple[dict[str, np.ndarray], dict, dict | None]:
+    """(weights, config, preprocessor config or None) of a `save_pretrained` directory."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise WeightsFileError(f"{path}: a directory without config.json: expected a Hugging Face model directory")
+    config = json.loads(config_file.read_text())
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            state_dict = load_torch_state_dict(path / name)
+            break
+    else:
+        raise WeightsFileError(f"{path}: no model.safetensors or pytorch_model.bin beside config.json")
+    pre = path / "preprocessor_config.json"
+    return state_dict, config, json.loads(pre.read_text()) if pre.is_file() else None

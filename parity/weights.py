@@ -18,9 +18,10 @@ import mobilenet_arch
 from parity.layouts import ConversionError
 from parity.layouts import flax as flax_layout
 from parity.layouts import torchvision as torchvision_layout
+from parity.layouts.torchvision import KNOWN_WIDTHS, expected_shapes
+from parity.layouts.detect import recognise
 
 # Widths tried, beside those the channels suggest, to name the width weights have.
-KNOWN_WIDTHS = (0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, 1.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -66,20 +67,6 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
 def batches_tracked_keys(arch: mobilenet_arch.Architecture) -> list[str]:
     """PyTorch's BN step counters. Flax keeps none: they matter only with momentum=None."""
     return [f"{layer.torch_bn}.num_batches_tracked" for block in arch.blocks for layer in block.layers]
-
-
-def expected_shapes(arch: mobilenet_arch.Architecture) -> dict[str, tuple[int, ...]]:
-    """PyTorch shape of every weight the model has, from the description alone."""
-    shapes = {}
-    for block in arch.blocks:
-        for layer in block.layers:
-            k = layer.kernel_size
-            shapes[f"{layer.torch_conv}.weight"] = (layer.out_channels, layer.in_channels // layer.groups, k, k)
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                shapes[f"{layer.torch_bn}.{name}"] = (layer.out_channels,)
-    shapes[f"{arch.torch_classifier}.weight"] = (arch.num_classes, arch.num_features)
-    shapes[f"{arch.torch_classifier}.bias"] = (arch.num_classes,)
-    return shapes
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -169,8 +156,6 @@ def torch_to_flax(state_dict: Mapping[str, Any], arch: str = "v2", width_mult: f
 def _torchvision_architecture(state_dict: Mapping[str, Any], arch: str) -> mobilenet_arch.Architecture | None:
     """The architecture torchvision-keyed weights have (any width), or None where the keys do not
     parse (check_state_dict then names what is missing)."""
-    from parity.checkpoint import recognise
-
     try:
         architecture = torchvision_layout.architecture(state_dict)
     except (ConversionError, KeyError):

@@ -35,6 +35,10 @@ class ConversionError(ValueError):
     """Weights that do not fit the model: the message says what differs."""
 
 
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read or written: the message says which file and why."""
+
+
 class LayoutError(ConversionError):
     """Weights whose layout is not one this package reads, or that a layout cannot hold."""
 

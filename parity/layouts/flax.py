@@ -7,6 +7,7 @@ the rest is torchvision's (symmetric padding, epsilon 1e-5).
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any, Mapping
 
@@ -59,3 +60,25 @@ def architecture(variables: Mapping[str, Any], **kw) -> mobilenet_arch.Architect
 
 def preprocessing(config=None) -> Preprocessing:
     return _torchvision.preprocessing()
+
+
+# The description written beside a .msgpack (`<file>.json`), so that it loads with no flags.
+
+
+def architecture_to_json(arch: mobilenet_arch.Architecture) -> dict:
+    return dataclasses.asdict(arch)
+
+
+def architecture_from_json(d: Mapping[str, Any]) -> mobilenet_arch.Architecture:
+    def pad(p):
+        return p if isinstance(p, str) else mobilenet_arch.check_padding(p)
+
+    blocks = tuple(
+        mobilenet_arch.Block(**{**b, "layers": tuple(mobilenet_arch.ConvBN(**{**l, "pad": pad(l["pad"])}) for l in b["layers"])})
+        for b in d["blocks"]
+    )
+    return mobilenet_arch.Architecture(**{**d, "blocks": blocks})
+
+
+def description_json(arch: mobilenet_arch.Architecture, preprocessing: Preprocessing) -> str:
+    return json.dumps({"architecture": architecture_to_json(arch), "preprocessing": dataclasses.asdict(preprocessing)}, indent=1) + "\n"

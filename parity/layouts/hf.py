@@ -110,24 +110,6 @@ def preprocessing(config: Mapping[str, Any] | None = None) -> Preprocessing:
     )
 
 
-def read_directory(path: Path) -> tuple[dict[str, np.ndarray], dict, dict | None]:
-    """(weights, config, preprocessor config or None) of a `save_pretrained` directory."""
-    from parity.io import WeightsFileError, load_torch_state_dict
-
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise WeightsFileError(f"{path}: a directory without config.json: expected a Hugging Face model directory")
-    config = json.loads(config_file.read_text())
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            state_dict = load_torch_state_dict(path / name)
-            break
-    else:
-        raise WeightsFileError(f"{path}: no model.safetensors or pytorch_model.bin beside config.json")
-    pre = path / "preprocessor_config.json"
-    return state_dict, config, json.loads(pre.read_text()) if pre.is_file() else None
-
-
 # ---------------------------------------------------------------- writing
 
 

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 import mobilenet_arch
-from parity.layouts import INCEPTION_MEAN, INCEPTION_STD, LayoutError, Preprocessing, Rule, layer_rules, shape
+from parity.layouts import INCEPTION_MEAN, INCEPTION_STD, LayoutError, Preprocessing, Rule, WeightsFileError, layer_rules, shape
 
 NAME = "keras"
 EXPECTS = "conv1/kernel + conv_dw_1/kernel (MobileNet) or Conv1/kernel + expanded_conv_depthwise/kernel (MobileNetV2)"
@@ -120,7 +120,6 @@ def read_file(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """({'layer/var': array}, config) of a .keras, .weights.h5 or legacy .h5 file."""
     import h5py
 
-    from parity.io import WeightsFileError
 
     try:
         if path.suffix == ".keras":

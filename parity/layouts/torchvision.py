@@ -152,10 +152,26 @@ def _with_width(arch: mobilenet_arch.Architecture) -> mobilenet_arch.Architectur
     return dataclasses.replace(arch, width_mult=width)
 
 
+# The published widths, tried first as labels; any other is found from the channels' ratios.
+KNOWN_WIDTHS = (0.25, 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, 1.5, 2.0)
+
+
+def expected_shapes(arch: mobilenet_arch.Architecture) -> dict[str, tuple[int, ...]]:
+    """PyTorch shape of every weight the model has, from the description alone."""
+    shapes = {}
+    for block in arch.blocks:
+        for layer in block.layers:
+            k = layer.kernel_size
+            shapes[f"{layer.torch_conv}.weight"] = (layer.out_channels, layer.in_channels // layer.groups, k, k)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                shapes[f"{layer.torch_bn}.{name}"] = (layer.out_channels,)
+    shapes[f"{arch.torch_classifier}.weight"] = (arch.num_classes, arch.num_features)
+    shapes[f"{arch.torch_classifier}.bias"] = (arch.num_classes,)
+    return shapes
+
+
 def infer_width(arch: mobilenet_arch.Architecture) -> float | None:
     """The width multiplier whose torchvision architecture has `arch`'s shapes, or None."""
-    from parity.weights import KNOWN_WIDTHS, expected_shapes
-
     if arch.arch == "v1":
         bases = [mobilenet_arch.V1_STEM_CHANNELS] + [c for c, _ in mobilenet_arch.V1_BLOCKS]
     else:
