@@ -82,18 +82,23 @@ class MobileNet(nn.Module):
 
     architecture: mobilenet_arch.Architecture
     dtype: Dtype = jnp.float32
+    # The first `frozen_blocks` blocks are a frozen backbone: they run BatchNorm in inference mode
+    # even in training, so that its statistics stay as they are (Keras's `trainable=False`), and
+    # pass no gradient back, since nothing before them trains.
+    frozen_blocks: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         arch = self.architecture
         x = x.astype(self.dtype)
-        for block in arch.blocks:
-            x = Block(block, arch.activation, self.dtype, arch.bn_epsilon, name=block.name)(x, train)
+        for index, block in enumerate(arch.blocks):
+            x = Block(block, arch.activation, self.dtype, arch.bn_epsilon, name=block.name)(x, train and index >= self.frozen_blocks)
+            if index + 1 == self.frozen_blocks:
+                x = jax.lax.stop_gradient(x)
         x = x.mean(axis=(1, 2))
         x = nn.Dropout(arch.dropout, deterministic=not train)(x)
-        x = nn.Dense(
-            arch.num_classes, dtype=self.dtype, kernel_init=classifier_init, name=arch.flax_classifier
-        )(x)
+        if arch.num_classes:  # else a feature extractor: the pooled features
+            x = nn.Dense(arch.num_classes, dtype=self.dtype, kernel_init=classifier_init, name=arch.flax_classifier)(x)
         return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 

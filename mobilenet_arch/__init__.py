@@ -184,7 +184,7 @@ class Architecture:
     width_mult: float  # a label: the builders from channels take stem / 32 unless told
     blocks: tuple[Block, ...]
     num_features: int  # channels entering the classifier
-    num_classes: int
+    num_classes: int  # 0: no classifier, the model returns the pooled features (timm's num_classes=0)
     dropout: float
     activation: Literal["relu6", "relu"]
 
@@ -517,8 +517,8 @@ def _check_channels(*channels: int) -> None:
 
 
 def _check(num_classes: int, dropout: float, activation: str, bn_epsilon: float) -> None:
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be at least 0 (0: no classifier, the pooled features), got {num_classes}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if activation not in ("relu6", "relu"):

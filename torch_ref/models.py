@@ -113,9 +113,10 @@ class MobileNet(nn.Module):
         self.features = nn.Sequential(
             *[_block(b, architecture.activation, architecture.bn_epsilon) for b in architecture.blocks]
         )
-        self.classifier = nn.Sequential(
-            nn.Dropout(p=architecture.dropout), nn.Linear(architecture.num_features, architecture.num_classes)
-        )
+        # No classes: a feature extractor, whose classifier holds no tensors and passes the pooled
+        # features on.
+        head = nn.Linear(architecture.num_features, architecture.num_classes) if architecture.num_classes else nn.Identity()
+        self.classifier = nn.Sequential(nn.Dropout(p=architecture.dropout), head)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
