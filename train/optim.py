@@ -15,6 +15,15 @@ eps goes inside the sqrt by default, and it applies the learning rate before the
 trace. TensorFlow's RMSProp, which the papers used, differs again: eps inside the sqrt and a
 mean square that starts at 1. We follow PyTorch so that the two frameworks here train alike;
 the presets pick an eps meant for this form (see train/config.py).
+
+AdamW is `torch.optim.AdamW`: the decay is decoupled (p -= lr * wd * p, beside the Adam step, not
+added to the gradient), which is `optax.adamw`'s order: the learning rate multiplies the decay
+term too, so a learning-rate schedule or a smaller backbone rate scales it as in torch.
+
+Parameter groups (`train.config.parameter_group`): a frozen parameter gets no update and carries no
+optimizer state (`optax.set_to_zero` in an `optax.partition`); the backbone's learning rate is
+`--backbone-lr-mult` times the classifier's. `--clip-grad-norm` scales the whole gradient as
+`torch.nn.utils.clip_grad_norm_` does, before weight decay and the update rule.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import numpy as np
 import optax
 
 import mobilenet_arch
+from train import config as config_lib
 
 
 def schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -53,10 +63,11 @@ def schedule_values(config, steps_per_epoch: int) -> np.ndarray:
     return np.asarray(jax.vmap(schedule(config, steps_per_epoch))(steps), np.float64)
 
 
-def depthwise_mask(params, arch: str) -> dict:
+def depthwise_mask(params, architecture: mobilenet_arch.Architecture | str) -> dict:
     """True on the depthwise filters of `params`, False elsewhere (the V1 paper's 'little or no
-    weight decay on the depthwise filters')."""
-    architecture = mobilenet_arch.architecture(arch)
+    weight decay on the depthwise filters'). `architecture`: the model's, or an arch's name."""
+    if isinstance(architecture, str):
+        architecture = mobilenet_arch.architecture(architecture)
     depthwise = {
         (block.name, layer.role) for block in architecture.blocks for layer in block.layers if layer.depthwise
     }
@@ -68,10 +79,38 @@ def depthwise_mask(params, arch: str) -> dict:
     return jax.tree_util.tree_map_with_path(is_depthwise, params)
 
 
-def _weight_decay(config, params) -> optax.GradientTransformation:
+FROZEN = "frozen"  # optax.partition's label of the parameters that do not train
+
+
+def parameter_labels(config, params, architecture: mobilenet_arch.Architecture, frozen_blocks: int) -> dict:
+    """Each parameter's group name (`train.config.parameter_group`), FROZEN for a frozen one."""
+    index = {block.name: i for i, block in enumerate(architecture.blocks)}
+    depthwise = depthwise_mask(params, architecture)
+
+    def label(path, is_depthwise):
+        block = index.get(getattr(path[0], "key", None))  # None: the classifier
+        group = config_lib.parameter_group(config, block, is_depthwise, frozen_blocks)
+        return FROZEN if group is None else group.name
+
+    return jax.tree_util.tree_map_with_path(label, depthwise)
+
+
+def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
+    """`torch.nn.utils.clip_grad_norm_(parameters, max_norm)`: every gradient times
+    min(1, max_norm / (global norm + 1e-6)). `optax.clip_by_global_norm` divides by the norm
+    without the 1e-6, which rounds differently."""
+
+    def clip(updates, params=None):
+        scale = jnp.minimum(max_norm / (optax.global_norm(updates) + 1e-6), 1.0)
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates)
+
+    return optax.stateless(clip)
+
+
+def _weight_decay(config, params, architecture) -> optax.GradientTransformation:
     if config.dw_weight_decay == config.weight_decay:
         return optax.add_decayed_weights(config.weight_decay)
-    mask = depthwise_mask(params, config.arch)
+    mask = depthwise_mask(params, architecture)
     others = jax.tree.map(lambda m: not m, mask)
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay, mask=others),
@@ -79,9 +118,12 @@ def _weight_decay(config, params) -> optax.GradientTransformation:
     )
 
 
-def make_optimizer(config, params, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The optax chain equal to `torch_step.make_optimizer(config, ...)` for the same config."""
-    lr = schedule(config, steps_per_epoch)
+def _update_rule(config, weight_decay: optax.GradientTransformation, lr) -> optax.GradientTransformation:
+    """torch.optim's rule `config.optimizer` with this weight decay and learning rate."""
+    if config.optimizer == "adamw":
+        beta1, beta2 = config_lib.ADAMW_BETAS
+        adam = optax.scale_by_adam(b1=beta1, b2=beta2, eps=config_lib.ADAMW_EPS)
+        return optax.chain(adam, weight_decay, optax.scale_by_learning_rate(lr))
     if config.optimizer == "sgd":
         scale = optax.identity()
         nesterov = config.nesterov
@@ -90,6 +132,30 @@ def make_optimizer(config, params, steps_per_epoch: int) -> optax.GradientTransf
         scale = scale_by(decay=config.rmsprop_decay, eps=config.rmsprop_eps, initial_scale=0.0, eps_in_sqrt=False)
         nesterov = False
     else:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}: expected sgd or rmsprop")
+        raise ValueError(f"unknown optimizer {config.optimizer!r}: expected sgd, rmsprop or adamw")
     momentum = optax.trace(config.momentum, nesterov=nesterov) if config.momentum else optax.identity()
-    return optax.chain(_weight_decay(config, params), scale, momentum, optax.scale_by_learning_rate(lr))
+    return optax.chain(weight_decay, scale, momentum, optax.scale_by_learning_rate(lr))
+
+
+def make_optimizer(
+    config,
+    params,
+    steps_per_epoch: int,
+    architecture: mobilenet_arch.Architecture | None = None,
+    frozen_blocks: int = 0,
+) -> optax.GradientTransformation:
+    """The optax chain equal to `torch_step.make_optimizer(config, ...)` for the same config;
+    `architecture` (default: `config.arch`'s) names the blocks, the first `frozen_blocks` of
+    which get no update."""
+    architecture = architecture or mobilenet_arch.architecture(config.arch)
+    lr = schedule(config, steps_per_epoch)
+    clip = [clip_grad_norm(config.clip_grad_norm)] if config.clip_grad_norm is not None else []
+    if frozen_blocks == 0 and config.backbone_lr_mult == 1.0:
+        return optax.chain(*clip, _update_rule(config, _weight_decay(config, params, architecture), lr))
+    labels = parameter_labels(config, params, architecture, frozen_blocks)
+    transforms = {FROZEN: optax.set_to_zero()}
+    for group in config_lib.parameter_groups(config, architecture, frozen_blocks):
+        # The group's rate is the schedule's times its factor, as torch's param group lr.
+        group_lr = lr if group.lr_mult == 1.0 else (lambda step, m=group.lr_mult: m * lr(step))
+        transforms[group.name] = _update_rule(config, optax.add_decayed_weights(group.weight_decay), group_lr)
+    return optax.chain(*clip, optax.partition(transforms, labels))

@@ -48,12 +48,15 @@ def use_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", str(programs_dir()))
 
 
-def model_for(config, num_classes: int) -> MobileNet:
+def model_for(config, num_classes: int, architecture=None, frozen_blocks: int = 0) -> MobileNet:
     """The Flax model `config` (train.config.Config) describes: `--precision bf16` computes in
-    bfloat16 with float32 parameters."""
+    bfloat16 with float32 parameters. `architecture`: the model's description when it is not
+    `config`'s arch and width (--init-from's); `frozen_blocks`: see `MobileNet.frozen_blocks`."""
     dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
+    if architecture is not None:
+        return MobileNet(architecture, dtype, frozen_blocks)
     kwargs = {} if config.dropout is None else {"dropout": config.dropout}
-    return create_model(config.arch, config.width, num_classes, dtype=dtype, **kwargs)
+    return create_model(config.arch, config.width, num_classes, dtype=dtype, **kwargs).clone(frozen_blocks=frozen_blocks)
 
 
 def create_train_state(

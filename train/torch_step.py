@@ -7,7 +7,10 @@
     save_checkpoint(path, model, optimizer, step)  # step = restore_checkpoint(path, model, optimizer)
 
 The optimizer is the one `train.optim.make_optimizer` mirrors: SGD or RMSprop with coupled weight
-decay, the depthwise filters in their own param group when their decay differs.
+decay, or AdamW, in the param groups of `train.config.parameter_group` (the backbone's learning-rate
+factor, the depthwise filters' decay). `freeze(model, n)` freezes the first n blocks of `features`:
+their parameters leave the optimizer, and `train_step` runs them in eval mode, since
+`requires_grad=False` alone would still update their BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 
 import mobilenet_arch
 from mobilenet_arch.cli import atomic_write
+from train import config as config_lib
 
 
 def to_torch(
@@ -41,39 +45,66 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def depthwise_parameter_names(arch: str) -> set[str]:
-    architecture = mobilenet_arch.architecture(arch)
-    return {f"{l.torch_conv}.weight" for b in architecture.blocks for l in b.layers if l.depthwise}
+def parameter_blocks(architecture: mobilenet_arch.Architecture) -> dict[str, tuple[int | None, bool]]:
+    """(index of its block in `features`, or None for the classifier; whether it is a depthwise
+    filter) of every parameter name of the torch model `architecture` describes."""
+    out: dict[str, tuple[int | None, bool]] = {}
+    for index, block in enumerate(architecture.blocks):
+        for layer in block.layers:
+            out[f"{layer.torch_conv}.weight"] = (index, layer.depthwise)
+            out[f"{layer.torch_bn}.weight"] = out[f"{layer.torch_bn}.bias"] = (index, False)
+    for leaf in ("weight", "bias"):
+        out[f"{architecture.torch_classifier}.{leaf}"] = (None, False)
+    return out
+
+
+def freeze(model: torch.nn.Module, frozen_blocks: int) -> None:
+    """Freeze the first `frozen_blocks` blocks of `model.features`: no gradient, no optimizer
+    state (`make_optimizer` leaves them out), and eval mode in `train_step`."""
+    for block in list(model.features)[:frozen_blocks]:
+        block.requires_grad_(False)
 
 
 def make_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """torch.optim.SGD or RMSprop as `config` says; the learning rate is set every step."""
-    depthwise = depthwise_parameter_names(config.arch)
-    named = list(model.named_parameters())
-    if config.dw_weight_decay == config.weight_decay:
-        groups = [{"params": [p for _, p in named], "weight_decay": config.weight_decay}]
-    else:
-        groups = [
-            {"params": [p for n, p in named if n not in depthwise], "weight_decay": config.weight_decay},
-            {"params": [p for n, p in named if n in depthwise], "weight_decay": config.dw_weight_decay},
-        ]
+    """torch.optim.SGD, RMSprop or AdamW as `config` says, over the parameters that train, in
+    `train.config.parameter_group`'s groups; the learning rate is set every step."""
+    blocks = parameter_blocks(model.architecture)
+    groups: dict[config_lib.ParameterGroup, list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(config_lib.parameter_group(config, *blocks[name]), []).append(p)
+    param_groups = [
+        {"params": params, "weight_decay": group.weight_decay, "lr_mult": group.lr_mult} for group, params in groups.items()
+    ]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+        return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(
-            groups,
+            param_groups,
             lr=config.lr,
             alpha=config.rmsprop_decay,
             eps=config.rmsprop_eps,
             momentum=config.momentum,
             centered=config.rmsprop_centered,
         )
-    raise ValueError(f"unknown optimizer {config.optimizer!r}: expected sgd or rmsprop")
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=config.lr, betas=config_lib.ADAMW_BETAS, eps=config_lib.ADAMW_EPS)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}: expected sgd, rmsprop or adamw")
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """`lr` (the schedule's value) times each param group's factor."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None) -> None:
+    """`optimizer.step()`, the gradients of its parameters first clipped to a global norm of
+    `clip_grad_norm` (`torch.nn.utils.clip_grad_norm_`) when it is given."""
+    if clip_grad_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    optimizer.step()
 
 
 def _autocast(precision: str, device: torch.device):
@@ -89,19 +120,23 @@ def train_step(
     label_smoothing: float = 0.0,
     precision: str = "fp32",
     memory_format: torch.memory_format = torch.contiguous_format,
+    clip_grad_norm: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step on an NHWC numpy batch (moved to the model's device); returns the
     batch's loss and accuracy."""
     device = model_device(model)
     batch = to_torch(batch, device, memory_format)
     model.train()
+    for block in model.features:
+        if not any(p.requires_grad for p in block.parameters()):
+            block.eval()  # frozen (see freeze): its BatchNorm keeps its statistics
     with _autocast(precision, device):
         logits = model(batch["image"])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # the loss in float32 at least
     loss = F.cross_entropy(logits, batch["label"], label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
+    optimizer_step(optimizer, clip_grad_norm)
     accuracy = (logits.argmax(-1) == batch["label"]).float().mean()
     return {"loss": loss.detach(), "accuracy": accuracy}
 
