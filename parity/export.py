@@ -183,10 +183,9 @@ def tflite_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
 # ---------------------------------------------------------------- the JAX side
 
 
-# The implementations an exported module is traced with: no native kernel (which exists only
-# where it was built), and the pure-JAX "shifted" depthwise convolution rather than XLA's grouped
-# one, which XLA:CPU runs several times slower (`python -m bench.latency --frameworks stablehlo`
-# with FLAX_MOBILENET_DEPTHWISE as the export's shows it).
+# The implementations an exported module is traced with: no native kernel (it exists only where
+# it was built), and the pure-JAX "shifted" depthwise convolution rather than XLA's grouped one,
+# which XLA:CPU runs tens of times slower (`python -m bench --depthwise`).
 EXPORT_BACKEND = {"FLAX_MOBILENET_DEPTHWISE": "shifted", "FLAX_MOBILENET_BATCHNORM": "xla", "FLAX_MOBILENET_DENSE": "xla"}
 
 
