@@ -253,10 +253,8 @@ def check_installed(fmt: Format) -> None:
 
     missing = [m for m in fmt.modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise ExportError(
-            f"exporting to {fmt.name} needs {', '.join(fmt.modules)} ({', '.join(missing)} not installed): "
-            f"pip install 'flax-mobilenet[{fmt.extra}]'"
-        )
+        which = "which is" if len(missing) == 1 else "which are"
+        raise ExportError(f"exporting to {fmt.name} needs {' and '.join(missing)}, {which} not installed: pip install 'flax-mobilenet[{fmt.extra}]'")
 
 
 def check(fmt: Format, data: bytes, checkpoint: Checkpoint, resolution: int, with_preprocessing: bool) -> float:

@@ -198,7 +198,7 @@ def test_missing_runtime_names_the_extra_to_install(weights, tmp_path, capsys, m
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
     dst = tmp_path / "model.onnx"
-    _fails(capsys, [str(weights["v2"]), str(dst)], "onnxruntime not installed", "pip install 'flax-mobilenet[deploy]'")
+    _fails(capsys, [str(weights["v2"]), str(dst)], "needs onnxruntime, which is not installed", "pip install 'flax-mobilenet[deploy]'")
     assert not dst.exists()
 
 
