@@ -3,6 +3,7 @@
     python -m bench --out bench.json                                   # V1 and V2 at 224 and 32: jax, torch, torch-compile
     python -m bench --arch v2 --resolution 32 --repeats 3 --no-memory  # a quick look
     python -m bench --frameworks jax,jax-xla-dw,torch                  # the native depthwise kernels against XLA's
+    python -m bench --frameworks jax,torch,torch-compile,keras         # with Keras 3 on JAX, the nearest JAX peer
     python -m bench --depthwise                                        # the 3x3 depthwise layer alone
     python -m bench --arch v2 --resolution 224 --precision bf16        # on a GPU: batch 256, AMP
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
+from bench import runners
 from bench.runners import make_runner
 from train import malloc
 
@@ -38,6 +39,9 @@ def _import_and_measure(framework: str, arch: str, resolution: int, batch: int, 
 
     import train.step  # noqa: F401
     import train.torch_step  # noqa: F401
+
+    if framework == "keras":
+        runners.keras_module()
 
     return _peak_rss_growth(framework, arch, resolution, batch, precision)
 

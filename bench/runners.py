@@ -4,14 +4,19 @@ one step of the functions training itself uses and wait for its result.
 Frameworks: `jax` (the depthwise implementation `flax_mobilenet.depthwise` picks for the backend),
 `jax-xla-dw` and `jax-shifted-dw` (the same with FLAX_MOBILENET_DEPTHWISE=xla or shifted while
 tracing: XLA's grouped convolution, or the pure-JAX shifted form; beside `jax` they show what the
-native kernels bring), `torch` (eager) and `torch-compile` (`torch.compile(model)`; the optimizer
-stays eager).
+native kernels bring), `torch` (eager), `torch-compile` (`torch.compile(model)`; the optimizer
+stays eager) and `keras` (Keras 3 on its JAX backend, the nearest JAX peer: `keras.applications`'
+MobileNet or MobileNetV2 with `weights=None`, compiled with `jit_compile=True`, `train_on_batch`
+and `predict_on_batch` on the same batch as numpy arrays).
 
 The steps are `train.step.jit_steps` (jitted `train_step`, `eval_step`) and
 `train.torch_step.train_step` / `eval_step`, on the default recipe of `train.config` (SGD with
 momentum, weight decay, label smoothing 0.1), ImageNet's 1000 classes, width 1.0. JAX gets
 its batch already on the device (as a prefetching input pipeline gives it); torch's step converts
-the NHWC numpy batch itself, as in training.
+the NHWC numpy batch itself, as in training. Keras gets the same recipe's SGD (its weight decay is
+decoupled, as Keras has it) and cross-entropy with label smoothing, from logits; its models are
+Keras's own (V1's dropout 0.001, no dropout in V2, its padding), so its row is the same work, not
+the same numbers.
 
 Precision `bf16` computes in bfloat16 with float32 parameters in both frameworks: the Flax models
 with `dtype=bfloat16` (as `train.main --precision bf16`), PyTorch under `torch.autocast(bfloat16)`
@@ -21,8 +26,8 @@ and each batch moved there, the batch's copy timed).
 Compile time: JAX's trace, lower and compile (AOT); torch.compile's first training step minus an
 eager step. JAX's runner also keeps XLA's own memory count for the compiled training step.
 
-JAX and PyTorch are imported inside the runners, never at the top: the command line sets up malloc
-(`train.malloc`) before either starts its threads.
+JAX, PyTorch and Keras are imported inside the runners, never at the top: the command line sets up
+malloc (`train.malloc`) before any starts its threads, and Keras reads its backend at import.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import time
 
 import numpy as np
 
-FRAMEWORKS = ("jax", "jax-xla-dw", "jax-shifted-dw", "torch", "torch-compile")
+FRAMEWORKS = ("jax", "jax-xla-dw", "jax-shifted-dw", "torch", "torch-compile", "keras")
 DEFAULT_FRAMEWORKS = ("jax", "torch", "torch-compile")
 NUM_CLASSES = 1000
 
@@ -150,6 +155,57 @@ class TorchRunner:
         self._sync()
 
 
+def keras_module():
+    import os
+
+    # Keras picks its backend once, at its first import, from this variable (TensorFlow if unset).
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(f"keras runs on {keras.backend.backend()!r}: set KERAS_BACKEND=jax before keras is imported")
+    return keras
+
+
+class KerasRunner:
+    def __init__(self, arch: str, resolution: int, batch: int, precision: str = "fp32"):
+        keras = keras_module()
+
+        config = _config(arch, resolution, batch, precision)
+        build = keras.applications.MobileNet if arch == "v1" else keras.applications.MobileNetV2
+        keras.utils.set_random_seed(0)
+        policy = keras.config.dtype_policy()
+        # bf16 as Keras has it: the global policy while the layers are built, float32 variables.
+        keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bf16" else "float32")
+        try:
+            model = build(input_shape=(resolution, resolution, 3), weights=None, classes=NUM_CLASSES, classifier_activation=None)
+        finally:
+            keras.config.set_dtype_policy(policy)
+        optimizer = keras.optimizers.SGD(
+            config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay or None
+        )
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing)
+        model.compile(optimizer=optimizer, loss=loss, jit_compile=True)
+        data = random_batch(batch, resolution)
+        self.images = data["image"]
+        self.labels = np.eye(NUM_CLASSES, dtype=np.float32)[data["label"]]
+        self.model = model
+        self.xla_bytes = None
+        # Keras compiles on the first call of each; a compiled step is subtracted.
+        start = time.perf_counter()
+        self.train()
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        self.train()
+        self.compile_s = first - (time.perf_counter() - start)
+
+    def train(self) -> None:
+        self.model.train_on_batch(self.images, self.labels)  # returns the loss as numpy: waits
+
+    def infer(self) -> None:
+        self.model.predict_on_batch(self.images)
+
+
 def make_runner(framework: str, arch: str, resolution: int, batch: int, precision: str = "fp32"):
     if framework == "jax":
         return JaxRunner(arch, resolution, batch, precision=precision)
@@ -159,4 +215,6 @@ def make_runner(framework: str, arch: str, resolution: int, batch: int, precisio
         return TorchRunner(arch, resolution, batch, precision=precision)
     if framework == "torch-compile":
         return TorchRunner(arch, resolution, batch, compile=True, precision=precision)
+    if framework == "keras":
+        return KerasRunner(arch, resolution, batch, precision=precision)
     raise ValueError(f"unknown framework {framework!r}: expected one of {', '.join(FRAMEWORKS)}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, depthwise, throughput, timing
+from bench import cli, depthwise, runners, throughput, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,19 @@ def test_bench_times_both_frameworks_and_writes_the_table_and_json(precision, tm
     assert all(r["train_images_per_s"] > 0 and r["infer_images_per_s"] > 0 and len(r["train_step_s"]) == 1 for r in rows)
     table = capsys.readouterr().out
     assert f"| V1 | 32 | 4 | {precision} | jax" in table and f"| V1 | 32 | 4 | {precision} | torch |" in table
+
+
+def test_bench_times_keras_on_jax_beside_the_others(tmp_path):
+    try:
+        runners.keras_module()  # with its backend set, as the bench imports it
+    except ImportError:
+        pytest.skip("keras is not installed")
+    out = tmp_path / "bench.json"
+    argv = ["--arch", "v1", "--resolution", "32", "--batch", "2", "--repeats", "1", "--no-memory", "--frameworks", "keras"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["framework"] == "keras" and row["train_images_per_s"] > 0 and row["infer_images_per_s"] > 0
+    assert row["compile_s"] is not None
 
 
 def test_bench_depthwise_times_every_implementation_in_both_phases(monkeypatch):
