@@ -18,6 +18,8 @@ IMPORTS = {
     "train.main": (),
     "train.eval": (),
     "train.compare": (),
+    "train.predict": (),
+    "train.lock": (),
     "train.metrics": (),
     "train.malloc": (),
     "train.augment": (),

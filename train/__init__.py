@@ -1,4 +1,5 @@
-"""Training MobileNetV1/V2: `python -m train.main`, `python -m train.eval`, `python -m train.compare`.
+"""Training MobileNetV1/V2: `python -m train.main`, `python -m train.eval`, `python -m train.compare`,
+`python -m train.predict`.
 
     data.py         input pipelines (digits, TFDS, an image folder, through grain)
     augment.py      the transforms (torchvision's recipe for an image folder)
@@ -11,4 +12,6 @@
     checkpoint.py   orbax checkpoints, and where the PyTorch path's goes
     metrics.py      metrics.jsonl and the curves PNG
     main.py         the training loop
+    lock.py         one run per workdir
+    predict.py      the top classes of image files, in either framework
 """

@@ -1,5 +1,6 @@
 """Checkpoints in WORKDIR/checkpoints: orbax-checkpoint for JAX; the PyTorch path's one file
-(`TORCH_CHECKPOINT`) is written and read by train/torch_step.py.
+(`TORCH_CHECKPOINT`) is written and read by train/torch_step.py. `load_pretrained`: the weights a
+run starts from (--init-from) or predicts with.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
 while saving leaves the previous checkpoint intact and a resumed run never sees a partial one.
@@ -17,6 +18,7 @@ from flax import serialization
 
 CHECKPOINT_DIR = "checkpoints"
 TORCH_CHECKPOINT = "checkpoint.pth"
+RUN_FILE = "run.json"  # what a workdir holds (train.main)
 
 
 def manager(workdir: str | os.PathLike, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -38,6 +40,25 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, serialization.to_state_dict(state))
     restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
     return serialization.from_state_dict(state, restored)
+
+
+def load_pretrained(source: str | os.PathLike, **overrides):
+    """`parity.load(source, **overrides)`; for a PyTorch file written by train.main (model.pth,
+    best.pth), which cannot carry its preprocessing, the preprocessing its run recorded in the
+    run.json beside it."""
+    import json
+
+    import parity
+    from parity.checkpoint import TORCH_SUFFIXES
+
+    path = Path(source)
+    if path.suffix.lower() in TORCH_SUFFIXES and "preprocessing" not in overrides:
+        try:
+            recorded = json.loads((path.parent / RUN_FILE).read_text())["preprocessing"]
+            overrides["preprocessing"] = parity.Preprocessing.from_dict(recorded)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not a run's file: the layout's own preprocessing
+    return parity.load(source, **overrides)
 
 
 def torch_path(workdir: str | os.PathLike) -> Path:

@@ -1,0 +1,137 @@
+"""`python -m train.predict --weights FILE IMAGE...`: the top-5 classes of each image, with their
+names and probabilities.
+
+The weights are anything `parity.load` reads (a .msgpack written by train.main, a .pth or
+.safetensors of torchvision or timm, a Hugging Face folder, a .keras file). Each image is prepared
+as the checkpoint says: its shorter side resized, the centre cropped, normalised (torchvision's
+evaluation transforms, `train.folder.eval_example`). The model runs in JAX, or with
+`--framework torch` in PyTorch: the same numbers.
+
+Class names: the checkpoint's own (beside a .msgpack written by train.main; a Hugging Face
+config's id2label), else those in the run.json beside the weights, else ImageNet's for 1000
+classes, else the class numbers. The flags and files are checked before jax or torch is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mobilenet_arch.cli import ArgumentParser, fail
+from train import config as config_lib
+from train import malloc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    description = " ".join(__doc__.split("\n\n")[1].split())  # the docstring's second paragraph
+    p = ArgumentParser(prog="python -m train.predict", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", default=argparse.SUPPRESS, required=True, help="the checkpoint: a file or a Hugging Face folder")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything PIL reads)")
+    config_lib.add_flag(p, "framework", help="which implementation runs the model")
+    p.add_argument("--top", type=config_lib.positive_int, default=5, help="classes shown per image")
+    return p
+
+
+def flag_problem(args: argparse.Namespace) -> str | None:
+    if not Path(args.weights).exists():
+        return f"--weights {args.weights}: no such file or folder"
+    missing = [image for image in args.images if not Path(image).is_file()]
+    if missing:
+        return f"{missing[0]}: no such image file"
+    return None
+
+
+def prepare(paths: list[str], preprocessing) -> np.ndarray:
+    """float32 [N, crop, crop, 3]: each image resized, centre-cropped and normalised as
+    `preprocessing` (parity.Preprocessing) says, fully decoded (no JPEG draft mode)."""
+    from train import augment, data, folder
+
+    recipe = dataclasses.replace(data.recipe(None, preprocessing.crop_size, preprocessing), jpeg_draft=False)
+    images = np.stack([folder.eval_example((path, 0), recipe)["image"] for path in paths])
+    return augment.normalize(images, recipe.mean, recipe.std)
+
+
+def probabilities_jax(checkpoint, images: np.ndarray) -> np.ndarray:
+    import jax
+
+    logits = jax.jit(lambda x: checkpoint.model.apply(checkpoint.variables, x, train=False))(images)
+    return np.asarray(jax.nn.softmax(logits.astype(np.float32), axis=-1))
+
+
+def probabilities_torch(checkpoint, images: np.ndarray) -> np.ndarray:
+    import torch
+
+    import parity
+
+    model = parity.load_torch(checkpoint)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+    return torch.softmax(logits.float(), dim=-1).numpy()
+
+
+def class_names(weights: Path, num_classes: int) -> list[str]:
+    """The names of the classes of the checkpoint at `weights` (see the module's docstring)."""
+    from parity import io as weights_io
+    from train.checkpoint import RUN_FILE
+
+    candidates = []
+    if weights.is_dir():  # a Hugging Face folder
+        id2label = _json(weights / "config.json").get("id2label") or {}
+        candidates.append([id2label.get(str(i)) for i in range(num_classes)])
+    else:
+        candidates.append(_json(weights_io.description_path(weights)).get("class_names"))
+    candidates.append(_json(weights.parent / RUN_FILE).get("class_names"))
+    for names in candidates:
+        if names and len(names) == num_classes and all(isinstance(n, str) for n in names):
+            return list(names)
+    if num_classes == 1000:
+        try:
+            from torchvision.models import MobileNet_V2_Weights
+        except ImportError:
+            pass
+        else:
+            return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
+    return [f"class {i}" for i in range(num_classes)]
+
+
+def _json(path: Path) -> dict:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    malloc.keep_step_buffers()
+    problem = flag_problem(args)
+    if problem:
+        fail(problem)
+    from train.checkpoint import load_pretrained
+
+    try:
+        checkpoint = load_pretrained(args.weights)
+        classes = checkpoint.architecture.num_classes
+        if classes == 0:
+            raise ValueError(f"{args.weights} is a feature extractor (no classifier): there are no classes to predict")
+        images = prepare(args.images, checkpoint.preprocessing)
+    except ValueError as e:  # parity's errors, train.folder.DataError
+        fail(str(e))
+    run = probabilities_jax if args.framework == "jax" else probabilities_torch
+    probabilities = run(checkpoint, images)
+    names = class_names(Path(args.weights), classes)
+    for path, p in zip(args.images, probabilities):
+        print(path)
+        for index in np.argsort(-p, kind="stable")[: args.top]:
+            print(f"  {p[index]:.4f}  {index:>4}  {names[index]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
