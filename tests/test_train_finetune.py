@@ -173,6 +173,23 @@ def test_a_second_run_in_a_busy_workdir_refuses_at_once_naming_the_holder(tmp_pa
     assert not (tmp_path / lock.LOCK_FILE).exists()  # the holder's file goes with it
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--arch", "v2"], "these weights are MobileNetV1 width 0.25, not MobileNetV2"),
+        (["--width", "0.5"], "these weights have width 0.25"),
+        (["--trainable-blocks", "15"], "MobileNetV1 has 14 blocks in features"),
+    ],
+    ids=["arch", "width", "trainable-blocks"],
+)
+def test_flags_that_contradict_the_checkpoint_fail_with_one_line_before_any_work(flags, expected, tmp_path, pretrained, folder, compile_cache):  # noqa: F811
+    workdir = tmp_path / "run"
+    result = run(["-m", "train.main", *finetune_flags(pretrained, folder, *flags), "--workdir", str(workdir)], compile_cache, check=False)
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, expected)
+    assert not workdir.exists()
+
+
 def _predictions(stdout: str) -> dict[str, list[tuple[float, int, str]]]:
     """{image: [(probability, class, name)]} from train.predict's output."""
     out: dict[str, list] = {}
