@@ -199,7 +199,7 @@ def test_flax_model_with_shifted_depthwise_matches_torch_in_eval(arch, monkeypat
     got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jnp.asarray(images))
     error = rel_l2(got, want)
     record_property("logits_rel_l2", error)
-    # The project's parity bar in float32 (issue 2): rel-L2 1e-5 on the logits.
+    # The project's parity bar in float32: rel-L2 1e-5 on the logits.
     assert error < 1e-5
 
 
