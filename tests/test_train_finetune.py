@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import flax_mobilenet
 import parity
 import torch_ref
 from tests.cli_errors import assert_one_line_error
-from tests.test_train_main import ROOT, compile_cache, environment, run, shared_run  # noqa: F401 (a fixture)
+from tests.test_train_main import ROOT, compile_cache, environment, locked, run, session_dir, shared_run  # noqa: F401 (a fixture)
 from train import lock
 
 # Digits 0-3 as 32x32 PNGs under class names that sort in another order than the digits (ImageFolder
@@ -48,9 +49,20 @@ CHANCE = 1 / len(CLASSES)
 
 @pytest.fixture(scope="session")
 def folder(tmp_path_factory) -> Path:
+    # One folder for the whole session, pytest-xdist workers included: the shared runs record its
+    # path, and a run resumed with another --dataset is refused.
+    root = session_dir(tmp_path_factory) / "digit-folder"
+    with locked(root.with_suffix(".lock")):
+        if not root.with_suffix(".complete").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            _write_digit_folder(root)
+            root.with_suffix(".complete").touch()
+    return root
+
+
+def _write_digit_folder(root: Path) -> None:
     from sklearn.datasets import load_digits
 
-    root = tmp_path_factory.mktemp("digit-folder")
     digits = load_digits()
     for name, digit in CLASSES.items():
         index = np.flatnonzero(digits.target == digit)
@@ -59,7 +71,6 @@ def folder(tmp_path_factory) -> Path:
             for i in chosen:
                 grey = Image.fromarray(np.round(digits.images[i] * 255 / 16).astype(np.uint8))
                 grey.resize((32, 32), Image.Resampling.BILINEAR).convert("RGB").save(root / split / name / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="session")

@@ -205,14 +205,15 @@ def _states_paths(opt_state) -> set:
 
 def _optimizer_states(config, opt_state) -> tuple[dict, list]:
     """The optax chain's per-parameter states ({torch's name: {Flax path: array}}), gathered from
-    every parameter group (each holds only its own parameters' states), and the names."""
+    every parameter group (each holds only its own parameters' states), and torch's names of those
+    present."""
     names = _TORCH_STATE_NAMES[config.optimizer]
     out = {}
     for name, torch_name in names.items():
         for _, tree in optax.tree_utils.tree_get_all_with_path(opt_state, name):
             for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]:
                 out.setdefault(torch_name, {})[tuple(k.key for k in path)] = leaf
-    return out, list(names.values())
+    return out, list(out)  # only the states this configuration has (no momentum, not centered: fewer)
 
 
 def _load_jax_state_into_torch(config, state, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -209,7 +209,7 @@ def _write_run_file(config: config_lib.Config, run_plan: Plan, workdir: Path) ->
     described = {
         **run_identity(config, run_plan),
         "class_names": list(run_plan.class_names),
-        "preprocessing": dataclasses.asdict(run_plan.preprocessing),
+        "preprocessing": None if run_plan.preprocessing is None else dataclasses.asdict(run_plan.preprocessing),
     }
     atomic_write_text(path, json.dumps(described, indent=1) + "\n")
 
