@@ -25,6 +25,8 @@ import torch
 import torchvision
 from flax import serialization
 
+import parity
+from mobilenet_arch import mobilenet_v1
 from tests.cli_errors import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,3 +333,16 @@ def test_bad_flags_fail_with_one_line_before_jax_or_torch_is_imported(module, fl
     assert_one_line_error(result.stderr, expected)
     assert result.stdout.strip() == ""  # none of jax, torch, flax or grain (which imports jax)
     assert not workdir.exists()
+
+
+def test_a_width_outside_the_published_list_trains_and_exports_both_files(tmp_path, compile_cache):
+    # Width 0.3 is no published width: its channels (8, 16, 40, ...) are read from the shapes when
+    # exporting, never matched against a list, so both files are written and load back.
+    flags = ["--arch", "v1", "--width", "0.3", *TINY[4:], "--max-steps", "2", "--workdir", str(tmp_path)]
+    run(["-m", "train.main", *flags], compile_cache)
+    loaded = parity.load(tmp_path / "model.pth")
+    # The width is a label: 0.2969 and 0.3 give the same channels, and the channels are what count.
+    channels = [layer.out_channels for block in loaded.architecture.blocks for layer in block.layers]
+    assert channels == [layer.out_channels for block in mobilenet_v1(0.3).blocks for layer in block.layers]
+    flax_tree = load_params(tmp_path)
+    assert np.array_equal(loaded.variables["params"]["features_0"]["stem"]["conv"]["kernel"], flax_tree["params"]["features_0"]["stem"]["conv"]["kernel"])
