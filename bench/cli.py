@@ -23,8 +23,8 @@ import sys
 import time
 
 from bench import depthwise, runners, throughput
+from mobilenet_arch import allocator
 from mobilenet_arch.cli import ArgumentParser, atomic_write_text, fail
-from train import malloc
 
 
 def _csv(allowed: tuple, cast=str):
@@ -97,7 +97,7 @@ def machine() -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    tuned_malloc = malloc.keep_step_buffers()  # before JAX and PyTorch start their threads
+    tuned_malloc = allocator.keep_step_buffers()  # before JAX and PyTorch start their threads
     if args.repeats < 1:
         fail(f"--repeats {args.repeats}: expected at least 1")
     if args.batch is not None and args.batch < 1:

@@ -36,8 +36,8 @@ import numpy as np
 
 from bench import timing
 from bench.cli import _csv, machine
+from mobilenet_arch import allocator
 from mobilenet_arch.cli import ArgumentParser, atomic_write_text, fail
-from train import malloc
 
 RUNTIMES = ("jax", "torch", "torch-compile", "onnxruntime", "stablehlo", "tflite")
 # The file each exported runtime runs (parity.export's formats).
@@ -194,7 +194,7 @@ def make_call(runtime: str, folder: Path, arch: str, checkpoint, x_nhwc: np.ndar
 
 def _measure(threads: int, folder: str, archs: list[str], batches: list[int], runtimes: list[str], resolution: int, repeats: int) -> list[dict]:
     """The rows of one thread count, in this (fresh) process."""
-    malloc.keep_step_buffers()
+    allocator.keep_step_buffers()
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
     import torch
 

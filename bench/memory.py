@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from bench import runners
 from bench.runners import make_runner
-from train import malloc
+from mobilenet_arch import allocator
 
 
 def _status_kib(field: str) -> int:
@@ -33,7 +33,7 @@ def _peak_rss_growth(framework: str, arch: str, resolution: int, batch: int, pre
 
 
 def _import_and_measure(framework: str, arch: str, resolution: int, batch: int, precision: str) -> float:
-    malloc.keep_step_buffers()  # as in the process that measures speed
+    allocator.keep_step_buffers()  # as in the process that measures speed
     import jax  # noqa: F401  (imported before the baseline: both frameworks' imports are not counted)
     import torch  # noqa: F401
 

@@ -49,7 +49,7 @@ CHANCE = 1 / len(CLASSES)
 
 @pytest.fixture(scope="session")
 def folder(tmp_path_factory) -> Path:
-    # One folder for the whole session, pytest-xdist workers included: the shared runs record its
+    # One folder for all of pytest's workers (pytest-xdist): the shared runs record its
     # path, and a run resumed with another --dataset is refused.
     root = session_dir(tmp_path_factory) / "digit-folder"
     with locked(root.with_suffix(".lock")):

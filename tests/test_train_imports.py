@@ -21,7 +21,6 @@ IMPORTS = {
     "train.predict": (),
     "train.lock": (),
     "train.metrics": (),
-    "train.malloc": (),
     "train.augment": (),
     "train.folder": (),
     "train.checkpoint": ("jax",),

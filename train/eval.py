@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 import mobilenet_arch
+from mobilenet_arch import allocator
 from mobilenet_arch.cli import ArgumentParser, fail
 from train import config as config_lib
-from train import malloc
 
 
 def evaluate_jax(variables: dict, arch: str, width: float, batches) -> float:
@@ -83,7 +83,7 @@ def flag_problem(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    malloc.keep_step_buffers()
+    allocator.keep_step_buffers()
     problem = flag_problem(args)
     if problem:
         fail(problem)

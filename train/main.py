@@ -39,9 +39,10 @@ import numpy as np
 from tqdm import tqdm
 
 import mobilenet_arch
+from mobilenet_arch import allocator
 from mobilenet_arch.cli import atomic_write_text, fail
 from train import config as config_lib
-from train import lock, malloc
+from train import lock
 
 
 class NonFiniteLoss(RuntimeError):
@@ -589,7 +590,7 @@ def _print(chief: bool, message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = config_lib.parse_config(argv)
-    malloc.keep_step_buffers()
+    allocator.keep_step_buffers()
     problem = config_lib.dataset_problem(config.dataset, config.data_dir)
     if problem:
         fail(problem)

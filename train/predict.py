@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mobilenet_arch import allocator
 from mobilenet_arch.cli import ArgumentParser, fail
 from train import config as config_lib
-from train import malloc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +109,7 @@ def _json(path: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    malloc.keep_step_buffers()
+    allocator.keep_step_buffers()
     problem = flag_problem(args)
     if problem:
         fail(problem)
