@@ -60,6 +60,17 @@ def random_batch(batch: int, resolution: int, seed: int = 0) -> dict:
     return {"image": image, "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32)}
 
 
+
+def first_call_overhead(step) -> float:
+    """Seconds the first call of `step` takes beyond the second: what compiling it cost."""
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    step()
+    return first - (time.perf_counter() - start)
+
+
 class JaxRunner:
     def __init__(self, arch: str, resolution: int, batch: int, depthwise: str | None = None, precision: str = "fp32"):
         import jax
@@ -126,12 +137,7 @@ class TorchRunner:
         self.compile_s = None
         if compile:
             # Compilation happens on the first call of each mode; an eager step is subtracted.
-            start = time.perf_counter()
-            self.train()
-            first = time.perf_counter() - start
-            start = time.perf_counter()
-            self.train()
-            self.compile_s = first - (time.perf_counter() - start)
+            self.compile_s = first_call_overhead(self.train)
         self.xla_bytes = None
 
     def _sync(self) -> None:
@@ -192,12 +198,7 @@ class KerasRunner:
         self.model = model
         self.xla_bytes = None
         # Keras compiles on the first call of each; a compiled step is subtracted.
-        start = time.perf_counter()
-        self.train()
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        self.train()
-        self.compile_s = first - (time.perf_counter() - start)
+        self.compile_s = first_call_overhead(self.train)
 
     def train(self) -> None:
         self.model.train_on_batch(self.images, self.labels)  # returns the loss as numpy: waits

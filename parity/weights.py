@@ -8,7 +8,6 @@ per-layer special case: change the table in `mobilenet_arch` and the converter f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -18,50 +17,8 @@ import mobilenet_arch
 from parity.layouts import ConversionError
 from parity.layouts import flax as flax_layout
 from parity.layouts import torchvision as torchvision_layout
-from parity.layouts.torchvision import KNOWN_WIDTHS, expected_shapes
 from parity.layouts.detect import recognise
-
-# Widths tried, beside those the channels suggest, to name the width weights have.
-
-
-@dataclass(frozen=True)
-class Rule:
-    torch_key: str
-    flax_path: tuple[str, ...]  # ("params" | "batch_stats", module..., leaf)
-    layout: str  # "conv" (OIHW <-> HWIO), "dense" (out,in <-> in,out) or "same"
-
-    def to_flax(self, value: np.ndarray) -> np.ndarray:
-        if self.layout == "conv":
-            return value.transpose(2, 3, 1, 0)
-        return value.T if self.layout == "dense" else value
-
-    def to_torch(self, value: np.ndarray) -> np.ndarray:
-        if self.layout == "conv":
-            return value.transpose(3, 2, 0, 1)
-        return value.T if self.layout == "dense" else value
-
-    def torch_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return self.to_torch(np.empty(flax_shape, np.uint8)).shape
-
-
-def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
-    out = []
-    for block in arch.blocks:
-        for layer in block.layers:
-            module = (block.name, layer.role)
-            out += [
-                Rule(f"{layer.torch_conv}.weight", ("params", *module, "conv", "kernel"), "conv"),
-                Rule(f"{layer.torch_bn}.weight", ("params", *module, "bn", "scale"), "same"),
-                Rule(f"{layer.torch_bn}.bias", ("params", *module, "bn", "bias"), "same"),
-                Rule(f"{layer.torch_bn}.running_mean", ("batch_stats", *module, "bn", "mean"), "same"),
-                Rule(f"{layer.torch_bn}.running_var", ("batch_stats", *module, "bn", "var"), "same"),
-            ]
-    head = arch.torch_classifier
-    out += [
-        Rule(f"{head}.weight", ("params", arch.flax_classifier, "kernel"), "dense"),
-        Rule(f"{head}.bias", ("params", arch.flax_classifier, "bias"), "same"),
-    ]
-    return out
+from parity.layouts.torchvision import expected_shapes, rules  # torchvision's layout is torch_ref's
 
 
 def batches_tracked_keys(arch: mobilenet_arch.Architecture) -> list[str]:
@@ -149,7 +106,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], arch: str = "v2", width_mult: f
         node = variables
         for name in rule.flax_path[:-1]:
             node = node.setdefault(name, {})
-        node[rule.flax_path[-1]] = np.ascontiguousarray(rule.to_flax(_to_numpy(state_dict[rule.torch_key])))
+        node[rule.flax_path[-1]] = np.ascontiguousarray(rule.to_flax(_to_numpy(state_dict[rule.key])))
     return variables
 
 
@@ -185,7 +142,7 @@ def flax_to_torch(variables: Mapping[str, Any], arch: str = "v2", num_batches_tr
         raise ConversionError(f"Flax variables of MobileNet{architecture.arch.upper()}, MobileNet{arch.upper()} was asked for")
     state_dict = {}
     for rule in rules(architecture):
-        state_dict[rule.torch_key] = torch.from_numpy(np.ascontiguousarray(rule.to_torch(_to_numpy(_lookup(variables, rule.flax_path)))))
+        state_dict[rule.key] = torch.from_numpy(np.ascontiguousarray(rule.from_flax(_to_numpy(_lookup(variables, rule.flax_path)))))
     for key in batches_tracked_keys(architecture):
         state_dict[key] = torch.tensor(num_batches_tracked, dtype=torch.long)
     return state_dict

@@ -93,7 +93,7 @@ def flax_variables(model: torch.nn.Module, architecture: mobilenet_arch.Architec
         node = variables
         for name in rule.flax_path[:-1]:
             node = node.setdefault(name, {})
-        node[rule.flax_path[-1]] = rule.to_flax(state[rule.torch_key])
+        node[rule.flax_path[-1]] = rule.to_flax(state[rule.key])
     return variables
 
 

@@ -211,7 +211,7 @@ def test_gradients_equal_pytorch_in_float64(arch, record_property):
         # projection's BatchNorm reaches the loss only through 1x1 convolutions followed by
         # training-mode BatchNorm, which removes any per-channel constant, so its gradient is
         # mathematically zero and both frameworks return rounding noise (~1e-17) for it.
-        worst = max(worst, np.linalg.norm(rule.to_torch(node) - torch_grads[rule.torch_key]) / total)
+        worst = max(worst, np.linalg.norm(rule.from_flax(node) - torch_grads[rule.key]) / total)
     record_property("grad_diff_over_total_norm_float64", float(worst))
     # float64 rounding through ~50 layers: measured ~1e-14; any difference in the formulas (a
     # biased variance, a missing term, a wrong layout) is of the order of the tensor's gradient.

@@ -227,8 +227,8 @@ def _load_jax_state_into_torch(config, state, model: torch.nn.Module, optimizer:
     for torch_name, leaves in states.items():
         for path, leaf in leaves.items():
             rule = _RULES[path]
-            p = named[rule.torch_key]
-            optimizer.state[p][torch_name] = torch.from_numpy(np.array(rule.to_torch(leaf))).to(torch.float64)
+            p = named[rule.key]
+            optimizer.state[p][torch_name] = torch.from_numpy(np.array(rule.from_flax(leaf))).to(torch.float64)
             optimizer.state[p]["step"] = step.clone()
 
 
@@ -238,8 +238,8 @@ def _torch_optimizer_states(model: torch.nn.Module, optimizer: torch.optim.Optim
     out = {}
     for name in names:
         for path, rule in _RULES.items():
-            if named[rule.torch_key] in optimizer.state:
-                out.setdefault(name, {})[path] = rule.to_flax(optimizer.state[named[rule.torch_key]][name].numpy())
+            if named[rule.key] in optimizer.state:
+                out.setdefault(name, {})[path] = rule.to_flax(optimizer.state[named[rule.key]][name].numpy())
     return out
 
 

@@ -8,7 +8,7 @@ tree), each with the same four functions:
     rules(architecture) -> list[Rule]           (their key, Flax path, transform) per tensor
     preprocessing(config=None) -> Preprocessing what the published weights expect
 
-Rules are derived from the description, as `parity.weights.rules` derives torchvision's: every
+Rules are derived from the description, as `layouts.torchvision.rules` derives torchvision's: every
 conv+BN layer gives the same five, the classifier two, with no per-layer special case. Shapes are
 read from the weights (any width, any depth), never matched against a list of widths.
 """
