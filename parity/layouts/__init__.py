@@ -129,7 +129,7 @@ def from_flax(variables: Mapping[str, Any], rules: list[Rule]) -> dict[str, np.n
             if not isinstance(node, Mapping) or name not in node:
                 raise LayoutError(f"Flax variables have no {'/'.join(rule.flax_path[: depth + 1])}")
             node = node[name]
-        out[rule.key] = np.ascontiguousarray(rule.from_flax(np.asarray(node)))
+        out[rule.key] = np.array(rule.from_flax(np.asarray(node)), order="C")  # a writable copy (torch.from_numpy)
     return out
 
 
