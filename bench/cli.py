@@ -1,6 +1,6 @@
 """Throughput of the real training and evaluation steps, JAX against PyTorch, measured side by side.
 
-    python -m bench --out bench.json                                   # V1 and V2 at 224 and 32: jax, torch, torch-compile
+    python -m bench --out bench.json                                   # V1 and V2 at 224 and 32: jax, torch (NCHW, channels-last), torch-compile
     python -m bench --arch v2 --resolution 32 --repeats 3 --no-memory  # a quick look
     python -m bench --frameworks jax,jax-xla-dw,torch                  # the native depthwise kernels against XLA's
     python -m bench --frameworks jax,torch,torch-compile,keras         # with Keras 3 on JAX, the nearest JAX peer

@@ -4,7 +4,9 @@ one step of the functions training itself uses and wait for its result.
 Frameworks: `jax` (the depthwise implementation `flax_mobilenet.depthwise` picks for the backend),
 `jax-xla-dw` and `jax-shifted-dw` (the same with FLAX_MOBILENET_DEPTHWISE=xla or shifted while
 tracing: XLA's grouped convolution, or the pure-JAX shifted form; beside `jax` they show what the
-native kernels bring), `torch` (eager), `torch-compile` (`torch.compile(model)`; the optimizer
+native kernels bring), `torch` (eager, NCHW memory as a DataLoader hands it over),
+`torch-channels-last` (eager with the model and batch in channels-last memory, which PyTorch
+recommends for convolutions on the CPU: up to twice as fast in training here), `torch-compile` (`torch.compile(model)`; the optimizer
 stays eager) and `keras` (Keras 3 on its JAX backend, the nearest JAX peer: `keras.applications`'
 MobileNet or MobileNetV2 with `weights=None`, compiled with `jit_compile=True`, `train_on_batch`
 and `predict_on_batch` on the same batch as numpy arrays).
@@ -36,8 +38,8 @@ import time
 
 import numpy as np
 
-FRAMEWORKS = ("jax", "jax-xla-dw", "jax-shifted-dw", "torch", "torch-compile", "keras")
-DEFAULT_FRAMEWORKS = ("jax", "torch", "torch-compile")
+FRAMEWORKS = ("jax", "jax-xla-dw", "jax-shifted-dw", "torch", "torch-channels-last", "torch-compile", "keras")
+DEFAULT_FRAMEWORKS = ("jax", "torch", "torch-channels-last", "torch-compile")
 NUM_CLASSES = 1000
 
 
@@ -118,7 +120,7 @@ class JaxRunner:
 
 
 class TorchRunner:
-    def __init__(self, arch: str, resolution: int, batch: int, compile: bool = False, precision: str = "fp32"):
+    def __init__(self, arch: str, resolution: int, batch: int, compile: bool = False, precision: str = "fp32", channels_last: bool = False):
         import torch
 
         import torch_ref
@@ -127,7 +129,7 @@ class TorchRunner:
         self.config = _config(arch, resolution, batch, precision)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # AMP's usual company: channels-last memory, which cuDNN and oneDNN prefer for bf16.
-        self.memory_format = torch.channels_last if precision == "bf16" else torch.contiguous_format
+        self.memory_format = torch.channels_last if precision == "bf16" or channels_last else torch.contiguous_format
         torch.manual_seed(0)
         model = torch_ref.create_model(arch, 1.0, NUM_CLASSES).to(self.device, memory_format=self.memory_format)
         self.optimizer = torch_step.make_optimizer(self.config, model)
@@ -214,6 +216,8 @@ def make_runner(framework: str, arch: str, resolution: int, batch: int, precisio
         return JaxRunner(arch, resolution, batch, depthwise=framework.split("-")[1], precision=precision)
     if framework == "torch":
         return TorchRunner(arch, resolution, batch, precision=precision)
+    if framework == "torch-channels-last":
+        return TorchRunner(arch, resolution, batch, precision=precision, channels_last=True)
     if framework == "torch-compile":
         return TorchRunner(arch, resolution, batch, compile=True, precision=precision)
     if framework == "keras":

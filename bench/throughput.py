@@ -61,23 +61,25 @@ def _ratio(value) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows (as `run_config` gives them, or as read back from the JSON) as a Markdown table,
-    each framework's throughput also as a ratio to PyTorch eager and compiled on the same input."""
+    each framework's throughput also as a ratio to PyTorch eager (NCHW and channels-last memory)
+    and compiled on the same input."""
     lines = [
-        "| model | res | batch | precision | framework | train img/s | infer img/s | train vs eager | train vs compile"
-        " | infer vs eager | compile s | peak RSS growth MiB | XLA step MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | res | batch | precision | framework | train img/s | infer img/s | train vs eager | train vs eager CL"
+        " | train vs compile | infer vs eager | infer vs eager CL | compile s | peak RSS growth MiB | XLA step MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         same = [r for r in rows if (r["arch"], r["resolution"]) == (row["arch"], row["resolution"])]
         ref = {r["framework"]: r for r in same}
-        eager, compiled = ref.get("torch"), ref.get("torch-compile")
+        eager, channels_last, compiled = ref.get("torch"), ref.get("torch-channels-last"), ref.get("torch-compile")
         ratio = lambda other, key: None if other is None else row[key] / other[key]  # noqa: E731
         name = row["framework"] + (f" ({row['depthwise']} dw)" if row["depthwise"] else "")
         lines.append(
             f"| {row['arch'].upper()} | {row['resolution']} | {row['batch']} | {row.get('precision', 'fp32')} | {name}"
             f" | {row['train_images_per_s']:.1f} | {row['infer_images_per_s']:.1f}"
-            f" | {_ratio(ratio(eager, 'train_images_per_s'))} | {_ratio(ratio(compiled, 'train_images_per_s'))}"
-            f" | {_ratio(ratio(eager, 'infer_images_per_s'))} | {_fmt(row['compile_s'], '.1f')}"
+            f" | {_ratio(ratio(eager, 'train_images_per_s'))} | {_ratio(ratio(channels_last, 'train_images_per_s'))}"
+            f" | {_ratio(ratio(compiled, 'train_images_per_s'))} | {_ratio(ratio(eager, 'infer_images_per_s'))}"
+            f" | {_ratio(ratio(channels_last, 'infer_images_per_s'))} | {_fmt(row['compile_s'], '.1f')}"
             f" | {_fmt(row['peak_rss_growth_mib'], '.0f')} | {_fmt(row['xla_step_memory_mib'], '.0f')} |"
         )
     return "\n".join(lines)

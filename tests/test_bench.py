@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, depthwise, runners, throughput, timing
+from bench import cli, depthwise, plain, runners, throughput, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,12 +19,34 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_times_both_frameworks_and_writes_the_table_and_json(precision, tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--arch", "v1", "--resolution", "32", "--batch", "4", "--repeats", "1", "--no-memory"]
-    assert cli.main([*argv, "--precision", precision, "--frameworks", "jax,torch", "--out", str(out)]) == 0
+    frameworks = ["jax", "torch", "torch-channels-last"]
+    assert cli.main([*argv, "--precision", precision, "--frameworks", ",".join(frameworks), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["framework"], r["precision"]) for r in rows] == [("jax", precision), ("torch", precision)]
+    assert [(r["framework"], r["precision"]) for r in rows] == [(name, precision) for name in frameworks]
     assert all(r["train_images_per_s"] > 0 and r["infer_images_per_s"] > 0 and len(r["train_step_s"]) == 1 for r in rows)
     table = capsys.readouterr().out
     assert f"| V1 | 32 | 4 | {precision} | jax" in table and f"| V1 | 32 | 4 | {precision} | torch |" in table
+
+
+def test_the_channels_last_runner_keeps_model_and_batch_in_channels_last_memory():
+    import torch
+
+    runner = runners.make_runner("torch-channels-last", "v1", 32, 2)
+    weight = runner.model.features[0][0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert runners.make_runner("torch", "v1", 32, 2).model.features[0][0].weight.is_contiguous()
+
+
+def test_the_plain_user_script_runs_in_fresh_processes_in_both_malloc_columns(tmp_path):
+    # What it times is the user's view (README's API only); here only that it runs and reports.
+    out = tmp_path / "plain.json"
+    argv = ["--arch", "v1", "--resolution", "32", "--batch", "2", "--processes", "1", "--repeats", "1", "--out", str(out)]
+    assert plain.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["column"] for r in rows] == list(plain.COLUMNS)
+    for row in rows:
+        for name in ("jax", "torch", "torch-channels-last"):
+            assert row[f"{name}_train_img_s"] > 0 and row[f"{name}_infer_img_s"] > 0
 
 
 def test_bench_times_keras_on_jax_beside_the_others(tmp_path):
