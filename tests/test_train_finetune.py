@@ -38,11 +38,11 @@ TRAIN_PER_CLASS, EVAL_PER_CLASS = 120, 40
 # statistics settled, which a frozen backbone needs (after 8 steps every input gives the same
 # features in inference mode).
 PRETRAIN = "--arch v1 --width 0.25 --batch-size 16 --epochs 1 --lr 0.04 --warmup-epochs 0 --no-progress".split()
-# Three epochs of 30 steps on the folder; decoding in the training process (32x32 PNGs are cheap,
-# worker processes are not); crops of at least 60% of the image, no flip (digits are not
-# symmetric). The .pth carries no preprocessing: its run's run.json gives 32 px (see predict).
+# Three epochs of 30 steps on the folder (decoded in threads of the training process, the
+# default); crops of at least 60% of the image, no flip (digits are not symmetric). The .pth
+# carries no preprocessing: its run's run.json gives 32 px (see predict).
 FINETUNE = (
-    "--batch-size 16 --epochs 3 --lr 0.1 --warmup-epochs 0 --no-progress --data-workers 0 --crop-scale 0.6 1 --hflip 0"
+    "--batch-size 16 --epochs 3 --lr 0.1 --warmup-epochs 0 --no-progress --crop-scale 0.6 1 --hflip 0"
 ).split()
 CHANCE = 1 / len(CLASSES)
 
@@ -152,6 +152,18 @@ def test_a_run_records_its_classes_and_preprocessing_and_says_what_it_wrote(froz
     ]
     # best.* hold the weights of the best evaluation, as .msgpack (with its description) and .pth.
     assert parity.load(workdir / "best.msgpack").architecture.num_classes == len(CLASSES)
+
+
+@pytest.mark.parametrize("framework, weights", [("jax", "model.msgpack"), ("torch", "model.pth")])
+def test_eval_on_the_folder_reads_arch_classes_and_preprocessing_from_the_checkpoint(framework, weights, frozen_runs, folder, compile_cache):  # noqa: F811
+    workdir = frozen_runs["jax"]
+    args = ["-m", "train.eval", "--weights", str(workdir / weights), "--dataset", str(folder), "--framework", framework]
+    last = run(args, compile_cache).stdout.strip().splitlines()[-1]
+    # The run's own last evaluation, on the same 32-px centre crops: equal but for a prediction that
+    # float32 rounding at another batch size (100 here, 16 in the run) could flip (1/160 each).
+    assert abs(float(last.removeprefix("accuracy=")) - evaluations(workdir)[-1]["eval_accuracy"]) <= 1 / 160, last
+    wrong = run(args + ["--arch", "v2"], compile_cache, check=False)
+    assert wrong.returncode == 2 and "not MobileNetV2" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])

@@ -1,8 +1,11 @@
-"""`python -m train.eval --arch v2 --width 1.0 --weights FILE [--framework jax|torch] [--dataset NAME]`
+"""`python -m train.eval --weights FILE [--framework jax|torch] [--dataset NAME|DIR]`
 
-Evaluates a .msgpack, .pth/.pt or .safetensors file on the dataset's eval split in either
-framework (the file is converted through `parity` when it comes from the other one) and prints
-`accuracy=<value>` as its last line. The flags are checked before jax or torch is imported.
+Evaluates a checkpoint (anything `parity.load` reads: a .msgpack or .pth of train.main's, a
+torchvision/timm .pth or .safetensors, a Hugging Face folder, a .keras file) on the dataset's
+evaluation split in either framework, and prints `accuracy=<value>` as its last line. The
+architecture, width and classes come from the weights; on a folder of images, the evaluation
+resize, crop and normalisation are the checkpoint's (as train.predict's). The flags are checked
+before jax or torch is imported.
 """
 
 from __future__ import annotations
@@ -13,40 +16,31 @@ from pathlib import Path
 
 import numpy as np
 
-import mobilenet_arch
 from mobilenet_arch import allocator
 from mobilenet_arch.cli import ArgumentParser, fail
 from train import config as config_lib
 
 
-def evaluate_jax(variables: dict, arch: str, width: float, batches) -> float:
+def evaluate_jax(checkpoint, batches) -> float:
     import jax
     import jax.numpy as jnp
 
-    from flax_mobilenet import create_model
-
-    num_classes = int(np.shape(variables["params"][mobilenet_arch.architecture(arch).flax_classifier]["bias"])[0])
-    model = create_model(arch, width, num_classes)
-
     @jax.jit
     def correct(batch):
-        logits = model.apply(variables, batch["image"], train=False)
+        logits = checkpoint.model.apply(checkpoint.variables, batch["image"], train=False)
         return jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"]), jnp.sum(batch["mask"])
 
     totals = np.array([jax.device_get(correct(b)) for b in batches], np.float64)
     return float(totals[:, 0].sum() / totals[:, 1].sum())
 
 
-def evaluate_torch(state_dict: dict, arch: str, width: float, batches) -> float:
+def evaluate_torch(checkpoint, batches) -> float:
     import torch
 
-    import torch_ref
-    from parity.weights import num_classes_of
+    import parity
     from train.torch_step import to_torch
 
-    model = torch_ref.create_model(arch, width, num_classes_of(state_dict, arch))
-    model.load_state_dict(state_dict)
-    model.eval()
+    model = parity.load_torch(checkpoint)
     right = total = 0.0
     with torch.no_grad():
         for batch in batches:
@@ -62,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     description = " ".join(__doc__.split("\n\n")[1].split())  # the docstring's second paragraph
     p = ArgumentParser(prog="python -m train.eval", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # SUPPRESS: a required flag has no default to show.
-    config_lib.add_flag(p, "arch", default=argparse.SUPPRESS, required=True)
-    config_lib.add_flag(p, "width", help="width multiplier of the weights")
-    p.add_argument("--weights", default=argparse.SUPPRESS, required=True, help=".msgpack (Flax), .pth/.pt or .safetensors (PyTorch)")
+    p.add_argument("--weights", default=argparse.SUPPRESS, required=True, help="the checkpoint: a file or a Hugging Face folder")
+    config_lib.add_flag(p, "arch", default=None, help="only checked: the architecture comes from the weights")
+    config_lib.add_flag(p, "width", default=None, help="only checked: the width comes from the weights")
     config_lib.add_flag(p, "framework", help="which implementation runs the model")
     for name in ("dataset", "data_dir", "resolution"):
         config_lib.add_flag(p, name)
@@ -74,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def flag_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags on their own, found without jax or torch."""
-    if args.resolution is not None and (problem := config_lib.resolution_problem(args.arch, args.resolution)):
+    if args.arch and args.resolution is not None and (problem := config_lib.resolution_problem(args.arch, args.resolution)):
         return problem
-    if not Path(args.weights).is_file():
-        return f"--weights {args.weights}: no such file"
+    if not Path(args.weights).exists():
+        return f"--weights {args.weights}: no such file or folder"
     return config_lib.dataset_problem(args.dataset, args.data_dir)
 
 
@@ -88,20 +82,25 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         fail(problem)
     from parity import ConversionError
-    from parity import io as weights_io
     from train import data
+    from train.checkpoint import load_pretrained
 
+    overrides = {"arch": args.arch} if args.arch else {}
+    if args.width is not None:
+        overrides["width_mult"] = args.width
     try:
+        checkpoint = load_pretrained(args.weights, **overrides)
+        if checkpoint.architecture.num_classes == 0:
+            raise ValueError(f"{args.weights} is a feature extractor (no classifier): there is no accuracy to measure")
         info = data.dataset_info(args.dataset, args.data_dir)
-        resolution = args.resolution or info.default_resolution
-        problem = config_lib.resolution_problem(args.arch, resolution)
+        folder = data.is_folder(args.dataset)
+        resolution = args.resolution or (checkpoint.preprocessing.crop_size if folder else info.default_resolution)
+        problem = config_lib.resolution_problem(checkpoint.architecture.arch, resolution)
         if problem:
             raise ValueError(problem)
-        batches = data.eval_batches(args.dataset, resolution=resolution, global_batch_size=args.batch_size, data_dir=args.data_dir)
-        if args.framework == "jax":
-            accuracy = evaluate_jax(weights_io.load_as_flax(args.weights, args.arch, args.width), args.arch, args.width, batches)
-        else:
-            accuracy = evaluate_torch(weights_io.load_as_torch(args.weights, args.arch, args.width), args.arch, args.width, batches)
+        recipe = data.recipe(None, resolution, checkpoint.preprocessing) if folder else None
+        batches = data.eval_batches(args.dataset, resolution=resolution, global_batch_size=args.batch_size, data_dir=args.data_dir, recipe=recipe)
+        accuracy = (evaluate_jax if args.framework == "jax" else evaluate_torch)(checkpoint, batches)
     except (ValueError, ConversionError) as e:  # DataError, WeightsFileError, ConversionError
         fail(str(e))
     print(f"accuracy={accuracy:.6f}")
