@@ -6,10 +6,10 @@
 
 It writes JPEGs of ImageNet's typical size (500x375, about 100 KB: a smooth random picture with
 noise, quality 90) in ImageFolder's layout to a temporary folder, then reads one training epoch
-of them through `train.data.train_batches` (grain worker processes, PIL; with and without JPEG
-draft mode) and through torchvision's `ImageFolder` + `DataLoader` with the same transforms
-(RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize) and the same number of worker
-processes, into float32 batches. The pipelines take turns, the order rotating, and the table
+of them through `train.data.train_batches` (PIL; in N threads of this process, its default, and
+in N grain worker processes, with and without JPEG draft mode) and through torchvision's
+`ImageFolder` + `DataLoader` with the same transforms (RandomResizedCrop, RandomHorizontalFlip,
+ToTensor, Normalize) and N worker processes, into float32 batches. The pipelines take turns, the order rotating, and the table
 gives medians of images per second counted after each epoch's first batch (worker start-up,
 reported apart, differs: grain spawns its workers, the DataLoader forks them by default), and of
 the whole epoch's seconds. Draft mode needs a crop of at least twice the output a side, so a
@@ -31,7 +31,7 @@ import numpy as np
 
 from mobilenet_arch.cli import ArgumentParser, atomic_write_text, fail
 
-PIPELINES = ("grain", "grain-no-draft", "torchvision")
+PIPELINES = ("grain-threads", "grain", "grain-no-draft", "torchvision")
 CLASSES = 10
 JPEG_QUALITY = 90
 # The picture: a random colour field 1/64 of the side, smoothly enlarged, plus uniform noise of
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m bench.pipeline", description=description, epilog=f"examples:\n{examples}", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=_sizes, default=[(500, 375)], help="comma-separated image sizes WIDTHxHEIGHT (default: 500x375)")
     p.add_argument("--images", type=int, default=2048, help="training images written per size (default: %(default)s)")
-    p.add_argument("--workers", type=_counts, default=[1, 2], help="comma-separated worker process counts (default: 1,2)")
+    p.add_argument("--workers", type=_counts, default=[1, 2], help="comma-separated counts of worker processes (of threads for grain-threads) (default: 1,2)")
     p.add_argument("--pipelines", type=_pipelines, default=list(PIPELINES), help=f"comma-separated subset of {','.join(PIPELINES)}")
     p.add_argument("--resolution", type=int, default=224, help="the random resized crop's side (default: %(default)s)")
     p.add_argument("--batch", type=int, default=64, help="batch size (default: %(default)s)")
@@ -102,7 +102,7 @@ def write_images(root: Path, size: tuple[int, int], count: int) -> float:
     return total / (count + CLASSES) / 1024
 
 
-def _grain_epoch(root: str, workers: int, batch: int, resolution: int, epoch: int, draft: bool):
+def _grain_epoch(root: str, workers: int, batch: int, resolution: int, epoch: int, draft: bool, threads: int | None = None):
     from train import data
 
     recipe = data.recipe(None, resolution)
@@ -110,7 +110,7 @@ def _grain_epoch(root: str, workers: int, batch: int, resolution: int, epoch: in
         import dataclasses
 
         recipe = dataclasses.replace(recipe, jpeg_draft=False)
-    return data.train_batches(root, resolution=resolution, global_batch_size=batch, seed=0, epoch=epoch, recipe=recipe, workers=workers)
+    return data.train_batches(root, resolution=resolution, global_batch_size=batch, seed=0, epoch=epoch, recipe=recipe, workers=workers, threads=threads)
 
 
 def _torchvision_epoch(root: str, workers: int, batch: int, resolution: int, epoch: int):
@@ -156,6 +156,7 @@ def run(root: str, size: tuple[int, int], args) -> list[dict]:
     rows = []
     for workers in args.workers:
         makers = {
+            "grain-threads": lambda epoch: _grain_epoch(root, 0, args.batch, args.resolution, epoch, draft=True, threads=workers),
             "grain": lambda epoch: _grain_epoch(root, workers, args.batch, args.resolution, epoch, draft=True),
             "grain-no-draft": lambda epoch: _grain_epoch(root, workers, args.batch, args.resolution, epoch, draft=False),
             "torchvision": lambda epoch: _torchvision_epoch(root, workers, args.batch, args.resolution, epoch),

@@ -178,11 +178,14 @@ def test_train_batches_are_an_epoch_of_normalised_crops(images):
     assert pixels.min() > -1e-3 and pixels.max() < 255 + 1e-3
 
 
-def test_worker_processes_give_the_same_batches(images):
-    # grain's worker processes (the pipeline pickled into them) against threads of this one.
-    for a, b in zip(train_epoch(images, epoch=1), train_epoch(images, epoch=1, workers=1), strict=True):
-        np.testing.assert_array_equal(a["image"], b["image"])
-        np.testing.assert_array_equal(a["label"], b["label"])
+def test_worker_processes_and_any_number_of_threads_give_the_same_batches(images):
+    # grain's worker processes (the pipeline pickled into them) against threads of this one (one per
+    # core by default, here 2), and one thread: the draws depend on the position in the epoch only.
+    reference = train_epoch(images, epoch=1)
+    for other in (train_epoch(images, epoch=1, workers=1), train_epoch(images, epoch=1, threads=1)):
+        for a, b in zip(reference, other, strict=True):
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["label"], b["label"])
 
 
 def test_augmentation_flags_change_training_batches_not_evaluation(images):

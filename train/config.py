@@ -180,7 +180,7 @@ class Config:
     batch_size: int = flag(64, "global batch size, over all devices and hosts", DATA, type=positive_int)
     data_workers: int | None = flag(
         None,
-        "--dataset DIR: processes decoding the images (grain workers; 0 decodes in the training process; default: one per CPU core)",
+        "--dataset DIR: processes decoding the images (grain workers; default 0: threads of the training process, one per CPU core)",
         DATA,
         type=non_negative_int,
     )

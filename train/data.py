@@ -23,7 +23,7 @@ Interface (used by `train/` for both frameworks; the torch path transposes to NC
     steps_per_epoch(name, global_batch_size, data_dir=None) -> int   (train_size // global batch)
     train_batches(name, *, resolution, global_batch_size, seed, epoch, start_batch=0,
                   process_index=0, process_count=1, data_dir=None, recipe=None,
-                  workers=None) -> Iterator[dict]
+                  workers=None, threads=None) -> Iterator[dict]
         One epoch of {"image": float32 [local, H, W, 3] normalised, "label": int32 [local]},
         local = global_batch_size // process_count, the last partial global batch dropped.
         Batch b holds positions [b * global, (b + 1) * global) of the epoch's shuffle and
@@ -32,9 +32,10 @@ Interface (used by `train/` for both frameworks; the torch path transposes to NC
         (what `jax.make_array_from_process_local_data` assembles). The shuffle and every
         random crop/flip depend only on (seed, epoch, position in the epoch): `start_batch=k`
         yields exactly batches k.. of the uninterrupted epoch. `workers` (a folder only):
-        grain worker processes decoding (default: one per core; 0: threads of this process).
+        grain worker processes decoding (default 0: `threads` threads of this process,
+        default one per core).
     eval_batches(name, *, resolution, global_batch_size, process_index=0, process_count=1,
-                 data_dir=None, recipe=None, workers=None) -> Iterator[dict]
+                 data_dir=None, recipe=None, workers=None, threads=None) -> Iterator[dict]
         The whole eval split in order, as above plus "mask": float32 [local] (1 real,
         0 padding); the split is padded to a whole number of global batches so every
         example counts exactly once and every batch has the same shape (a folder's:
@@ -54,7 +55,8 @@ Datasets:
   evaluation resizes the shorter side to resolution / 0.875 and crops the centre.
 - A folder (`--dataset DIR`, see `train.config.is_folder`): `augment.Recipe`, torchvision's
   transforms (RandomResizedCrop, flip, rotation, colour jitter; evaluation Resize and
-  CenterCrop) on PIL images decoded in grain's worker processes (`train.folder`).
+  CenterCrop) on PIL images decoded in threads of the training process (`train.folder`), or in
+  grain's worker processes.
 - All: mean/std normalisation (`train.augment.normalize`; ImageNet's unless the recipe says).
 """
 
@@ -183,6 +185,7 @@ def train_batches(
     data_dir: str | None = None,
     recipe: augment.Recipe | None = None,
     workers: int | None = None,
+    threads: int | None = None,
 ) -> Iterator[dict]:
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
     recipe = _with_size(recipe, resolution)
@@ -201,7 +204,7 @@ def train_batches(
         .batch(local_batch, drop_remainder=True)
     )
     ds = ds[start_batch * process_count + process_index :: process_count]
-    return _iterate(ds.map(functools.partial(_to_model_input, mean=recipe.mean, std=recipe.std)), name, workers)
+    return _iterate(ds.map(functools.partial(_to_model_input, mean=recipe.mean, std=recipe.std)), name, workers, threads)
 
 
 def eval_batches(
@@ -214,6 +217,7 @@ def eval_batches(
     data_dir: str | None = None,
     recipe: augment.Recipe | None = None,
     workers: int | None = None,
+    threads: int | None = None,
 ) -> Iterator[dict]:
     local_batch = _local_batch_size(global_batch_size, process_index, process_count)
     recipe = _with_size(recipe, resolution)
@@ -225,7 +229,7 @@ def eval_batches(
         blank = {"image": np.zeros((side, side, 3), np.uint8), "label": 0, "mask": 0.0}
         ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([blank]).repeat(padding)])
     ds = ds.batch(local_batch)[process_index::process_count]
-    return _iterate(ds.map(functools.partial(_to_model_input, mean=recipe.mean, std=recipe.std)), name, workers)
+    return _iterate(ds.map(functools.partial(_to_model_input, mean=recipe.mean, std=recipe.std)), name, workers, threads)
 
 
 def _with_size(recipe_: augment.Recipe | None, resolution: int) -> augment.Recipe:
@@ -245,19 +249,29 @@ def _to_model_input(batch: dict, mean: tuple[float, ...], std: tuple[float, ...]
     return out
 
 
-def _iterate(ds: grain.MapDataset, name: str, workers: int | None) -> Iterator[dict]:
+def _iterate(ds: grain.MapDataset, name: str, workers: int | None, threads: int | None = None) -> Iterator[dict]:
     if not is_folder(name):
         return iter(ds.to_iter_dataset(_read_options(name)))
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers == 0:
-        # PIL releases the GIL while it decodes and resizes, so threads of this process scale too.
-        return iter(ds.to_iter_dataset(_read_options(name)))
+    if not workers:
+        # Threads by default: PIL releases the GIL while it decodes and resizes, so they keep every
+        # core busy, with no process to start and no batch to copy through shared memory. Worker
+        # processes were idle a third of the time and ran at half the threads' rate per core
+        # (bench/NOTES.md, "The folder pipeline").
+        return iter(ds.to_iter_dataset(_read_options(name, threads)))
     # One thread a worker: the processes are the parallelism (as torch's DataLoader workers), and
     # each hands over whole normalised batches through shared memory.
     _absl_flags_parsed()
     options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=WORKER_BUFFER)
     multiprocessing = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=WORKER_BUFFER)
-    return iter(ds.to_iter_dataset(options).mp_prefetch(multiprocessing))
+    return iter(ds.to_iter_dataset(options).mp_prefetch(multiprocessing, worker_init_fn=_worker_malloc))
+
+
+def _worker_malloc(worker_index: int, worker_count: int) -> None:
+    # A spawned worker starts with glibc's defaults, under which every decoded image is a fresh
+    # mmap (a fifth of the worker's time in page faults); the training process's set-up keeps them.
+    from mobilenet_arch import allocator
+
+    allocator.keep_step_buffers()
 
 
 def _absl_flags_parsed() -> None:
@@ -269,14 +283,15 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _read_options(name: str) -> grain.ReadOptions:
+def _read_options(name: str, threads: int | None = None) -> grain.ReadOptions:
     if name == DIGITS:
         # In memory and cheap: one thread overlaps batch assembly with the train step
         # without fighting it for the GIL.
         return grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-    threads = min(16, os.cpu_count() or 1)
-    # The buffer holds whole batches (float32): one per thread keeps them all busy.
-    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)
+    threads = threads or min(16, os.cpu_count() or 1)
+    # The buffer holds whole batches (float32): two per thread keep the threads busy while the
+    # training step takes one (one per thread left a single thread waiting: 300 img/s against 400).
+    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
 
 
 def _grain_seed(seed: int) -> int:
