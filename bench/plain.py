@@ -1,5 +1,5 @@
-"""The speed a user's own program gets: `bench/user_script.py` (a training and an inference step
-written from the README alone, against the same steps in PyTorch) in fresh processes.
+"""The speed a user's own program gets: `examples/plain_script.py` (a training and an inference
+step written from the README alone, against the same steps in PyTorch) in fresh processes.
 
     python -m bench.plain                                  # V1, V2 at 224 and 32; 2 processes a column
     python -m bench.plain --arch v2 --resolution 32 --processes 1   # a quick look
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mobilenet_arch.cli import ArgumentParser, atomic_write_text, fail
 
-SCRIPT = Path(__file__).with_name("user_script.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "plain_script.py"
 COLUMNS = {"as is": {}, "FLAX_MOBILENET_MALLOC=default": {"FLAX_MOBILENET_MALLOC": "default"}}
 BATCH = {224: 16, 32: 64}
 

@@ -2,7 +2,7 @@
 same steps in PyTorch: no tool of this project's, no environment set-up, nothing imported first
 on purpose. `python -m bench.plain` runs it in fresh processes; run alone it prints one JSON line.
 
-    python bench/user_script.py --arch v2 --resolution 224 --batch 16 --repeats 5
+    python examples/plain_script.py --arch v2 --resolution 224 --batch 16 --repeats 5
 """
 
 import argparse
