@@ -166,6 +166,13 @@ def test_eval_on_the_folder_reads_arch_classes_and_preprocessing_from_the_checkp
     assert wrong.returncode == 2 and "not MobileNetV2" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
 
 
+def test_eval_refuses_a_checkpoint_of_other_classes_than_the_datasets(pretrained, folder, compile_cache):  # noqa: F811
+    # The pretrained run has the 10 digits; the folder 4 classes: an accuracy would mean nothing.
+    result = run(["-m", "train.eval", "--weights", str(pretrained / "model.pth"), "--dataset", str(folder)], compile_cache, check=False)
+    assert result.returncode == 2 and "has 10 classes" in result.stderr and f"{folder} has 4" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_trainable_blocks_train_the_last_blocks_and_freeze_the_rest(framework, tmp_path, pretrained, folder, compile_cache):  # noqa: F811
     # The workdir holds the lock file of a killed run: a dead process's lock does not block.

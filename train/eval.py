@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         if checkpoint.architecture.num_classes == 0:
             raise ValueError(f"{args.weights} is a feature extractor (no classifier): there is no accuracy to measure")
         info = data.dataset_info(args.dataset, args.data_dir)
+        if info.num_classes != checkpoint.architecture.num_classes:
+            raise ValueError(
+                f"{args.weights} has {checkpoint.architecture.num_classes} classes and {args.dataset} has {info.num_classes}: "
+                "expected a checkpoint trained on this dataset's classes (fine-tune it with train.main --init-from)"
+            )
         folder = data.is_folder(args.dataset)
         resolution = args.resolution or (checkpoint.preprocessing.crop_size if folder else info.default_resolution)
         problem = config_lib.resolution_problem(checkpoint.architecture.arch, resolution)
