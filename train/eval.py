@@ -25,12 +25,14 @@ def evaluate_jax(checkpoint, batches) -> float:
     import jax
     import jax.numpy as jnp
 
+    # The variables as an argument, not a closure: closed over, they would be baked into the
+    # compiled program as constants.
     @jax.jit
-    def correct(batch):
-        logits = checkpoint.model.apply(checkpoint.variables, batch["image"], train=False)
+    def correct(variables, batch):
+        logits = checkpoint.model.apply(variables, batch["image"], train=False)
         return jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"]), jnp.sum(batch["mask"])
 
-    totals = np.array([jax.device_get(correct(b)) for b in batches], np.float64)
+    totals = np.array([jax.device_get(correct(checkpoint.variables, b)) for b in batches], np.float64)
     return float(totals[:, 0].sum() / totals[:, 1].sum())
 
 
