@@ -21,18 +21,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.cli import _csv, _resolutions
+from bench.throughput import CPU_BATCH
 from mobilenet_arch.cli import ArgumentParser, atomic_write_text, fail
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "plain_script.py"
 COLUMNS = {"as is": {}, "FLAX_MOBILENET_MALLOC=default": {"FLAX_MOBILENET_MALLOC": "default"}}
-BATCH = {224: 16, 32: 64}
 
 
 def build_parser() -> argparse.ArgumentParser:
     description, examples = __doc__.split("\n\n")[:2]
     p = ArgumentParser(prog="python -m bench.plain", description=description, epilog=f"examples:\n{examples}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="v1,v2", help="comma-separated v1, v2 (default: %(default)s)")
-    p.add_argument("--resolution", default="224,32", help="comma-separated input sizes (default: %(default)s; batch 16 at 224, 64 at 32)")
+    p.add_argument("--arch", type=_csv(("v1", "v2")), default=["v1", "v2"], help="comma-separated: v1,v2")
+    p.add_argument("--resolution", type=_resolutions, default=[224, 32], help="comma-separated input sizes (224,32; batch 16 at 224, 64 at 32)")
     p.add_argument("--batch", type=int, help="batch size (default: 16 at 224, 64 at 32)")
     p.add_argument("--processes", type=int, default=2, help="fresh processes per column and case (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timings per framework in each process (default: %(default)s)")
@@ -55,21 +56,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.processes < 1 or args.repeats < 1 or (args.batch is not None and args.batch < 1):
         fail("--processes, --repeats and --batch: expected at least 1")
-    archs = [a for a in args.arch.split(",") if a]
-    if set(archs) - {"v1", "v2"}:
-        fail(f"--arch {args.arch}: expected a comma-separated subset of v1,v2")
-    try:
-        resolutions = [int(r) for r in args.resolution.split(",") if r]
-    except ValueError:
-        fail(f"--resolution {args.resolution}: expected comma-separated integers, e.g. 224,32")
     rows = []
-    for arch in archs:
-        for resolution in resolutions:
+    for arch in args.arch:
+        for resolution in args.resolution:
+            batch = args.batch or CPU_BATCH.get(resolution, 16)
             results = {column: [] for column in COLUMNS}
             for index in range(args.processes):
                 columns = list(COLUMNS)[index % 2 :] + list(COLUMNS)[: index % 2]
                 for column in columns:
-                    batch = args.batch or BATCH.get(resolution, 16)
                     results[column].append(run_script(arch, resolution, batch, args.repeats, args.torch_compile, COLUMNS[column]))
             for column, found in results.items():
                 row = {"arch": arch, "resolution": resolution, "batch": found[0]["batch"], "column": column, "processes": len(found)}
