@@ -8,5 +8,5 @@ NOTES.md is the record of what was measured and tried; results_cpu.json holds th
 rows (`python -m bench --repeats 5 --out bench/results_cpu.json`).
 
 Nothing here imports JAX or PyTorch at import time: the command line sets malloc up first
-(`mobilenet_arch.allocator`), before either framework starts its threads.
+(`toolkit.allocator`), before either framework starts its threads.
 """

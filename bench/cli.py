@@ -23,8 +23,8 @@ import sys
 import time
 
 from bench import depthwise, runners, throughput
-from mobilenet_arch import allocator
-from mobilenet_arch.cli import ArgumentParser, atomic_write_text, fail
+from toolkit import allocator
+from toolkit.cli import ArgumentParser, atomic_write_text, fail
 
 
 def _csv(allowed: tuple, cast=str):

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mobilenet_arch.cli import ArgumentParser, fail
+from toolkit.cli import ArgumentParser, fail
 
 SOURCE = Path(__file__).with_name("kernel_layers.cc")
 

@@ -36,8 +36,8 @@ import numpy as np
 
 from bench import timing
 from bench.cli import _csv, machine
-from mobilenet_arch import allocator
-from mobilenet_arch.cli import ArgumentParser, atomic_write_text, fail
+from toolkit import allocator
+from toolkit.cli import ArgumentParser, atomic_write_text, fail
 
 RUNTIMES = ("jax", "torch", "torch-compile", "onnxruntime", "stablehlo", "tflite")
 # The file each exported runtime runs (parity.export's formats).

@@ -9,7 +9,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from bench import runners
 from bench.runners import make_runner
-from mobilenet_arch import allocator
+from toolkit import allocator
 
 
 def _status_kib(field: str) -> int:

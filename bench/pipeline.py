@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mobilenet_arch.cli import ArgumentParser, atomic_write_text, fail
+from toolkit.cli import ArgumentParser, atomic_write_text, fail
 
 PIPELINES = ("grain-threads", "grain", "grain-no-draft", "torchvision")
 CLASSES = 10

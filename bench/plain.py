@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench.cli import _csv, _resolutions
 from bench.throughput import CPU_BATCH
-from mobilenet_arch.cli import ArgumentParser, atomic_write_text, fail
+from toolkit.cli import ArgumentParser, atomic_write_text, fail
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "plain_script.py"
 COLUMNS = {"as is": {}, "FLAX_MOBILENET_MALLOC=default": {"FLAX_MOBILENET_MALLOC": "default"}}

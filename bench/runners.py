@@ -29,7 +29,7 @@ Compile time: JAX's trace, lower and compile (AOT); torch.compile's first traini
 eager step. JAX's runner also keeps XLA's own memory count for the compiled training step.
 
 JAX, PyTorch and Keras are imported inside the runners, never at the top: the command line sets up
-malloc (`mobilenet_arch.allocator`) before any starts its threads, and Keras reads its backend at import.
+malloc (`toolkit.allocator`) before any starts its threads, and Keras reads its backend at import.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """MobileNetV1 and MobileNetV2 in Flax, with PyTorch's numerics. Imports no torch.
 
 Importing it sets glibc's malloc up to keep a training step's buffers between steps
-(`mobilenet_arch.allocator`; FLAX_MOBILENET_MALLOC=default opts out)."""
+(`toolkit.allocator`; FLAX_MOBILENET_MALLOC=default opts out)."""
 
-from mobilenet_arch import allocator
+from toolkit import allocator
 
 # Before JAX's first computation starts its threads: each picks its malloc arena at its first
 # allocation.

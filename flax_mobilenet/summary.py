@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 import mobilenet_arch
 from flax_mobilenet.models import MobileNet
-from mobilenet_arch.cli import ArgumentParser, architecture_or_fail, fail
+from toolkit.cli import ArgumentParser, architecture_or_fail, fail
 
 
 def flax_parameter_count(architecture: mobilenet_arch.Architecture, resolution: int) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 import mobilenet_arch
-from mobilenet_arch.cli import ArgumentParser, fail
+from toolkit.cli import ArgumentParser, fail
 from parity.checkpoint import Checkpoint, describe, layout_for_path, load, load_torch, save
 from parity.io import WeightsFileError
 from parity.layouts import ConversionError

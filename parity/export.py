@@ -39,7 +39,7 @@ from typing import Callable
 
 import numpy as np
 
-from mobilenet_arch.cli import ArgumentParser, atomic_write, fail
+from toolkit.cli import ArgumentParser, atomic_write, fail
 from parity.checkpoint import Checkpoint, describe, load, load_torch
 from parity.io import WeightsFileError
 from parity.layouts import ConversionError, Preprocessing

@@ -11,7 +11,7 @@
     save_torch_state_dict(flax_to_torch(variables, "v2"), "model.pth")
 
 A file that is missing, truncated or of another kind raises `WeightsFileError` with a one-line
-message. Writes are atomic (`mobilenet_arch.cli.atomic_write`): a failure never leaves a
+message. Writes are atomic (`toolkit.cli.atomic_write`): a failure never leaves a
 half-written file.
 """
 
@@ -29,7 +29,7 @@ import safetensors.torch
 import torch
 
 import mobilenet_arch
-from mobilenet_arch.cli import atomic_write
+from toolkit.cli import atomic_write
 from parity.layouts import LayoutError, Preprocessing, WeightsFileError
 from parity.layouts import flax as flax_layout
 from parity.weights import ConversionError, check_state_dict, flax_to_torch, num_classes_of, rules, torch_to_flax
@@ -188,7 +188,7 @@ def _existing(path: str | os.PathLike, framework: Framework) -> Path:
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """`mobilenet_arch.cli.atomic_write`, its missing directory a WeightsFileError like every other
+    """`toolkit.cli.atomic_write`, its missing directory a WeightsFileError like every other
     bad path."""
     try:
         atomic_write(path, write)

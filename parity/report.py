@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import mobilenet_arch
-from mobilenet_arch.cli import ArgumentParser, architecture_or_fail, fail
+from toolkit.cli import ArgumentParser, architecture_or_fail, fail
 import flax_mobilenet
 from parity.checkpoint import load, load_torch
 from parity.convert import MIN_RESOLUTION

@@ -1,5 +1,5 @@
 """The one form every command-line tool gives a mistake: one line on stderr, `error: ...`
-(`mobilenet_arch.cli.fail`).
+(`toolkit.cli.fail`).
 
     from tests.cli_errors import assert_one_line_error
 """

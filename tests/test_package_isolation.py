@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("mobilenet_arch", "flax_mobilenet", "torch_ref", "parity", "train", "bench")
+PACKAGES = ("mobilenet_arch", "toolkit", "flax_mobilenet", "torch_ref", "parity", "train", "bench")
 
 
 def _modules(root: Path, packages) -> dict[str, Path]:
@@ -137,6 +137,7 @@ def test_low_level_modules_do_not_import_the_layers():
     "package, forbidden",
     [
         ("mobilenet_arch", ["torch", "jax", "flax"]),
+        ("toolkit", ["torch", "jax", "flax"]),
         ("flax_mobilenet", ["torch"]),
         ("flax_mobilenet.summary", ["torch"]),
         ("torch_ref", ["jax", "flax", "torchvision"]),

@@ -1,4 +1,4 @@
-"""mobilenet_arch.allocator: a large buffer freed by a worker thread stays mapped, so the next step's buffer of
+"""toolkit.allocator: a large buffer freed by a worker thread stays mapped, so the next step's buffer of
 the same size costs no page faults. Each case runs in a fresh process (malloc's set-up is
 per process and has to come before other threads allocate)."""
 
@@ -21,7 +21,7 @@ PAGES = BUFFER // 4096
 PROBE = f"""
 import ctypes, json, resource, sys
 from concurrent.futures import ThreadPoolExecutor
-from mobilenet_arch import allocator as malloc
+from toolkit import allocator as malloc
 applied = malloc.keep_step_buffers() if sys.argv[1] == "tune" else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -79,7 +79,7 @@ def test_opting_out_leaves_malloc_alone():
 
 def test_applied_after_jax_and_torch_are_imported():
     # JAX's threads start with its first computation, not at import, so the set-up still holds.
-    code = "import jax, torch; from mobilenet_arch import allocator; print(allocator.keep_step_buffers())"
+    code = "import jax, torch; from toolkit import allocator; print(allocator.keep_step_buffers())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
 

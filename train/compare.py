@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mobilenet_arch.cli import ArgumentParser, fail
+from toolkit.cli import ArgumentParser, fail
 from train import metrics
 
 

@@ -18,7 +18,7 @@ import os
 from typing import Any, Callable, Sequence
 
 import mobilenet_arch
-from mobilenet_arch.cli import ArgumentParser
+from toolkit.cli import ArgumentParser
 
 
 def positive_int(text: str) -> int:

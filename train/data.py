@@ -269,7 +269,7 @@ def _iterate(ds: grain.MapDataset, name: str, workers: int | None, threads: int 
 def _worker_malloc(worker_index: int, worker_count: int) -> None:
     # A spawned worker starts with glibc's defaults, under which every decoded image is a fresh
     # mmap (a fifth of the worker's time in page faults); the training process's set-up keeps them.
-    from mobilenet_arch import allocator
+    from toolkit import allocator
 
     allocator.keep_step_buffers()
 

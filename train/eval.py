@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mobilenet_arch import allocator
-from mobilenet_arch.cli import ArgumentParser, fail
+from toolkit import allocator
+from toolkit.cli import ArgumentParser, fail
 from train import config as config_lib
 
 

@@ -39,8 +39,8 @@ import numpy as np
 from tqdm import tqdm
 
 import mobilenet_arch
-from mobilenet_arch import allocator
-from mobilenet_arch.cli import atomic_write_text, fail
+from toolkit import allocator
+from toolkit.cli import atomic_write_text, fail
 from train import config as config_lib
 from train import lock
 

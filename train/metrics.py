@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mobilenet_arch.cli import atomic_write, atomic_write_text  # noqa: E402
+from toolkit.cli import atomic_write, atomic_write_text  # noqa: E402
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import mobilenet_arch
-from mobilenet_arch.cli import atomic_write
+from toolkit.cli import atomic_write
 from train import config as config_lib
 
 

@@ -198,7 +198,7 @@ def write_directory(arch: mobilenet_arch.Architecture, variables: Mapping[str, A
     """config.json, model.safetensors and preprocessor_config.json, as `from_pretrained` loads them."""
     import safetensors.numpy
 
-    from mobilenet_arch.cli import atomic_write, atomic_write_text
+    from toolkit.cli import atomic_write, atomic_write_text
     from parity.layouts import from_flax
 
     config = config or config_for(arch)

@@ -231,7 +231,7 @@ def build_model(arch: mobilenet_arch.Architecture):
 
 def write_file(arch: mobilenet_arch.Architecture, variables: Mapping[str, Any], path: Path) -> None:
     """.keras (a whole model) or .weights.h5 (its weights), through keras."""
-    from mobilenet_arch.cli import atomic_write
+    from toolkit.cli import atomic_write
     from parity.layouts import from_flax
 
     if not (path.name.endswith(".weights.h5") or path.suffix == ".keras"):

@@ -1,8 +1,8 @@
 """What every command-line tool of the project shares: a mistake reported as one line, and output
 files that appear whole or not at all.
 
-Pure Python like the rest of `mobilenet_arch`, which is why it lives here: this is the one package
-that every other imports and that imports none of them.
+Standard library only (and the pure-Python `mobilenet_arch`), so that every tool imports it the same
+way, before either framework.
 """
 
 from __future__ import annotations
