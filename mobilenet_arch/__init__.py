@@ -544,6 +544,11 @@ def total_stride(arch: Architecture) -> int:
     return math.prod(block.stride for block in arch.blocks)
 
 
+# The smallest input either network takes: its total stride (32 for both). A smaller one reaches
+# the last stage as 1x1 maps made mostly of padding.
+MIN_RESOLUTION = max(total_stride(mobilenet_v1()), total_stride(mobilenet_v2()))
+
+
 def parameter_count(arch: Architecture) -> int:
     """Learned parameters: convolution weights, BN scale and bias, classifier weight and bias."""
     total = 0

@@ -7,7 +7,8 @@
 
 The layout, architecture, width, depth, classes and padding are read from the weights (and the
 config the source has: a HF config.json, a .keras config, timm's pretrained_cfg); an override
-that disagrees with them is an error naming both.
+that disagrees with them is an error naming both. Everything layout-specific is the layout's
+record (`parity.layouts.registry.LAYOUTS`): nothing here names a layout.
 """
 
 from __future__ import annotations
@@ -21,14 +22,10 @@ import numpy as np
 
 import flax_mobilenet
 import mobilenet_arch
-from parity.layouts import ConversionError, LayoutError, Preprocessing, from_flax, short_list, to_flax
+from parity.layouts import ConversionError, LayoutError, Preprocessing, Source, flat_variables, flax_shapes, short_list, to_flax
 from parity.layouts import flax as flax_layout
-from parity.layouts import hf, keras, timm, torchvision
-from parity.layouts.detect import LAYOUTS, recognise, strip_module_prefix
-
-# Which layout a file's name asks for when writing.
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-KERAS_SUFFIXES = (".keras", ".h5")
+from parity.layouts import torchvision
+from parity.layouts.registry import check_can_hold, layout, layout_for_path, read_model, read_path, recognise, strip_module_prefix  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,104 +48,39 @@ def load(source: Any, **overrides) -> Checkpoint:
     `padding`, `bn_epsilon` replace what the source says (a bare state dict cannot say them);
     `layout` names the layout instead of recognising it; `preprocessing` replaces the source's.
     """
+    import jax
+
     overrides = dict(overrides)
     if "width" in overrides:
         overrides["width_mult"] = overrides.pop("width")
-    weights, config, preprocessing_config, layout = _read(source)
-    if overrides.get("layout") and layout != "flax" and overrides["layout"] != layout and layout is not None:
-        raise ConversionError(f"these are {layout} weights, layout={overrides['layout']!r} was asked for")
-    if layout is None:
-        layout = overrides.get("layout") or recognise(weights)
-    weights = strip_module_prefix(weights)
+    read = _read(source)
+    asked = overrides.get("layout")
+    if asked and read.layout not in (None, flax_layout.NAME) and asked != read.layout:
+        raise ConversionError(f"these are {read.layout} weights, layout={asked!r} was asked for")
+    weights = strip_module_prefix(read.weights)
+    name = read.layout or asked or recognise(weights)
+    record = layout(name)
     kw = {k: overrides[k] for k in ("dropout", "padding", "bn_epsilon") if k in overrides}
-    if layout == "flax":
-        arch = config or flax_layout.architecture(weights)
-        if kw:
-            arch = _rebuilt(arch, **kw)
-        rules = flax_layout.rules(arch)
-        pre = preprocessing_config or flax_layout.preprocessing()
-    else:
-        module = LAYOUTS[layout]
-        if layout == "keras" or layout == "hf" or layout == "timm":
-            arch = module.architecture(weights, config, **kw)
-        else:
-            arch = module.architecture(weights, **kw)
-        rules = module.rules(arch)
-        pre = module.preprocessing(preprocessing_config) if layout != "timm" else module.preprocessing(preprocessing_config, arch.arch)
-    arch = _check_overrides(arch, overrides)
-    variables = _convert(weights, rules, arch, layout)
-    if isinstance(overrides.get("preprocessing"), Preprocessing):
-        pre = overrides["preprocessing"]
-    return Checkpoint(flax_mobilenet.MobileNet(arch), variables, arch, pre, layout)
+    arch = _check_overrides(record.architecture(weights, read.config, **kw), overrides)
+    pre = overrides["preprocessing"] if isinstance(overrides.get("preprocessing"), Preprocessing) else record.preprocessing(read.preprocessing, arch)
+    # On the device once: numpy leaves would be copied there at every call of a jitted apply
+    # (2-3 ms a call for V2's 14 MB on this CPU, a quarter of batch 1's latency).
+    variables = jax.device_put(convert(weights, name, arch))
+    return Checkpoint(flax_mobilenet.MobileNet(arch), variables, arch, pre, name)
 
 
-def _read(source: Any) -> tuple[Mapping[str, Any], Any, Any, str | None]:
-    """(weights, config, preprocessing config, layout or None to recognise)."""
-    from parity import io
-
+def _read(source: Any) -> Source:
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_dir():
-            state_dict, config, pre = io.read_hf_directory(path)
-            return _numpy(state_dict), config, pre, None
-        if not path.is_file():
-            raise io.WeightsFileError(f"{path}: no such file or directory")
-        if path.suffix.lower() == ".msgpack":
-            variables = io.load_flax_variables(path)
-            arch, pre = io.read_description(path)
-            return variables, arch, pre, "flax"
-        if path.suffix.lower() in KERAS_SUFFIXES:
-            weights, config = keras.read_file(path)
-            return weights, config, None, None
-        if path.suffix.lower() in TORCH_SUFFIXES:
-            return _numpy(io.load_torch_state_dict(path)), None, None, None
-        raise io.WeightsFileError(
-            f"{path}: unknown extension {path.suffix or '(none)'!r}: expected .pth, .pt, .bin, .safetensors, .msgpack, .keras, .h5 or a Hugging Face directory"
-        )
+        return read_path(Path(source))
     if isinstance(source, Checkpoint):
-        return source.variables, source.architecture, source.preprocessing, "flax"
+        return Source(flat_variables(source.variables), source.architecture, source.preprocessing, flax_layout.NAME)
     if isinstance(source, Mapping):
         if "params" in source and "batch_stats" in source:
-            return source, None, None, "flax"
-        return _numpy(source), None, None, None
-    return _read_model(source)
+            return Source(flat_variables(source), None, None, flax_layout.NAME)
+        from parity import io
 
-
-def _read_model(model: Any) -> tuple[Mapping[str, Any], Any, Any, str | None]:
-    """A live model: its weights and the configuration it carries."""
-    if hasattr(model, "weights") and hasattr(model, "layers") and not hasattr(model, "state_dict"):
-        weights, config = keras.of_model(model)
-        return weights, config, None, "keras"
-    if not hasattr(model, "state_dict"):
-        raise LayoutError(f"a {type(model).__name__}: expected a file, a directory, a state dict or a torchvision, timm, transformers or keras model")
-    weights = _numpy(model.state_dict())
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):  # transformers
-        return weights, config.to_dict(), None, None
-    if hasattr(model, "pretrained_cfg"):  # timm: its preprocessing, and drop_rate
-        return weights, {"drop_rate": getattr(model, "drop_rate", 0.0)}, dict(model.pretrained_cfg), None
-    return weights, None, None, None
-
-
-def _numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    from parity.weights import _to_numpy
-
-    return {k: _to_numpy(v) for k, v in state_dict.items()}
-
-
-def _rebuilt(arch: mobilenet_arch.Architecture, **kw) -> mobilenet_arch.Architecture:
-    """`arch` with another dropout, padding or epsilon."""
-    if "padding" in kw:
-        pad = kw["padding"]
-        blocks = tuple(
-            dataclasses.replace(b, layers=tuple(dataclasses.replace(l, pad=pad) for l in b.layers)) for b in arch.blocks
-        )
-        arch = dataclasses.replace(arch, blocks=blocks)
-    if "bn_epsilon" in kw:
-        arch = dataclasses.replace(arch, bn_epsilon=kw["bn_epsilon"])
-    if "dropout" in kw:
-        arch = dataclasses.replace(arch, dropout=kw["dropout"])
-    return arch
+        return Source(io.to_numpy(source))
+    return read_model(source)
 
 
 def _check_overrides(arch: mobilenet_arch.Architecture, overrides: Mapping[str, Any]) -> mobilenet_arch.Architecture:
@@ -178,118 +110,75 @@ def _channels(arch: mobilenet_arch.Architecture) -> list[int]:
     return [layer.out_channels for block in arch.blocks for layer in block.layers]
 
 
-def _convert(weights: Mapping[str, Any], rules, arch: mobilenet_arch.Architecture, layout: str) -> dict:
-    """Flax variables through `rules`, every key used and every shape the model's."""
-    import jax
+# PyTorch's BN step counters: Flax keeps none (they matter only with momentum=None).
+OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 
-    if layout == "flax":
-        flat = {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(dict(weights))[0]}
-    else:
-        flat = weights
+
+def convert(weights: Mapping[str, Any], name: str, arch: mobilenet_arch.Architecture, describe_as: str | None = None) -> dict:
+    """Flax variables (numpy) of `arch` from `name`-keyed `weights`: every key used, every shape
+    the model's, or a ConversionError naming the missing and unexpected keys or the first wrong shape."""
+    rules = layout(name).rules(arch)
     used = {r.key for r in rules}
-    missing = [r.key for r in rules if r.key not in flat]
-    extra = [k for k in flat if k not in used and not k.endswith("num_batches_tracked")]
+    missing = [r.key for r in rules if r.key not in weights]
+    extra = [k for k in weights if k not in used and not k.endswith(OPTIONAL_SUFFIXES)]
+    what = describe_as or f"{name} weights of MobileNet{arch.arch.upper()}"
     if missing or extra:
         parts = [f"{len(missing)} missing keys: {short_list(missing)}"] if missing else []
         parts += [f"{len(extra)} unexpected keys: {short_list(extra)}"] if extra else []
-        raise LayoutError(f"{layout} weights of MobileNet{arch.arch.upper()}: " + "; ".join(parts))
-    variables = to_flax({k: np.asarray(v) for k, v in flat.items() if k in used}, rules)
-    expected = jax.eval_shape(lambda: flax_mobilenet.MobileNet(arch).init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False))
+        if extra and all(k.startswith("module.") for k in extra):
+            parts.append("the keys start with 'module.': strip that DistributedDataParallel prefix first")
+        raise LayoutError(f"{what}: " + "; ".join(parts))
+    shapes = flax_shapes(arch)
+    zero = np.float32(0)
     for rule in rules:
-        node_e, node_v = expected, variables
-        for name in rule.flax_path:
-            node_e, node_v = node_e[name], node_v[name]
-        if tuple(node_v.shape) != tuple(node_e.shape):
-            raise LayoutError(f"{layout} weights: {rule.key} has shape {np.shape(flat[rule.key])}, which does not fit the other layers ({'/'.join(rule.flax_path)} {tuple(node_e.shape)} expected)")
-    # On the device once: numpy leaves would be copied there at every call of a jitted apply
-    # (2-3 ms a call for V2's 14 MB on this CPU, a quarter of batch 1's latency).
-    return jax.device_put(variables)
+        want = tuple(rule.from_flax(np.broadcast_to(zero, shapes[rule.flax_path])).shape)
+        got = tuple(np.shape(weights[rule.key]))
+        if got != want:
+            raise LayoutError(f"{rule.key}: shape {got} in the weights, {want} expected by {what}{_width_hint(weights, name, arch)}")
+    return to_flax({k: np.asarray(v) for k, v in weights.items() if k in used}, rules)
+
+
+def _width_hint(weights: Mapping[str, Any], name: str, arch: mobilenet_arch.Architecture) -> str:
+    """Where the weights are another width of the same network: which, to pass instead."""
+    try:
+        theirs = layout(name).architecture(weights)
+    except (ConversionError, KeyError, ValueError, IndexError):
+        return ""
+    if theirs.arch != arch.arch or abs(theirs.width_mult - arch.width_mult) < 1e-6:
+        return ""
+    return f"; these weights have width {theirs.width_mult:g}: use width_mult={theirs.width_mult:g} (--width {theirs.width_mult:g})"
 
 
 def load_torch(source: Any, **overrides):
     """`source` as a torch_ref module in eval mode (it pads and normalises as the source does)."""
-    import torch
-
-    import torch_ref
-
     ckpt = source if isinstance(source, Checkpoint) and not overrides else load(source, **overrides)
-    model = torch_ref.MobileNet(ckpt.architecture)
-    state = {k: torch.from_numpy(v) for k, v in from_flax(ckpt.variables, torchvision.rules(ckpt.architecture)).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
-    return model.eval()
+    return torchvision.torch_ref_model(ckpt)
 
 
 # ---------------------------------------------------------------- writing
 
 
-def layout_for_path(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(".msgpack"):
-        return "flax"
-    if name.endswith(".keras") or name.endswith(".weights.h5"):
-        return "keras"
-    if name.endswith(TORCH_SUFFIXES):
-        return "torchvision"
-    if not path.suffix:
-        return "hf"
-    raise LayoutError(
-        f"{path}: unknown extension {path.suffix!r}: expected .msgpack, .pth, .pt, .safetensors, .keras, .weights.h5 "
-        "or a directory (Hugging Face), or name the layout (--layout)"
-    )
-
-
 def save(checkpoint: Checkpoint, path: str | os.PathLike, layout: str | None = None, num_batches_tracked: int = 0) -> None:
     """Write `checkpoint` in `layout` (default: from the name: .msgpack flax, .pth/.safetensors
-    torchvision, .keras/.weights.h5 keras, a directory hf). A layout that cannot express the
-    architecture (TensorFlow padding as torchvision, symmetric padding as Keras) is a LayoutError."""
-    from parity import io
-
+    torchvision, .keras/.weights.h5 keras, a directory hf). A layout that cannot hold the
+    architecture (TensorFlow padding as torchvision, symmetric padding as Keras) is a LayoutError
+    naming what would be lost and the layouts that can hold it; nothing is written then."""
     path = Path(path)
-    layout = layout or layout_for_path(path)
-    arch, variables = checkpoint.architecture, checkpoint.variables
-    if layout == "flax":
-        io.save_flax_variables(variables, path, architecture=arch, preprocessing=checkpoint.preprocessing)
-    elif layout in ("torchvision", "timm"):
-        module = LAYOUTS[layout]
-        tensors = from_flax(variables, module.rules(arch))
-        _check_expressible(layout, arch, module.architecture({k: v for k, v in tensors.items()}, **({"config": None} if layout == "timm" else {})))
-        import torch
-
-        state_dict = {k: torch.from_numpy(v) for k, v in tensors.items()}
-        for key in tensors:
-            if key.endswith(".running_var"):
-                state_dict[key[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(num_batches_tracked, dtype=torch.long)
-        io.save_torch_state_dict(state_dict, path)
-    elif layout == "hf":
-        if path.suffix:
-            raise LayoutError(f"{path}: a Hugging Face checkpoint is a directory (config.json, model.safetensors, preprocessor_config.json)")
-        hf.write_directory(arch, variables, path, checkpoint.preprocessing)
-    elif layout == "keras":
-        keras.write_file(arch, variables, path)
-    else:
-        raise LayoutError(f"unknown layout {layout!r}: expected torchvision, timm, hf, keras or flax")
+    name = layout or layout_for_path(path)
+    record = _layout(name)
+    if record.write is None:
+        raise LayoutError(f"the {name} layout is read, not written")
+    check_can_hold(name, checkpoint.architecture)
+    record.write(checkpoint, path, num_batches_tracked=num_batches_tracked)
 
 
-def _check_expressible(layout: str, arch: mobilenet_arch.Architecture, reread: mobilenet_arch.Architecture) -> None:
-    """What `layout`'s keys cannot say (padding, epsilon, a residual) would be lost: refuse."""
-    if hf.same_architecture(arch, reread):
-        return
-    pads = sorted({str(l.pad) for b in arch.blocks for l in b.layers})
-    if pads != ["symmetric"]:
-        raise LayoutError(f"{layout}'s models pad symmetrically, these weights pad {', '.join(pads)}: save them as hf, keras or .msgpack")
-    if arch.bn_epsilon != reread.bn_epsilon:
-        raise LayoutError(f"{layout}'s models use BatchNorm epsilon {reread.bn_epsilon:g}, these weights {arch.bn_epsilon:g}: save them as hf, keras or .msgpack")
-    raise LayoutError(f"{layout}'s layout cannot express this architecture (its residual connections differ): save it as .msgpack")
+_layout = layout  # `save`'s argument takes the name
 
 
 def describe(arch: mobilenet_arch.Architecture) -> str:
     pads = sorted({str(l.pad) for b in arch.blocks for l in b.layers if l.kernel_size > 1})
-    depth = "" if arch.arch == "v1" or list(arch.stage_depths) == list(torchvision.V2_DEPTHS) else f", depth {list(arch.stage_depths)}"
+    depth = "" if arch.arch == "v1" or tuple(arch.stage_depths) == mobilenet_arch.V2_STAGE_DEPTHS else f", depth {list(arch.stage_depths)}"
     return (
         f"MobileNet{arch.arch.upper()} width {arch.width_mult:g}{depth}, {arch.num_classes} classes, "
         f"padding {'/'.join(pads)}, BatchNorm epsilon {arch.bn_epsilon:g}"
     )
-
-
-# ---------------------------------------------------------------- the description as JSON

@@ -19,30 +19,26 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 import mobilenet_arch
-from toolkit.cli import ArgumentParser, fail
-from parity.checkpoint import Checkpoint, describe, layout_for_path, load, load_torch, save
+from mobilenet_arch import MIN_RESOLUTION
+from parity.checkpoint import Checkpoint, describe, load, save
 from parity.io import WeightsFileError
 from parity.layouts import ConversionError
-from parity.models import relative_l2
+from parity.layouts.registry import LAYOUTS, NAMES, check_can_hold, layout_for_path
+from parity.layouts.torchvision import run_torch_ref
+from parity.models import DEFAULT_TOLERANCE, relative_l2
 from parity.random_weights import random_batch
-
-LAYOUT_NAMES = ("torchvision", "timm", "hf", "keras", "flax")
-# Logits of the libraries and the Flax model differ by float32 rounding only (1e-7 to 1e-5
-# relative L2 measured over the layouts' tests); the tests hold the models to the same bound.
-DEFAULT_TOLERANCE = 1e-5
-MIN_RESOLUTION = 32  # the networks' total stride: smaller inputs end as 1x1 maps of padding
+from toolkit.cli import ArgumentParser, fail
 
 
 def parse_args(argv: list[str] | None):
     parser = ArgumentParser(prog="python -m parity.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="weights to read: .pth, .pt, .bin, .safetensors, .msgpack, .keras, .h5 or a Hugging Face directory")
     parser.add_argument("dst", help="where to write: .pth, .pt, .safetensors, .msgpack, .keras, .weights.h5 or a directory")
-    parser.add_argument("--layout", choices=LAYOUT_NAMES, help="the output's layout (default: from its name)")
+    parser.add_argument("--layout", choices=NAMES, help="the output's layout (default: from its name)")
     parser.add_argument("--arch", choices=mobilenet_arch.ARCHS, help="check that the weights are this architecture")
     parser.add_argument("--width", type=float, help="check that the weights have this width multiplier")
     parser.add_argument("--verify", action="store_true", help="compare the source library's and the Flax model's logits")
@@ -73,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConversionError(f"{args.src}: {e}") from e
         for w in caught:
             print(f"note: {args.src}: {w.message}")
+        check_can_hold(layout, checkpoint.architecture)  # before any work: the hint names the layouts that can
         if args.verify and not verify(args.src, checkpoint, args):
             return 1
         save(checkpoint, dst, layout=layout)
@@ -98,60 +95,9 @@ def verify(src: str, checkpoint: Checkpoint, args) -> bool:
 
 
 def source_logits(src: str, checkpoint: Checkpoint, x: np.ndarray) -> tuple[str, np.ndarray]:
-    """(library name, logits) of the source weights run by their own library where installed."""
-    import torch
-
-    nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    if checkpoint.layout == "hf" and Path(src).is_dir():
-        try:
-            import transformers
-        except ImportError:
-            transformers = None
-        if transformers is not None:
-            transformers.logging.set_verbosity_error()
-            model = transformers.AutoModelForImageClassification.from_pretrained(src).eval()
-            with torch.no_grad():
-                return "transformers", model(pixel_values=nchw).logits.numpy()
-    if checkpoint.layout == "keras" and Path(src).suffix == ".keras":
-        try:
-            import os
-
-            os.environ.setdefault("KERAS_BACKEND", "jax")
-            import keras
-        except ImportError:
-            keras = None
-        if keras is not None:
-            return "keras", np.asarray(keras.saving.load_model(src)(x, training=False))
-    if checkpoint.layout == "timm":
-        model = timm_model(checkpoint)
-        if model is not None:
-            from parity.layouts import from_flax
-            from parity.layouts import timm as timm_layout
-
-            state = {k: torch.from_numpy(v) for k, v in from_flax(checkpoint.variables, timm_layout.rules(checkpoint.architecture)).items()}
-            model.load_state_dict(state, strict=False)
-            with torch.no_grad():
-                return "timm", model.eval()(nchw).numpy()
-    with torch.no_grad():
-        return "torch_ref", load_torch(checkpoint)(nchw).numpy()
-
-
-def timm_model(checkpoint: Checkpoint) -> Any:
-    """The timm MobileNet whose state-dict shapes are the checkpoint's, or None."""
-    try:
-        import timm
-    except ImportError:
-        return None
-    from parity.layouts import from_flax
-    from parity.layouts import timm as timm_layout
-
-    want = {k: v.shape for k, v in from_flax(checkpoint.variables, timm_layout.rules(checkpoint.architecture)).items()}
-    for name in timm.list_models(f"mobilenet{checkpoint.architecture.arch}_*"):
-        model = timm.create_model(name, num_classes=checkpoint.architecture.num_classes)
-        have = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-        if have == want:
-            return model
-    return None
+    """(library name, logits) of the source weights run by their own library where installed;
+    else torch_ref's (torchvision's semantics, any padding)."""
+    return LAYOUTS[checkpoint.layout].run_library(src, checkpoint, x) or run_torch_ref(src, checkpoint, x)
 
 
 if __name__ == "__main__":

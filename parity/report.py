@@ -24,15 +24,16 @@ import jax
 import numpy as np
 import torch
 
-import mobilenet_arch
-from toolkit.cli import ArgumentParser, architecture_or_fail, fail
 import flax_mobilenet
+import mobilenet_arch
+from mobilenet_arch import MIN_RESOLUTION
 from parity.checkpoint import load, load_torch
-from parity.convert import MIN_RESOLUTION
 from parity.io import WeightsFileError
+from parity.layouts import ConversionError, from_flax
+from parity.layouts import torchvision as torchvision_layout
 from parity.models import DTYPES, REFERENCES, to_nchw, torch_model
 from parity.random_weights import random_batch, random_torch_model
-from parity.weights import ConversionError, flax_to_torch, num_classes_of, torch_to_flax
+from toolkit.cli import ArgumentParser, architecture_or_fail, fail
 
 # float32 rounding through ~50 layers stays near 1e-6 relative (measured); a difference 100x
 # larger is an implementation difference. bfloat16 (8 bits of mantissa) is ~1e-2 and fails it.
@@ -124,15 +125,17 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = load(args.weights, arch=args.arch, **({"width_mult": args.width} if args.width else {}))
             if args.reference == "torchvision":
                 model = torch_model(args.arch, checkpoint.architecture.width_mult, checkpoint.architecture.num_classes, "torchvision")
-                model.load_state_dict(flax_to_torch(checkpoint.variables, args.arch), strict=True)
+                state = from_flax(checkpoint.variables, torchvision_layout.rules(checkpoint.architecture))
+                missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+                assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
             else:
                 model = load_torch(checkpoint)
-            architecture, source = checkpoint.architecture, f"weights {args.weights}"
+            source = f"weights {args.weights}"
         else:
             model = random_torch_model(args.arch, args.width or 1.0, seed=args.seed, reference=args.reference)
-            architecture = mobilenet_arch.architecture(args.arch, args.width or 1.0, num_classes_of(model.state_dict(), args.arch))
+            checkpoint = load(model, arch=args.arch, **({"width_mult": args.width} if args.width else {}))
             source = f"random weights, randomised BatchNorm (seed {args.seed})"
-        variables = torch_to_flax(model.state_dict(), args.arch) if not args.weights else checkpoint.variables
+        architecture, variables = checkpoint.architecture, checkpoint.variables
     except (WeightsFileError, ConversionError, OSError) as e:
         fail(f"{args.weights}: {e}" if args.weights and args.weights not in str(e) else str(e))
     x = random_batch(args.batch, args.resolution, args.seed)

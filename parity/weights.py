@@ -1,46 +1,34 @@
-"""State-dict conversion between the PyTorch and Flax models, as rules derived from `mobilenet_arch`.
+"""The torchvision-keyed API: a PyTorch state dict to Flax variables and back, for a given arch.
 
-Every convolution and BatchNorm of the description gives the same handful of rules (as in
-HF's `modeling_flax_pytorch_utils`): `weight` -> `kernel` with OIHW -> HWIO, BN `weight` -> `scale`,
-`running_mean`/`running_var` -> `batch_stats` `mean`/`var`, the classifier transposed. There is no
-per-layer special case: change the table in `mobilenet_arch` and the converter follows.
+    variables = torch_to_flax(model.state_dict(), "v2")          # width and classes from the shapes
+    state_dict = flax_to_torch(variables, "v2")                  # loads strictly into torch_ref/torchvision
+    variables = load_as_flax("model.pth", "v2", 1.0)             # a file of either framework, checked
+
+Thin wrappers over `parity.load`'s conversion with the torchvision layout's record: the same
+rules, the same checks, the same errors.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 import mobilenet_arch
-from parity.layouts import ConversionError
+from parity import io
+from parity.checkpoint import convert
+from parity.layouts import ConversionError, flat_variables, from_flax
 from parity.layouts import flax as flax_layout
 from parity.layouts import torchvision as torchvision_layout
-from parity.layouts.detect import recognise
-from parity.layouts.torchvision import expected_shapes, rules  # torchvision's layout is torch_ref's
+from parity.layouts.registry import recognise
+from parity.layouts.torchvision import expected_shapes, rules  # noqa: F401  (torchvision's layout is torch_ref's)
 
 
 def batches_tracked_keys(arch: mobilenet_arch.Architecture) -> list[str]:
     """PyTorch's BN step counters. Flax keeps none: they matter only with momentum=None."""
     return [f"{layer.torch_bn}.num_batches_tracked" for block in arch.blocks for layer in block.layers]
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    # Always a copy: a view would tie the converted weights to the source's memory (a PyTorch
-    # model trained on after conversion would change the Flax variables, and a Flax array is
-    # read-only memory that a PyTorch tensor must not write into).
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        if value.is_floating_point() and value.dtype != torch.float64:
-            value = value.float()  # bf16/fp16 checkpoints: numpy has no bf16
-        return value.numpy().copy()
-    return np.array(value, copy=True)
-
-
-def _short_list(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def num_classes_of(state_dict: Mapping[str, Any], arch: str) -> int:
@@ -64,31 +52,11 @@ def infer_width(state_dict: Mapping[str, Any], arch: str) -> float | None:
 
 def check_state_dict(state_dict: Mapping[str, Any], arch: mobilenet_arch.Architecture) -> None:
     """Raise ConversionError naming every missing and unexpected key, or the first wrong shape."""
-    shapes = expected_shapes(arch)
-    optional = set(batches_tracked_keys(arch))
-    missing = [k for k in shapes if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in shapes and k not in optional]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {_short_list(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_short_list(unexpected)}")
-        if all(k.startswith("module.") for k in unexpected):
-            problems.append("the keys start with 'module.': strip that DistributedDataParallel prefix first")
-    if problems:
-        raise ConversionError(f"state dict does not fit {_describe(arch)}: " + "; ".join(problems))
-    for key, shape in shapes.items():
-        got = tuple(np.shape(state_dict[key]))
-        if got != shape:
-            message = f"{key}: shape {got} in the weights, {shape} expected by {_describe(arch)}"
-            width = infer_width(state_dict, arch.arch)
-            if width is not None and width != arch.width_mult:
-                message += f"; these weights have width {width}: use width_mult={width} (--width {width})"
-            raise ConversionError(message)
+    convert(io.to_numpy(state_dict), torchvision_layout.NAME, arch, describe_as=_describe(arch))
 
 
 def _describe(arch: mobilenet_arch.Architecture) -> str:
-    return f"MobileNet{arch.arch.upper()} width {arch.width_mult} with {arch.num_classes} classes"
+    return f"MobileNet{arch.arch.upper()} width {arch.width_mult:g} with {arch.num_classes} classes"
 
 
 def torch_to_flax(state_dict: Mapping[str, Any], arch: str = "v2", width_mult: float | None = None) -> dict:
@@ -97,30 +65,21 @@ def torch_to_flax(state_dict: Mapping[str, Any], arch: str = "v2", width_mult: f
     The width (when not given) and the number of classes are read from the shapes. Values come
     back as float32 numpy arrays, which `model.apply` takes as they are.
     """
-    architecture = _torchvision_architecture(state_dict, arch) if width_mult is None else None
+    weights = io.to_numpy(state_dict)
+    architecture = _torchvision_architecture(weights, arch) if width_mult is None else None
     if architecture is None:
-        architecture = mobilenet_arch.architecture(arch, width_mult or 1.0, num_classes_of(state_dict, arch))
-    check_state_dict(state_dict, architecture)
-    variables: dict = {"params": {}, "batch_stats": {}}
-    for rule in rules(architecture):
-        node = variables
-        for name in rule.flax_path[:-1]:
-            node = node.setdefault(name, {})
-        node[rule.flax_path[-1]] = np.ascontiguousarray(rule.to_flax(_to_numpy(state_dict[rule.key])))
-    return variables
+        architecture = mobilenet_arch.architecture(arch, width_mult or 1.0, num_classes_of(weights, arch))
+    return convert(weights, torchvision_layout.NAME, architecture, describe_as=_describe(architecture))
 
 
-def _torchvision_architecture(state_dict: Mapping[str, Any], arch: str) -> mobilenet_arch.Architecture | None:
+def _torchvision_architecture(weights: Mapping[str, Any], arch: str) -> mobilenet_arch.Architecture | None:
     """The architecture torchvision-keyed weights have (any width), or None where the keys do not
-    parse (check_state_dict then names what is missing)."""
+    parse (the conversion then names what is missing)."""
     try:
-        architecture = torchvision_layout.architecture(state_dict)
+        architecture = torchvision_layout.architecture(weights)
     except (ConversionError, KeyError):
-        try:
-            layout = recognise(state_dict)
-        except ConversionError as e:
-            raise ConversionError(str(e)) from None
-        if layout != "torchvision":
+        layout = recognise(weights)
+        if layout != torchvision_layout.NAME:
             raise ConversionError(f"these are {layout} weights, not torchvision's: read them with parity.load") from None
         return None
     if architecture.arch != arch:
@@ -137,21 +96,54 @@ def flax_to_torch(variables: Mapping[str, Any], arch: str = "v2", num_batches_tr
 
     `num_batches_tracked` fills PyTorch's BN step counters (training passes its step count).
     """
-    architecture = flax_layout.architecture(variables)
+    architecture = flax_layout.architecture(flat_variables(variables))
     if architecture.arch != arch:
         raise ConversionError(f"Flax variables of MobileNet{architecture.arch.upper()}, MobileNet{arch.upper()} was asked for")
-    state_dict = {}
-    for rule in rules(architecture):
-        state_dict[rule.key] = torch.from_numpy(np.ascontiguousarray(rule.from_flax(_to_numpy(_lookup(variables, rule.flax_path)))))
+    try:
+        tensors = from_flax(_host(variables), rules(architecture))
+    except ConversionError as e:
+        raise ConversionError(f"{e}: not a MobileNet of this arch?") from None
+    state_dict = {k: torch.from_numpy(v) for k, v in tensors.items()}
     for key in batches_tracked_keys(architecture):
         state_dict[key] = torch.tensor(num_batches_tracked, dtype=torch.long)
     return state_dict
 
 
-def _lookup(variables: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    node: Any = variables
-    for depth, name in enumerate(path):
-        if not isinstance(node, Mapping) or name not in node:
-            raise ConversionError(f"Flax variables have no {'/'.join(path[: depth + 1])}: not a MobileNet of this arch?")
-        node = node[name]
-    return node
+def _host(variables: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Device arrays fetched to the host once, so that each leaf is read without a transfer."""
+    import jax
+
+    return jax.device_get(variables)
+
+
+def load_as_flax(path: str | os.PathLike, arch: str, width_mult: float) -> dict[str, Any]:
+    """Flax variables for `arch` at `width_mult` from a file of either framework, checked: wrong
+    keys, shapes, architecture or width raise ConversionError saying what differs."""
+    if io.framework_of(path) == "torch":
+        return torch_to_flax(io.load_torch_state_dict(path), arch, width_mult)
+    variables = io.load_flax_variables(path)
+    check_flax_variables(variables, arch, width_mult)
+    return variables
+
+
+def load_as_torch(path: str | os.PathLike, arch: str, width_mult: float) -> dict[str, torch.Tensor]:
+    """A PyTorch state dict for `arch` at `width_mult` from a file of either framework, checked."""
+    if io.framework_of(path) == "flax":
+        variables = io.load_flax_variables(path)
+        check_flax_variables(variables, arch, width_mult)
+        return flax_to_torch(variables, arch)
+    state_dict = io.load_torch_state_dict(path)
+    check_state_dict(state_dict, mobilenet_arch.architecture(arch, width_mult, num_classes_of(state_dict, arch)))
+    return state_dict
+
+
+def check_flax_variables(variables: Mapping[str, Any], arch: str, width_mult: float) -> None:
+    """Raise ConversionError unless `variables` are exactly those of `arch` at `width_mult`."""
+    weights = flat_variables(variables)
+    try:
+        found = flax_layout.architecture(weights)
+        num_classes = found.num_classes
+    except ConversionError:
+        num_classes = int(np.shape(weights.get("params/classifier/kernel", np.zeros((0, 1000))))[-1])
+    architecture = mobilenet_arch.architecture(arch, width_mult, num_classes)
+    convert(weights, flax_layout.NAME, architecture, describe_as=f"Flax variables of {_describe(architecture)}")

@@ -15,7 +15,8 @@ import torch
 
 import torch_ref
 from parity import convert, report
-from parity.io import load_flax_variables, save_flax_variables
+from parity.io import load_flax_variables
+from parity.layouts.flax import save_flax_variables
 from parity.random_weights import random_torch_model
 from parity.weights import torch_to_flax
 from tests.cli_errors import assert_one_line_error

@@ -17,14 +17,14 @@ import torch
 import flax_mobilenet
 from parity.io import (
     WeightsFileError,
-    load_as_flax,
     load_flax_variables,
     load_torch_state_dict,
-    save_flax_variables,
     save_torch_state_dict,
 )
+from parity.layouts.flax import save_flax_variables
 from parity.random_weights import random_torch_model
-from parity.weights import ConversionError, flax_to_torch, torch_to_flax
+from parity.layouts import ConversionError
+from parity.weights import flax_to_torch, load_as_flax, torch_to_flax
 
 # Round trips use a small width: the rules are the same for every width, and the error tests
 # name widths explicitly.

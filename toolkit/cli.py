@@ -34,6 +34,13 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 
+def first_line(error: BaseException) -> str:
+    """The gist of a library's error for a one-line message: its first sentence (PyTorch's run on
+    for several), or the error's type where it says nothing."""
+    lines = str(error).strip().splitlines()
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__
+
+
 def architecture_or_fail(arch: str, width_mult: float, num_classes: int = 1000) -> Architecture:
     """`mobilenet_arch.architecture(...)`, or its complaint (a width or class count out of range)
     as a one-line error."""

@@ -1,12 +1,9 @@
 """Checkpoint layouts: how each library names and shapes a MobileNet's weights.
 
-One small module per layout (`torchvision`, `timm`, `hf`, `keras`, and `flax`, this project's own
-tree), each with the same four functions:
-
-    recognise(keys) -> bool                     are these this layout's keys?
-    architecture(weights, config=None)          the `mobilenet_arch.Architecture` the shapes say
-    rules(architecture) -> list[Rule]           (their key, Flax path, transform) per tensor
-    preprocessing(config=None) -> Preprocessing what the published weights expect
+One module per layout (`torchvision`, `timm`, `hf`, `keras`, and `flax`, this project's own tree),
+each ending in one `Layout` record (below); `parity.layouts.registry.LAYOUTS` lists them, and
+`parity.load`, `parity.save`, `convert`, `report` and `export` read only the records. Adding a
+layout is one module and one entry in that list.
 
 Rules are derived from the description, as `layouts.torchvision.rules` derives torchvision's: every
 conv+BN layer gives the same five, the classifier two, with no per-layer special case. Shapes are
@@ -15,11 +12,15 @@ read from the weights (any width, any depth), never matched against a list of wi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
+from flax import traverse_util
 
 import mobilenet_arch
 
@@ -111,40 +112,31 @@ def shape(weights: Mapping[str, Any], key: str) -> tuple[int, ...]:
 
 def to_flax(weights: Mapping[str, Any], rules: list[Rule]) -> dict:
     """`{"params", "batch_stats"}` from `weights` (numpy arrays) through `rules`."""
-    variables: dict = {"params": {}, "batch_stats": {}}
-    for rule in rules:
-        node = variables
-        for name in rule.flax_path[:-1]:
-            node = node.setdefault(name, {})
-        node[rule.flax_path[-1]] = np.ascontiguousarray(rule.to_flax(np.asarray(weights[rule.key])))
-    return variables
+    flat = {rule.flax_path: np.ascontiguousarray(rule.to_flax(np.asarray(weights[rule.key]))) for rule in rules}
+    return {"params": {}, "batch_stats": {}, **traverse_util.unflatten_dict(flat)}
 
 
 def from_flax(variables: Mapping[str, Any], rules: list[Rule]) -> dict[str, np.ndarray]:
     """The layout's flat `{key: array}` from Flax variables through `rules`."""
+    flat = traverse_util.flatten_dict(_plain(variables))
     out = {}
     for rule in rules:
-        node: Any = variables
-        for depth, name in enumerate(rule.flax_path):
-            if not isinstance(node, Mapping) or name not in node:
-                raise LayoutError(f"Flax variables have no {'/'.join(rule.flax_path[: depth + 1])}")
-            node = node[name]
-        out[rule.key] = np.array(rule.from_flax(np.asarray(node)), order="C")  # a writable copy (torch.from_numpy)
+        if rule.flax_path not in flat:
+            have = {path[:depth] for path in flat for depth in range(1, len(path) + 1)}
+            depth = next(d for d in range(1, len(rule.flax_path) + 1) if rule.flax_path[:d] not in have)
+            raise LayoutError(f"Flax variables have no {'/'.join(rule.flax_path[:depth])}")
+        out[rule.key] = np.array(rule.from_flax(np.asarray(flat[rule.flax_path])), order="C")  # a writable copy (torch.from_numpy)
     return out
 
 
-def check_weights(weights: Mapping[str, Any], rules: list[Rule], expected: Mapping[str, tuple], layout: str, ignore=()) -> None:
-    """Every rule's key present with its expected shape and no key left over (bar `ignore` suffixes)."""
-    wanted = {r.key for r in rules}
-    missing = [k for k in (r.key for r in rules) if k not in weights]
-    extra = [k for k in weights if k not in wanted and not k.endswith(tuple(ignore))]
-    if missing or extra:
-        parts = [f"{len(missing)} missing keys: {short_list(missing)}"] if missing else []
-        parts += [f"{len(extra)} unexpected keys: {short_list(extra)}"] if extra else []
-        raise LayoutError(f"{layout} weights that fit no MobileNet: " + "; ".join(parts))
-    for key, want in expected.items():
-        if shape(weights, key) != tuple(want):
-            raise LayoutError(f"{layout} weights: {key} has shape {shape(weights, key)}, {tuple(want)} expected from the other layers")
+def flat_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Flax variables as this project's layout keys them: `params/features_0/stem/conv/kernel`."""
+    return {"/".join(path): leaf for path, leaf in traverse_util.flatten_dict(_plain(variables)).items()}
+
+
+def _plain(tree: Mapping[str, Any]) -> dict:
+    """Nested plain dicts (flax's FrozenDict and other mappings included), which traverse_util walks."""
+    return {k: _plain(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
 def short_list(keys, limit: int = 5) -> str:
@@ -153,21 +145,106 @@ def short_list(keys, limit: int = 5) -> str:
     return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def v2_positions(depths: list[int]) -> list[tuple[int, int]]:
-    """(stage, repeat) of each inverted residual, in order, for per-stage repeat counts."""
-    return [(stage, repeat) for stage, n in enumerate(depths) for repeat in range(n)]
-
-
 def v2_stride(stage: int, repeat: int) -> int:
     """Only a stage's first repeat has the table's stride (Sandler et al., Table 2)."""
     return mobilenet_arch.V2_BLOCKS[stage][3] if repeat == 0 else 1
-
-
-V1_DEPTHS = (1, 2, 2, 6, 2)  # the V1 blocks grouped as timm's stages (same output channels)
-V2_DEPTHS = tuple(n for _, _, n, _ in mobilenet_arch.V2_BLOCKS)
 
 
 def width_label(stem: int, last: int, last_base: int) -> float:
     """A width multiplier to name weights by when no config says it: the last block's channels over
     the paper's (rounding to multiples of 8 moves the stem's more)."""
     return round(last / last_base, 4) if last else round(stem / 32, 4)
+
+
+def rebuilt(arch: mobilenet_arch.Architecture, padding=None, bn_epsilon=None, dropout=None) -> mobilenet_arch.Architecture:
+    """`arch` with another padding (every layer), BatchNorm epsilon or dropout, where given."""
+    if padding is not None:
+        pad = padding if isinstance(padding, str) else mobilenet_arch.check_padding(padding)
+        blocks = tuple(dataclasses.replace(b, layers=tuple(dataclasses.replace(l, pad=pad) for l in b.layers)) for b in arch.blocks)
+        arch = dataclasses.replace(arch, blocks=blocks)
+    if bn_epsilon is not None:
+        arch = dataclasses.replace(arch, bn_epsilon=bn_epsilon)
+    if dropout is not None:
+        arch = dataclasses.replace(arch, dropout=dropout)
+    return arch
+
+
+def same_architecture(a: mobilenet_arch.Architecture, b: mobilenet_arch.Architecture) -> bool:
+    """The same network, whatever width it is labelled with and whatever its (training-only) dropout."""
+    return dataclasses.replace(a, width_mult=0.0, dropout=0.0) == dataclasses.replace(b, width_mult=0.0, dropout=0.0)
+
+
+# ---------------------------------------------------------------- the layout record
+
+
+@dataclass(frozen=True)
+class Source:
+    """What reading a file or a live model gives: the weights as the layout keys them (flat, numpy)
+    and whatever the source says beside them. `layout` None: recognised from the keys."""
+
+    weights: Mapping[str, Any]
+    config: Any = None  # the layout's own: a HF config.json, a Keras model's, timm's drop_rate, our description
+    preprocessing: Any = None  # the layout's own: preprocessor_config.json, timm's pretrained_cfg, ours
+    layout: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything `parity` knows of one layout. Functions take and return plain data: a layout
+    module imports nothing of `parity` above `parity.layouts`."""
+
+    name: str
+    expects: str  # the keys `recognise` looks for, for the message that lists every layout's
+    # Are these this layout's keys? May raise LayoutError where they are this library's but of
+    # another network (timm's MobileNetV3), to name it.
+    recognise: Callable[[Mapping[str, Any]], bool]
+    # The Architecture the weights' shapes (and the source's config) say; overrides as keywords:
+    # padding, bn_epsilon, dropout.
+    architecture: Callable[..., mobilenet_arch.Architecture]
+    rules: Callable[[mobilenet_arch.Architecture], list[Rule]]
+    # What the source's images must be prepared as: (the source's own preprocessing config or
+    # None, architecture) -> Preprocessing.
+    preprocessing: Callable[[Any, mobilenet_arch.Architecture], Preprocessing]
+    # Why this layout cannot hold `architecture` (what would be lost), or None.
+    cannot_hold: Callable[[mobilenet_arch.Architecture], Optional[str]]
+    # (checkpoint, path, num_batches_tracked) -> None: writes the file or directory atomically;
+    # None for a layout that is only read.
+    write: Optional[Callable[..., None]] = None
+    # Whether `path` names a file (or directory) of this layout when writing.
+    writes: Callable[[Path], bool] = lambda path: False
+    # Suffixes of the files it reads ("/" for a directory) and how: path -> Source.
+    reads: tuple[str, ...] = ()
+    read: Optional[Callable[[Path], Source]] = None
+    # A live model of this library -> Source, or None where `model` is not one.
+    of_model: Callable[[Any], Optional[Source]] = lambda model: None
+    # (source as given, checkpoint, NHWC images) -> (library name, logits) from the library itself
+    # run on the source, or None where it is not installed or cannot run this source.
+    run_library: Callable[..., Optional[tuple[str, np.ndarray]]] = lambda source, checkpoint, images: None
+
+
+@functools.lru_cache(maxsize=32)
+def flax_shapes(arch: mobilenet_arch.Architecture) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The shape of every Flax variable of `arch`, by path, from the model itself (no computation)."""
+    import jax
+
+    import flax_mobilenet
+
+    tree = jax.eval_shape(lambda: flax_mobilenet.MobileNet(arch).init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False))
+    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(_plain(tree)).items()}
+
+
+def what_is_lost(layout: str, arch: mobilenet_arch.Architecture, rules: list[Rule], architecture) -> str | None:
+    """What a layout whose keys say only shapes (torchvision's, timm's) cannot hold of `arch`: the
+    weights' shapes written through `rules` and read back by `architecture`, the difference named."""
+    shapes = flax_shapes(arch)
+    zero = np.float32(0)
+    weights = {r.key: np.broadcast_to(zero, r.from_flax(np.broadcast_to(zero, shapes[r.flax_path])).shape) for r in rules}
+    reread = architecture(weights)
+    if same_architecture(arch, reread):
+        return None
+    pads = sorted({str(l.pad) for b in arch.blocks for l in b.layers})
+    if pads != ["symmetric"]:
+        return f"{layout}'s models pad symmetrically, these weights pad {', '.join(pads)}"
+    if arch.bn_epsilon != reread.bn_epsilon:
+        return f"{layout}'s models use BatchNorm epsilon {reread.bn_epsilon:g}, these weights {arch.bn_epsilon:g}"
+    return f"{layout}'s layout cannot express this architecture (its residual connections differ)"

@@ -1,21 +1,48 @@
 """This project's own layout: Flax variables `{"params", "batch_stats"}` at
-`features_i/<role>/{conv/kernel, bn/...}` and `classifier`. Files written by `parity` carry their
-architecture beside them (`<file>.json`); for older files the channels are read from the shapes and
-the rest is torchvision's (symmetric padding, epsilon 1e-5).
+`features_i/<role>/{conv/kernel, bn/...}` and `classifier`, in a `.msgpack` file
+(`flax.serialization`). Files written by `parity` carry their architecture and preprocessing beside
+them (`<file>.json`); for older files the channels are read from the shapes and the rest is
+torchvision's (symmetric padding, epsilon 1e-5).
+
+Keys are the Flax paths joined by "/" (`params/features_0/stem/conv/kernel`), so the rules are the
+identity.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+from flax import traverse_util
+
 import mobilenet_arch
-from parity.layouts import LayoutError, Preprocessing, Rule, layer_rules
+from parity.layouts import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Layout,
+    LayoutError,
+    Preprocessing,
+    Rule,
+    Source,
+    WeightsFileError,
+    flat_variables,
+    layer_rules,
+    rebuilt,
+)
 from parity.layouts import torchvision as _torchvision
+from toolkit.cli import first_line
 
 NAME = "flax"
+SUFFIX = ".msgpack"
+
+
+def recognise(weights: Mapping[str, Any]) -> bool:
+    return any(k.startswith("params/") for k in weights) and any(k.startswith("batch_stats/") for k in weights)
 
 
 def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
@@ -28,16 +55,19 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
     return out
 
 
-def architecture(variables: Mapping[str, Any], **kw) -> mobilenet_arch.Architecture:
-    """The torchvision-style architecture whose Flax variables have these shapes."""
-    params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
+def architecture(weights: Mapping[str, Any], config: mobilenet_arch.Architecture | None = None, **kw) -> mobilenet_arch.Architecture:
+    """The architecture of the file's description (`config`) where it has one; else the
+    torchvision-style architecture whose Flax variables have these shapes."""
+    if config is not None:
+        return rebuilt(config, **kw)
+    params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in weights.items()}).get("params", {})
     names = sorted((int(m[1]), k) for k in params if (m := re.fullmatch(r"features_(\d+)", k)))
     if not names or "classifier" not in params:
         found = ", ".join(sorted(map(str, params))[:5])
         raise LayoutError(f"Flax variables without features_0 ... and classifier (found {found or 'nothing'}): not a MobileNet")
 
     def out(block, role):
-        return int(params[block][role]["conv"]["kernel"].shape[-1]) if role in params[block] else None
+        return int(np.shape(params[block][role]["conv"]["kernel"])[-1]) if role in params[block] else None
 
     stem, blocks, head = out("features_0", "stem"), [], None
     for index, name in names[1:]:
@@ -52,17 +82,56 @@ def architecture(variables: Mapping[str, Any], **kw) -> mobilenet_arch.Architect
             raise LayoutError(f"Flax variables: {name} has layers {sorted(roles)}, not a MobileNet block")
     if stem is None:
         raise LayoutError("Flax variables without a stem (features_0/stem)")
-    num_classes = int(params["classifier"]["kernel"].shape[-1])
+    num_classes = int(np.shape(params["classifier"]["kernel"])[-1])
     arch = _torchvision.build(stem, blocks, head, num_classes, **kw)
     width = _torchvision.infer_width(arch)
     return arch if width is None else dataclasses.replace(arch, width_mult=width)
 
 
-def preprocessing(config=None) -> Preprocessing:
-    return _torchvision.preprocessing()
+def preprocessing(config: Preprocessing | None = None, arch=None) -> Preprocessing:
+    """The file's own where it has a description; else torchvision's, which the project's
+    training defaults to."""
+    return config or Preprocessing(IMAGENET_MEAN, IMAGENET_STD, 256, 224, "bilinear")
 
 
-# The description written beside a .msgpack (`<file>.json`), so that it loads with no flags.
+_from_shapes, _default_preprocessing = architecture, preprocessing  # the names save_flax_variables' arguments take
+
+
+def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
+    return None  # the description says everything the model is
+
+
+# ---------------------------------------------------------------- the .msgpack file and its description
+
+
+def save_flax_variables(variables: Mapping[str, Any], path: str | os.PathLike, architecture=None, preprocessing=None) -> None:
+    """Write `{"params", "batch_stats"}` to a .msgpack file, atomically, and beside it
+    `<file>.json`: the architecture (inferred from the shapes when not given) and preprocessing,
+    so that `parity.load(path)` needs no flags. The msgpack holds only arrays."""
+    from parity import io
+
+    if architecture is None:
+        try:
+            architecture = _from_shapes(flat_variables(variables))
+        except LayoutError:  # not a MobileNet's tree: the weights alone, as asked
+            architecture = None
+    io.write_flax_variables(variables, path)
+    if architecture is not None:
+        io.write_text(io.description_path(path), description_json(architecture, preprocessing or _default_preprocessing()))
+
+
+def read_description(path: str | os.PathLike):
+    """(architecture, preprocessing) written beside a .msgpack, or (None, None) for an older file."""
+    from parity import io
+
+    described = io.description_path(path)
+    if not described.is_file():
+        return None, None
+    try:
+        d = json.loads(described.read_text())
+        return architecture_from_json(d["architecture"]), Preprocessing.from_dict(d["preprocessing"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsFileError(f"{described} is not a readable description of {Path(path).name} ({first_line(e)}): delete it to infer the architecture from the shapes") from e
 
 
 def architecture_to_json(arch: mobilenet_arch.Architecture) -> dict:
@@ -82,3 +151,30 @@ def architecture_from_json(d: Mapping[str, Any]) -> mobilenet_arch.Architecture:
 
 def description_json(arch: mobilenet_arch.Architecture, preprocessing: Preprocessing) -> str:
     return json.dumps({"architecture": architecture_to_json(arch), "preprocessing": dataclasses.asdict(preprocessing)}, indent=1) + "\n"
+
+
+def read(path: Path) -> Source:
+    from parity import io
+
+    variables = io.load_flax_variables(path)
+    arch, pre = read_description(path)
+    return Source(flat_variables(variables), arch, pre, NAME)
+
+
+def write(checkpoint, path: Path, num_batches_tracked: int = 0) -> None:
+    save_flax_variables(checkpoint.variables, path, architecture=checkpoint.architecture, preprocessing=checkpoint.preprocessing)
+
+
+LAYOUT = Layout(
+    name=NAME,
+    expects="params/features_0/stem/conv/kernel ... and batch_stats/... (Flax variables)",
+    recognise=recognise,
+    architecture=architecture,
+    rules=rules,
+    preprocessing=preprocessing,
+    cannot_hold=cannot_hold,
+    write=write,
+    writes=lambda path: path.name.lower().endswith(SUFFIX),
+    reads=(SUFFIX,),
+    read=read,
+)

@@ -16,22 +16,36 @@ probability there; it does not matter at evaluation).
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 import mobilenet_arch
-from parity.layouts import INCEPTION_MEAN, INCEPTION_STD, LayoutError, Preprocessing, Rule, layer_rules, shape
+from parity.layouts import (
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    Layout,
+    LayoutError,
+    Preprocessing,
+    Rule,
+    Source,
+    WeightsFileError,
+    layer_rules,
+    same_architecture,
+    shape,
+    v2_stride,
+)
 
 NAME = "hf"
 EXPECTS = "mobilenet_v1.* or mobilenet_v2.* and classifier.weight"
-V2_STRIDES = (2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1)
-V2_CHANNELS = (16, 24, 24, 32, 32, 32, 64, 64, 64, 64, 96, 96, 96, 160, 160, 160, 320)
-# transformers' MobileNetV2Model numbers its 16 inverted residuals through the paper's stages.
-V2_POSITIONS = ((1, 0), (1, 1), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2), (3, 3), (4, 0), (4, 1), (4, 2), (5, 0), (5, 1), (5, 2), (6, 0))
+# transformers' MobileNetV2Model numbers the 16 inverted residuals after the first through the
+# paper's stages: `layer.j` is the table's (stage, repeat) block j + 1.
+V2_POSITIONS = tuple(mobilenet_arch.stage_positions(mobilenet_arch.V2_STAGE_DEPTHS))[1:]
+# Google's checkpoints: TensorFlow's BatchNorm epsilon, transformers' default when a config omits it.
+TF_BN_EPSILON = 1e-3
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's numbering
 
 
@@ -48,7 +62,7 @@ def architecture(weights: Mapping[str, Any], config: Mapping[str, Any] | None = 
     if config.get("output_stride", 32) != 32:
         raise LayoutError(f"output_stride {config['output_stride']} (dilated, for segmentation): only 32, the classifier's, is described")
     kw.setdefault("padding", "same" if config.get("tf_padding", True) else "symmetric")
-    kw.setdefault("bn_epsilon", float(config.get("layer_norm_eps", 1e-3)))
+    kw.setdefault("bn_epsilon", float(config.get("layer_norm_eps", TF_BN_EPSILON)))
     if "depth_multiplier" in config:
         kw.setdefault("width_mult", float(config["depth_multiplier"]))
     num_classes = shape(weights, "classifier.weight")[0]
@@ -63,9 +77,9 @@ def architecture(weights: Mapping[str, Any], config: Mapping[str, Any] | None = 
     stem = shape(weights, p + "conv_stem.first_conv.convolution.weight")[0]
     extra = p + "conv_stem.expand_1x1.convolution.weight"  # first_layer_is_expansion=False
     specs = [(shape(weights, extra)[0] if extra in weights else None, shape(weights, p + "conv_stem.reduce_1x1.convolution.weight")[0], 1, 0, 0)]
-    for j, (stride, (stage, repeat)) in enumerate(zip(V2_STRIDES, V2_POSITIONS)):
+    for j, (stage, repeat) in enumerate(V2_POSITIONS):
         specs.append(
-            (shape(weights, f"{p}layer.{j}.expand_1x1.convolution.weight")[0], shape(weights, f"{p}layer.{j}.reduce_1x1.convolution.weight")[0], stride, stage, repeat)
+            (shape(weights, f"{p}layer.{j}.expand_1x1.convolution.weight")[0], shape(weights, f"{p}layer.{j}.reduce_1x1.convolution.weight")[0], v2_stride(stage, repeat), stage, repeat)
         )
     head = shape(weights, p + "conv_1x1.convolution.weight")[0]
     kw.setdefault("width_mult", round(specs[-1][1] / 320, 4))
@@ -95,7 +109,7 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
     ]
 
 
-def preprocessing(config: Mapping[str, Any] | None = None) -> Preprocessing:
+def preprocessing(config: Mapping[str, Any] | None = None, arch=None) -> Preprocessing:
     """From a `preprocessor_config.json` (MobileNetV{1,2}ImageProcessor's fields) where given;
     else Google's: shorter side 256, bilinear, crop 224, x / 127.5 - 1."""
     if not config:
@@ -118,7 +132,7 @@ def config_architecture(config: Mapping[str, Any], arch: str, num_classes: int) 
     dm, min_depth = float(config["depth_multiplier"]), config.get("min_depth", 8)
     kw = dict(
         padding="same" if config.get("tf_padding", True) else "symmetric",
-        bn_epsilon=float(config.get("layer_norm_eps", 1e-3)),
+        bn_epsilon=float(config.get("layer_norm_eps", TF_BN_EPSILON)),
         dropout=float(config.get("classifier_dropout_prob", 0.0)),
         width_mult=dm,
     )
@@ -138,7 +152,7 @@ def config_for(arch: mobilenet_arch.Architecture) -> dict:
     The depth multiplier is searched among values the channels themselves suggest (the width label,
     stem / 32, last block / its paper channels), each with `finegrained_output` on and off."""
     if reason := expresses(arch):
-        raise LayoutError(f"transformers cannot hold these weights: {reason}")
+        raise LayoutError(reason)
     last = arch.blocks[-1 if arch.arch == "v1" else -2].out_channels
     base = 1024 if arch.arch == "v1" else 320
     candidates = [arch.width_mult, arch.blocks[0].out_channels / 32, last / base, round(last / base, 4), round(arch.blocks[0].out_channels / 32, 4)]
@@ -224,5 +238,76 @@ def write_directory(arch: mobilenet_arch.Architecture, variables: Mapping[str, A
     atomic_write_text(path / "preprocessor_config.json", json.dumps(processor, indent=2) + "\n")
 
 
-def same_architecture(a: mobilenet_arch.Architecture, b: mobilenet_arch.Architecture) -> bool:
-    return dataclasses.replace(a, width_mult=0.0, dropout=0.0) == dataclasses.replace(b, width_mult=0.0, dropout=0.0)
+def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
+    try:
+        config_for(arch)
+    except LayoutError as e:
+        return str(e)
+    return None
+
+
+def write(checkpoint, path: Path, num_batches_tracked: int = 0) -> None:
+    if path.suffix:
+        raise LayoutError(f"{path}: a Hugging Face checkpoint is a directory (config.json, model.safetensors, preprocessor_config.json)")
+    write_directory(checkpoint.architecture, checkpoint.variables, path, checkpoint.preprocessing)
+
+
+def read_directory(path: Path) -> Source:
+    """A `save_pretrained` directory: config.json, the weights, preprocessor_config.json."""
+    from parity import io
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise WeightsFileError(f"{path}: a directory without config.json: expected a Hugging Face model directory")
+    config = json.loads(config_file.read_text())
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            state_dict = io.load_torch_state_dict(path / name)
+            break
+    else:
+        raise WeightsFileError(f"{path}: no model.safetensors or pytorch_model.bin beside config.json")
+    pre = path / "preprocessor_config.json"
+    return Source(io.to_numpy(state_dict), config, json.loads(pre.read_text()) if pre.is_file() else None)
+
+
+def of_model(model: Any) -> Source | None:
+    """A live transformers model: its config."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict") or not hasattr(model, "state_dict"):
+        return None
+    from parity import io
+
+    return Source(io.to_numpy(model.state_dict()), config.to_dict())
+
+
+def run_transformers(source: Any, checkpoint, images: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """transformers itself, `from_pretrained` on the source directory."""
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
+        return None
+    try:
+        import transformers
+    except ImportError:
+        return None
+    import torch
+
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForImageClassification.from_pretrained(source).eval()
+    with torch.no_grad():
+        return "transformers", model(pixel_values=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))).logits.numpy()
+
+
+LAYOUT = Layout(
+    name=NAME,
+    expects=EXPECTS,
+    recognise=recognise,
+    architecture=architecture,
+    rules=rules,
+    preprocessing=preprocessing,
+    cannot_hold=cannot_hold,
+    write=write,
+    writes=lambda path: not path.suffix,
+    reads=("/",),
+    read=read_directory,
+    of_model=of_model,
+    run_library=run_transformers,
+)

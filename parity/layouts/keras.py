@@ -27,14 +27,27 @@ from typing import Any, Mapping
 import numpy as np
 
 import mobilenet_arch
-from parity.layouts import INCEPTION_MEAN, INCEPTION_STD, LayoutError, Preprocessing, Rule, WeightsFileError, layer_rules, shape
+from parity.layouts import (
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    Layout,
+    LayoutError,
+    Preprocessing,
+    Rule,
+    Source,
+    WeightsFileError,
+    layer_rules,
+    same_architecture,
+    shape,
+    v2_stride,
+)
+from toolkit.cli import first_line
 
 NAME = "keras"
 EXPECTS = "conv1/kernel + conv_dw_1/kernel (MobileNet) or Conv1/kernel + expanded_conv_depthwise/kernel (MobileNetV2)"
 KERAS_BN = ("gamma", "beta", "moving_mean", "moving_variance")
 EVEN_SIZE_PAD = ((0, 1), (0, 1))
 EPSILON = 1e-3
-V2_STRIDES = (2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1)
 
 
 def recognise(keys) -> bool:
@@ -72,9 +85,9 @@ def architecture(weights: Mapping[str, Any], config: Mapping[str, Any] | None = 
         kw.setdefault("dropout", float(config.get("dropout", 1e-3)))
         return mobilenet_arch.mobilenet_v1_from_channels(stem, outs, shape(weights, "conv_preds/kernel")[-1], **kw)
     blocks = [(None, shape(weights, "expanded_conv_project/kernel")[-1], 1, 0, 0)]
-    positions = mobilenet_arch.stage_positions(tuple(n for _, _, n, _ in mobilenet_arch.V2_BLOCKS))[1:]
-    for j, (stride, (stage, repeat)) in enumerate(zip(V2_STRIDES, positions), start=1):
-        blocks.append((shape(weights, f"block_{j}_expand/kernel")[-1], shape(weights, f"block_{j}_project/kernel")[-1], stride, stage, repeat))
+    positions = mobilenet_arch.stage_positions(mobilenet_arch.V2_STAGE_DEPTHS)[1:]
+    for j, (stage, repeat) in enumerate(positions, start=1):
+        blocks.append((shape(weights, f"block_{j}_expand/kernel")[-1], shape(weights, f"block_{j}_project/kernel")[-1], v2_stride(stage, repeat), stage, repeat))
     kw.setdefault("width_mult", round(blocks[-1][1] / 320, 4))
     kw.setdefault("dropout", float(config.get("dropout", 0.0)))
     head = shape(weights, "Conv_1/kernel")[-1]
@@ -105,7 +118,7 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
     ]
 
 
-def preprocessing(config=None) -> Preprocessing:
+def preprocessing(config=None, arch=None) -> Preprocessing:
     # keras.applications' preprocess_input mode "tf" (x / 127.5 - 1); Keras has no crop convention,
     # TF-slim's evaluation crops 0.875.
     return Preprocessing(INCEPTION_MEAN, INCEPTION_STD, 256, 224, "bilinear")
@@ -134,7 +147,7 @@ def read_file(path: Path) -> tuple[dict[str, np.ndarray], dict]:
                 config = _config_of(json.loads(raw.decode() if isinstance(raw, bytes) else raw))
             return _read_h5(f), config
     except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
-        raise WeightsFileError(f"{path} is not a readable Keras file (truncated or another format?): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise WeightsFileError(f"{path} is not a readable Keras file (truncated or another format?): {first_line(e)}") from e
 
 
 def _read_h5(f) -> dict[str, np.ndarray]:
@@ -188,13 +201,13 @@ def of_model(model) -> tuple[dict[str, np.ndarray], dict]:
 def alpha_for(arch: mobilenet_arch.Architecture) -> tuple[float, int]:
     """(alpha, an input size) for which keras.applications builds exactly `arch`, or LayoutError."""
     if arch.bn_epsilon != EPSILON:
-        raise LayoutError(f"Keras's MobileNets use BatchNorm epsilon 1e-3, these weights {arch.bn_epsilon:g}: save them as torchvision or timm")
+        raise LayoutError(f"Keras's MobileNets use BatchNorm epsilon 1e-3, these weights {arch.bn_epsilon:g}")
     s2 = {layer.pad for b in arch.blocks for layer in b.layers if layer.depthwise and layer.stride == 2}
     other = {layer.pad for b in arch.blocks for layer in b.layers if not (layer.depthwise and layer.stride == 2) and layer.kernel_size > 1}
     if other != {"same"} or len(s2) != 1 or next(iter(s2)) not in (EVEN_SIZE_PAD, ((1, 1), (1, 1))):
         if "symmetric" in other:
-            raise LayoutError("Keras's MobileNets pad as TensorFlow does, these weights symmetrically (PyTorch's): save them as torchvision or timm")
-        raise LayoutError(f"Keras fixes each stride-2 padding when it builds the model, these weights pad {sorted(map(str, s2))}: save them as hf")
+            raise LayoutError("Keras's MobileNets pad as TensorFlow does, these weights symmetrically (PyTorch's)")
+        raise LayoutError(f"Keras fixes each stride-2 padding when it builds the model, these weights pad {sorted(map(str, s2))}")
     size = 224 if next(iter(s2)) == EVEN_SIZE_PAD else 225
     if arch.arch == "v1" and size == 225:
         raise LayoutError("Keras's MobileNet pads ((0, 1), (0, 1)) before every stride-2 layer, these weights ((1, 1), (1, 1))")
@@ -209,8 +222,6 @@ def alpha_for(arch: mobilenet_arch.Architecture) -> tuple[float, int]:
             c = mobilenet_arch.keras_v2_channels(alpha)
             pad = _padding([next(iter(s2))] * 4)
             candidate = mobilenet_arch.mobilenet_v2_from_blocks(c.stem, c.blocks, c.head, arch.num_classes, padding=pad, bn_epsilon=EPSILON)
-        from parity.layouts.hf import same_architecture
-
         if same_architecture(candidate, arch):
             return alpha, size
     raise LayoutError("no Keras alpha reproduces these channels (they follow another library's rounding)")
@@ -253,3 +264,57 @@ def write_file(arch: mobilenet_arch.Architecture, variables: Mapping[str, Any], 
             f.write(tmp.read_bytes())
 
     atomic_write(path, write)
+
+
+def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
+    try:
+        alpha_for(arch)
+    except LayoutError as e:
+        return str(e)
+    return None
+
+
+def read(path: Path) -> Source:
+    weights, config = read_file(path)
+    return Source(weights, config)
+
+
+def live_model(model: Any) -> Source | None:
+    """A live Keras model (it has `weights` and `layers`, and no torch `state_dict`)."""
+    if not (hasattr(model, "weights") and hasattr(model, "layers")) or hasattr(model, "state_dict"):
+        return None
+    weights, config = of_model(model)
+    return Source(weights, config, None, NAME)
+
+
+def write(checkpoint, path: Path, num_batches_tracked: int = 0) -> None:
+    write_file(checkpoint.architecture, checkpoint.variables, path)
+
+
+def run_keras(source: Any, checkpoint, images: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """Keras itself on a `.keras` file (the one kind that holds its model, not only weights)."""
+    if not isinstance(source, (str, os.PathLike)) or Path(source).suffix != ".keras":
+        return None
+    try:
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        import keras
+    except ImportError:
+        return None
+    return "keras", np.asarray(keras.saving.load_model(source)(images, training=False))
+
+
+LAYOUT = Layout(
+    name=NAME,
+    expects=EXPECTS,
+    recognise=recognise,
+    architecture=architecture,
+    rules=rules,
+    preprocessing=preprocessing,
+    cannot_hold=cannot_hold,
+    write=write,
+    writes=lambda path: path.name.lower().endswith((".keras", ".weights.h5")),
+    reads=(".keras", ".h5"),
+    read=read,
+    of_model=live_model,
+    run_library=run_keras,
+)

@@ -15,28 +15,42 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+import numpy as np
+
 import mobilenet_arch
 from parity.layouts import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     INCEPTION_MEAN,
     INCEPTION_STD,
-    V1_DEPTHS,
+    Layout,
     LayoutError,
     Preprocessing,
     Rule,
+    Source,
+    from_flax,
     layer_rules,
     shape,
-    v2_positions,
     v2_stride,
+    what_is_lost,
     width_label,
 )
+from parity.layouts import torchvision as _torchvision
 
 NAME = "timm"
 EXPECTS = "conv_stem.weight, blocks.S.R.conv_dw.weight, classifier.weight"
 
 
 def recognise(keys) -> bool:
+    """timm's keys; a LayoutError naming the model where they are another timm network's."""
+    if not _timm_keys(keys):
+        return False
+    if other := other_model(keys):
+        raise LayoutError(f"{other}, not MobileNetV1/V2")
+    return True
+
+
+def _timm_keys(keys) -> bool:
     keys = set(keys)
     return "conv_stem.weight" in keys and "classifier.weight" in keys and any(k.startswith("blocks.") for k in keys)
 
@@ -44,7 +58,7 @@ def recognise(keys) -> bool:
 def other_model(keys) -> str | None:
     """What a timm checkpoint that is not a MobileNetV1/V2 holds, as far as its keys tell."""
     keys = set(keys)
-    if not recognise(keys):
+    if not _timm_keys(keys):
         return None
     if any(".se." in k for k in keys):  # squeeze-excitation: MobileNetV3 and EfficientNet, not V1/V2
         if "conv_head.bias" in keys and "bn2.weight" not in keys:  # V3's head: a conv with bias, no BN
@@ -61,7 +75,7 @@ def positions(weights: Mapping[str, Any]) -> list[tuple[int, int]]:
     depths: dict[int, int] = {}
     for stage, repeat in found:
         depths[stage] = depths.get(stage, 0) + 1
-    return v2_positions([depths[s] for s in sorted(depths)])
+    return mobilenet_arch.stage_positions([depths[s] for s in sorted(depths)])
 
 
 def architecture(weights: Mapping[str, Any], config=None, **kw) -> mobilenet_arch.Architecture:
@@ -71,7 +85,7 @@ def architecture(weights: Mapping[str, Any], config=None, **kw) -> mobilenet_arc
     head = shape(weights, "conv_head.weight")[0] if "conv_head.weight" in keys else None
     num_classes = shape(weights, "classifier.weight")[0]
     kw.setdefault("padding", "symmetric")
-    kw.setdefault("bn_epsilon", 1e-5)
+    kw.setdefault("bn_epsilon", mobilenet_arch.BN_EPSILON)
     if config is not None:  # a live timm model: its drop_rate
         kw.setdefault("dropout", float(config.get("drop_rate", 0.0)))
     if any(".conv_pwl." in k for k in keys):
@@ -88,8 +102,8 @@ def architecture(weights: Mapping[str, Any], config=None, **kw) -> mobilenet_arc
         kw.setdefault("width_mult", width_label(stem, specs[-1][1], 320))
         kw.setdefault("dropout", 0.0)
         return mobilenet_arch.mobilenet_v2_from_blocks(stem, specs, head, num_classes, **kw)
-    if len(where) != sum(V1_DEPTHS):
-        raise LayoutError(f"a timm MobileNetV1 with {len(where)} blocks: the paper's has {sum(V1_DEPTHS)}")
+    if len(where) != sum(mobilenet_arch.V1_STAGE_DEPTHS):
+        raise LayoutError(f"a timm MobileNetV1 with {len(where)} blocks: the paper's has {sum(mobilenet_arch.V1_STAGE_DEPTHS)}")
     outs = [shape(weights, f"blocks.{s}.{r}.conv_pw.weight")[0] for s, r in where]
     kw.setdefault("width_mult", width_label(stem, outs[-1], 1024))
     return mobilenet_arch.mobilenet_v1_from_channels(stem, outs, num_classes, head=head, **kw)
@@ -114,7 +128,7 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
     ]
 
 
-def preprocessing(config: Mapping[str, Any] | None = None, arch: str = "v2") -> Preprocessing:
+def preprocessing(config: Mapping[str, Any] | None = None, arch: mobilenet_arch.Architecture | None = None) -> Preprocessing:
     """From a timm `pretrained_cfg` where given (its test size and crop where it has them: the
     size the published accuracy is measured at); else the defaults of timm's MobileNet weights."""
     if config:
@@ -124,15 +138,69 @@ def preprocessing(config: Mapping[str, Any] | None = None, arch: str = "v2") -> 
         return Preprocessing(
             tuple(config["mean"]), tuple(config["std"]), int(size // crop_pct), int(size), config.get("interpolation", "bicubic")
         )
-    if arch == "v1":  # mobilenetv1_100.ra4_e3600_r224_in1k at its test size
+    if arch is not None and arch.arch == "v1":  # mobilenetv1_100.ra4_e3600_r224_in1k at its test size
         return Preprocessing(INCEPTION_MEAN, INCEPTION_STD, 269, 256, "bicubic")
     return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, 256, 224, "bicubic")
 
 
-def expresses(arch: mobilenet_arch.Architecture) -> str | None:
-    """Why timm cannot hold `arch`, or None."""
-    if any(layer.pad != "symmetric" for block in arch.blocks for layer in block.layers):
-        return "timm's MobileNets pad symmetrically, these weights were trained with TensorFlow's padding"
-    if arch.bn_epsilon != 1e-5:
-        return f"timm's MobileNets use BatchNorm epsilon 1e-5, these weights {arch.bn_epsilon:g}"
+def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
+    return what_is_lost(NAME, arch, rules(arch), architecture)
+
+
+def of_model(model: Any) -> Source | None:
+    """A live timm model: its preprocessing (`pretrained_cfg`) and drop_rate."""
+    if not hasattr(model, "pretrained_cfg") or not hasattr(model, "state_dict"):
+        return None
+    from parity import io
+
+    return Source(io.to_numpy(model.state_dict()), {"drop_rate": getattr(model, "drop_rate", 0.0)}, dict(model.pretrained_cfg))
+
+
+def timm_model(architecture: mobilenet_arch.Architecture) -> Any:
+    """The timm MobileNet whose state-dict shapes are `architecture`'s, or None (timm not installed,
+    or no model of its registry has them)."""
+    try:
+        import timm
+    except ImportError:
+        return None
+    want = {r.key: tuple(r.from_flax(np.broadcast_to(np.float32(0), shape)).shape) for r, shape in _rule_shapes(architecture)}
+    for name in timm.list_models(f"mobilenet{architecture.arch}_*"):
+        model = timm.create_model(name, num_classes=architecture.num_classes)
+        have = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+        if have == want:
+            return model
     return None
+
+
+def _rule_shapes(architecture):
+    from parity.layouts import flax_shapes
+
+    shapes = flax_shapes(architecture)
+    return [(r, shapes[r.flax_path]) for r in rules(architecture)]
+
+
+def run_timm(source: Any, checkpoint, images: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """timm itself, its model of these shapes filled with the converted weights."""
+    model = timm_model(checkpoint.architecture)
+    if model is None:
+        return None
+    import torch
+
+    state = {k: torch.from_numpy(v) for k, v in from_flax(checkpoint.variables, rules(checkpoint.architecture)).items()}
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        return "timm", model.eval()(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))).numpy()
+
+
+LAYOUT = Layout(
+    name=NAME,
+    expects=EXPECTS,
+    recognise=recognise,
+    architecture=architecture,
+    rules=rules,
+    preprocessing=preprocessing,
+    cannot_hold=cannot_hold,
+    write=_torchvision.write_state_dict(rules),
+    of_model=of_model,
+    run_library=run_timm,
+)

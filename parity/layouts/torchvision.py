@@ -13,20 +13,25 @@ the rules here only read them.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Mapping
+
+import numpy as np
 
 import mobilenet_arch
 from parity.layouts import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    V2_DEPTHS,
+    Layout,
     LayoutError,
     Preprocessing,
     Rule,
+    Source,
+    from_flax,
     layer_rules,
     shape,
-    v2_positions,
     v2_stride,
+    what_is_lost,
 )
 
 NAME = "torchvision"
@@ -48,7 +53,7 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
     return out
 
 
-def preprocessing(config=None) -> Preprocessing:
+def preprocessing(config=None, arch=None) -> Preprocessing:
     # torchvision's IMAGENET1K_V1 transforms: resize 256, crop 224, bilinear.
     return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, 256, 224, "bilinear")
 
@@ -96,12 +101,12 @@ def build(stem: int, blocks: list[dict], head: int | None, num_classes: int, **k
     """The Architecture of torchvision-numbered channels, symmetric padding and eps 1e-5 unless
     `kw` says otherwise (the Flax layout reads its file's own description instead where it has one)."""
     kw.setdefault("padding", "symmetric")
-    kw.setdefault("bn_epsilon", 1e-5)
+    kw.setdefault("bn_epsilon", mobilenet_arch.BN_EPSILON)
     if any(b["v2"] for b in blocks):
         depths = _v2_depths([b["out"] for b in blocks])
         specs = [
             (b["expand"], b["out"], v2_stride(stage, repeat), stage, repeat)
-            for b, (stage, repeat) in zip(blocks, v2_positions(depths))
+            for b, (stage, repeat) in zip(blocks, mobilenet_arch.stage_positions(depths))
         ]
         if head is None:
             raise LayoutError("a MobileNetV2 without its head convolution (features.N.0)")
@@ -115,15 +120,15 @@ def build(stem: int, blocks: list[dict], head: int | None, num_classes: int, **k
 def _v2_depths(outs: list[int]) -> list[int]:
     """Repeats per stage: the paper's when there are 17 blocks; otherwise (a depth multiplier) the
     runs of equal output channels, which must then be 7, one per stage."""
-    if len(outs) == sum(V2_DEPTHS):
-        return list(V2_DEPTHS)
+    if len(outs) == sum(mobilenet_arch.V2_STAGE_DEPTHS):
+        return list(mobilenet_arch.V2_STAGE_DEPTHS)
     runs = [1]
     for a, b in zip(outs, outs[1:]):
         if a == b:
             runs[-1] += 1
         else:
             runs.append(1)
-    if len(runs) != len(V2_DEPTHS):
+    if len(runs) != len(mobilenet_arch.V2_STAGE_DEPTHS):
         raise LayoutError(f"{len(outs)} inverted residuals in {len(runs)} runs of equal channels: cannot tell the 7 stages apart")
     return runs
 
@@ -190,3 +195,86 @@ def infer_width(arch: mobilenet_arch.Architecture) -> float | None:
         if expected_shapes(candidate) == want:
             return width
     return None
+
+
+def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
+    return what_is_lost(NAME, arch, rules(arch), architecture)
+
+
+# ---------------------------------------------------------------- PyTorch files and models
+
+# The files a PyTorch state dict is saved as; the layout inside is recognised from the keys.
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def read_torch_file(path: Path) -> Source:
+    from parity import io
+
+    return Source(io.to_numpy(io.load_torch_state_dict(path)))
+
+
+def write_state_dict(rules_of):
+    """A layout's `write` for a PyTorch state dict keyed by `rules_of(architecture)`, with the BN
+    step counters PyTorch's models hold."""
+
+    def write(checkpoint, path: Path, num_batches_tracked: int = 0) -> None:
+        import torch
+
+        from parity import io
+
+        tensors = from_flax(checkpoint.variables, rules_of(checkpoint.architecture))
+        state_dict = {k: torch.from_numpy(v) for k, v in tensors.items()}
+        for key in tensors:
+            if key.endswith(".running_var"):
+                state_dict[key[: -len("running_var")] + "num_batches_tracked"] = torch.tensor(num_batches_tracked, dtype=torch.long)
+        io.save_torch_state_dict(state_dict, path)
+
+    return write
+
+
+def of_model(model: Any) -> Source | None:
+    """Any other torch module (torchvision's, torch_ref's): its state dict, the layout recognised."""
+    if not hasattr(model, "state_dict"):
+        return None
+    from parity import io
+
+    return Source(io.to_numpy(model.state_dict()))
+
+
+def torch_ref_model(checkpoint):
+    """torch_ref's model of the checkpoint's architecture (any padding, any epsilon) holding its
+    weights, in eval mode."""
+    import torch
+
+    import torch_ref
+
+    model = torch_ref.MobileNet(checkpoint.architecture)
+    state = {k: torch.from_numpy(v) for k, v in from_flax(checkpoint.variables, rules(checkpoint.architecture)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+    return model.eval()
+
+
+def run_torch_ref(source: Any, checkpoint, images: np.ndarray) -> tuple[str, np.ndarray]:
+    """torch_ref, which has torchvision's semantics and any padding, on the converted weights."""
+    import torch
+
+    with torch.no_grad():
+        return "torch_ref", torch_ref_model(checkpoint)(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))).numpy()
+
+
+LAYOUT = Layout(
+    name=NAME,
+    expects=EXPECTS,
+    recognise=recognise,
+    architecture=architecture,
+    rules=rules,
+    preprocessing=preprocessing,
+    cannot_hold=cannot_hold,
+    write=write_state_dict(rules),
+    writes=lambda path: path.name.lower().endswith(TORCH_SUFFIXES),
+    reads=TORCH_SUFFIXES,
+    read=read_torch_file,
+    of_model=of_model,
+    run_library=run_torch_ref,
+)

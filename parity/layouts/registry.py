@@ -1,0 +1,94 @@
+"""Every layout `parity` reads and writes, one `Layout` record each, and what is decided across
+them: which layout a set of keys is in, which reads a file or a live model, which a file name
+asks for, and which can hold an architecture.
+
+A new layout is a module ending in its `LAYOUT` record, and one entry in `LAYOUTS`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import mobilenet_arch
+from parity.layouts import Layout, LayoutError, Source, WeightsFileError, short_list
+from parity.layouts import flax, hf, keras, timm, torchvision
+
+# In the order keys and live models are tried: torchvision's comes after the libraries whose
+# models are torch modules too, and reads any other module's state dict.
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (hf.LAYOUT, timm.LAYOUT, keras.LAYOUT, torchvision.LAYOUT, flax.LAYOUT)}
+NAMES: tuple[str, ...] = tuple(LAYOUTS)
+
+
+def layout(name: str) -> Layout:
+    if name not in LAYOUTS:
+        raise LayoutError(f"unknown layout {name!r}: expected {', '.join(NAMES)}")
+    return LAYOUTS[name]
+
+
+def recognise(weights: Mapping[str, Any]) -> str:
+    """The layout of `weights`' keys, or LayoutError saying what was seen and what each expects."""
+    for candidate in LAYOUTS.values():
+        if candidate.recognise(weights):
+            return candidate.name
+    stripped = strip_module_prefix(weights, quiet=True)
+    if stripped is not weights:
+        return recognise(stripped)
+    expected = "; ".join(f"{name}: {l.expects}" for name, l in LAYOUTS.items())
+    raise LayoutError(f"unrecognised layout: keys {short_list(sorted(weights), 4)}; expected {expected}")
+
+
+def strip_module_prefix(weights: Mapping[str, Any], quiet: bool = False):
+    if weights and all(k.startswith("module.") for k in weights):
+        if not quiet:
+            warnings.warn("the keys start with 'module.' (DataParallel): the prefix was stripped", stacklevel=3)
+        return {k[len("module."):]: v for k, v in weights.items()}
+    return weights
+
+
+def read_path(path: Path) -> Source:
+    """A file or directory, read by the layout whose `reads` names its kind."""
+    kind = "/" if path.is_dir() else path.suffix.lower()
+    if kind != "/" and not path.is_file():
+        raise WeightsFileError(f"{path}: no such file or directory")
+    for candidate in LAYOUTS.values():
+        if kind in candidate.reads:
+            return candidate.read(path)
+    readable = [suffix for l in LAYOUTS.values() for suffix in l.reads if suffix != "/"]
+    raise WeightsFileError(f"{path}: unknown extension {path.suffix or '(none)'!r}: expected {', '.join(readable[:-1])} or {readable[-1]}, or a Hugging Face directory")
+
+
+def read_model(model: Any) -> Source:
+    """A live model of any library a layout reads."""
+    for candidate in LAYOUTS.values():
+        source = candidate.of_model(model)
+        if source is not None:
+            return source
+    raise LayoutError(f"a {type(model).__name__}: expected a file, a directory, a state dict or a torchvision, timm, transformers or keras model")
+
+
+def layout_for_path(path: Path) -> str:
+    """The layout a file name asks for when writing."""
+    for candidate in LAYOUTS.values():
+        if candidate.write is not None and candidate.writes(path):
+            return candidate.name
+    raise LayoutError(
+        f"{path}: unknown extension {path.suffix!r}: expected .msgpack, .pth, .pt, .safetensors, .keras, .weights.h5 "
+        "or a directory (Hugging Face), or name the layout (--layout)"
+    )
+
+
+def holders(arch: mobilenet_arch.Architecture) -> list[str]:
+    """The layouts that can hold `arch` whole."""
+    return [l.name for l in LAYOUTS.values() if l.write is not None and l.cannot_hold(arch) is None]
+
+
+def check_can_hold(name: str, arch: mobilenet_arch.Architecture) -> None:
+    """LayoutError where `name` cannot hold `arch`: what would be lost, and the layouts that can."""
+    reason = layout(name).cannot_hold(arch)
+    if reason is None:
+        return
+    others = [".msgpack" if n == flax.NAME else n for n in holders(arch) if n != name]
+    hint = f": save them as {', '.join(others[:-1])} or {others[-1]}" if len(others) > 1 else f": save them as {others[0]}" if others else ""
+    raise LayoutError(f"{reason}{hint}")
