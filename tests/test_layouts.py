@@ -216,3 +216,56 @@ def test_an_override_that_disagrees_names_both(tmp_path):
         parity.load(sd, width_mult=1.0)
     with pytest.raises(parity.ConversionError, match="MobileNetV2.*not MobileNetV1"):
         parity.load(sd, arch="v1")
+
+
+def test_the_hint_names_exactly_the_layouts_that_can_hold_the_weights(tmp_path):
+    # Google's TF-padded V1 (epsilon 1e-3): torchvision and timm pad symmetrically with 1e-5, Keras
+    # fixes each stride-2 padding when it builds a model; the hint is computed, so it must name
+    # every layout a save succeeds in and none it fails in.
+    ckpt = parity.load(hf_model("V1", depth_multiplier=0.25))
+    with pytest.raises(parity.LayoutError) as refused:
+        parity.save(ckpt, tmp_path / "w.pth")
+    hint = str(refused.value).split("save them as ")[1]
+    targets = {"torchvision": "w.pth", "timm": "t.pth", "hf": "hf_dir", "keras": "w.keras", "flax": "w.msgpack"}
+    for layout, name in targets.items():
+        named = (".msgpack" if layout == "flax" else layout) in hint.replace(" or ", ", ").split(", ")
+        try:
+            parity.save(ckpt, tmp_path / name, layout=layout)
+            saved = True
+        except parity.LayoutError:
+            saved = False
+        assert saved == named, (layout, hint)
+        assert (tmp_path / name).exists() == saved
+
+
+def test_a_target_that_cannot_hold_the_weights_is_refused_before_verify_runs(tmp_path, capsys):
+    import torchvision
+
+    torch.save(torchvision.models.mobilenet_v2(width_mult=0.25).state_dict(), tmp_path / "tv.pth")
+    err = run_convert(capsys, tmp_path / "tv.pth", tmp_path / "out.keras", "--verify")
+    assert_one_line_error(err, "epsilon 1e-3", "save them as")
+    assert "verify:" not in capsys.readouterr().out
+    assert not (tmp_path / "out.keras").exists()
+
+
+def test_no_tool_branches_on_a_layout_name():
+    # Everything layout-specific is in the layout's record: load, save, convert, report and export
+    # read the registry, so a new layout is one module and one registry entry: no comparison with a
+    # layout's name, nor a name passed as layout=.
+    import ast
+    from pathlib import Path
+
+    from parity.layouts.registry import NAMES
+
+    root = Path(parity.__file__).parent
+    for module in ("checkpoint.py", "convert.py", "report.py", "export.py", "weights.py"):
+        for node in ast.walk(ast.parse((root / module).read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                # report's --reference (torch_ref or torchvision's model) and a file's framework
+                # (torch or flax) share names with layouts without being one
+                other_meaning = any(word in ast.unparse(side) for side in sides for word in ("reference", "framework"))
+                named = [side for side in sides if isinstance(side, ast.Constant) and side.value in NAMES]
+                assert not named or other_meaning, (module, ast.unparse(node))
+            if isinstance(node, ast.keyword) and node.arg == "layout" and isinstance(node.value, ast.Constant):
+                assert node.value.value not in NAMES, (module, ast.unparse(node))
