@@ -62,7 +62,8 @@ V2_BLOCKS: tuple[tuple[int, int, int, int], ...] = (
 # 0, Hugging Face to its config's `classifier_dropout_prob`, Keras's MobileNetV2 has none.
 V2_DROPOUT = 0.2
 ROUND_NEAREST = 8
-BN_EPSILON = 1e-5  # PyTorch's BatchNorm2d default; TensorFlow's checkpoints use 1e-3
+BN_EPSILON = 1e-5  # PyTorch's BatchNorm2d default
+TF_BN_EPSILON = 1e-3  # TensorFlow's MobileNets' (Google's checkpoints, Keras, transformers' default)
 
 # How a convolution pads its input: "symmetric" is PyTorch's (k - 1) // 2 on every side; "same" is
 # TensorFlow's SAME, which depends on the input size (at stride 2 the odd pixel goes after, and
@@ -198,6 +199,32 @@ class Architecture:
         """Blocks per stage of the table, stem and head left out (V2 at depth 1: 1, 2, 3, 4, 3, 3, 1)."""
         stages = [b.stage for b in self.blocks if b.layers[0].role not in ("stem", "head")]
         return tuple(stages.count(s) for s in sorted(set(stages)))
+
+    def __repr__(self) -> str:
+        # One line: the full dataclass repr of every layer runs to 12 KB.
+        return f"Architecture({describe(self)})"
+
+
+def describe(arch: "Architecture") -> str:
+    """The architecture in one line: version, width, depth where not the paper's, classes,
+    padding in words, BatchNorm epsilon."""
+    depth = "" if arch.arch == "v1" or arch.stage_depths == V2_STAGE_DEPTHS else f", depth {list(arch.stage_depths)}"
+    return (
+        f"MobileNet{arch.arch.upper()} width {arch.width_mult:g}{depth}, {arch.num_classes} classes, "
+        f"{padding_in_words(arch)}, BatchNorm epsilon {arch.bn_epsilon:g}"
+    )
+
+
+def padding_in_words(arch: "Architecture") -> str:
+    pads = {layer.pad for block in arch.blocks for layer in block.layers if layer.kernel_size > 1}
+    fixed = sorted(str(p) for p in pads if not isinstance(p, str))
+    if pads == {"symmetric"}:
+        return "PyTorch padding (symmetric)"
+    if fixed and all(p == "same" or not isinstance(p, str) for p in pads):
+        return f"TensorFlow padding (SAME; the stride-2 layers fixed at {', '.join(fixed)}, as Keras builds them)"
+    if pads == {"same"}:
+        return "TensorFlow padding (SAME)"
+    return "padding " + ", ".join(sorted(map(str, pads)))
 
 
 class V1Channels(NamedTuple):

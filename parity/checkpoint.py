@@ -25,10 +25,10 @@ import mobilenet_arch
 from parity.layouts import ConversionError, LayoutError, Preprocessing, Source, flat_variables, flax_shapes, short_list, to_flax
 from parity.layouts import flax as flax_layout
 from parity.layouts import torchvision
-from parity.layouts.registry import check_can_hold, layout, layout_for_path, read_model, read_path, recognise, strip_module_prefix  # noqa: F401
+from parity.layouts.registry import check_can_hold, layout, layout_for_path, locate, read_model, read_path  # noqa: F401
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Checkpoint:
     model: Any  # a flax_mobilenet.MobileNet
     variables: dict  # {"params", "batch_stats"} of jax arrays on the default device
@@ -36,13 +36,25 @@ class Checkpoint:
     preprocessing: Preprocessing
     layout: str  # where the weights came from: torchvision, timm, hf, keras or flax
 
+    def __repr__(self) -> str:
+        # One line; the variables' own repr runs to hundreds of kilobytes.
+        pre = self.preprocessing
+        return (
+            f"Checkpoint({describe(self.architecture)}, from {self.layout}; images: shorter side {pre.resize_size}, "
+            f"centre crop {pre.crop_size}, {pre.interpolation}, mean {tuple(pre.mean)}, std {tuple(pre.std)})"
+        )
+
 
 # ---------------------------------------------------------------- reading
 
 
-def load(source: Any, **overrides) -> Checkpoint:
+def load(source: Any, ema: bool = False, **overrides) -> Checkpoint:
     """A Checkpoint from a file, a HF model directory, a state dict, Flax variables, or a live
     torchvision/torch_ref, timm, transformers or keras model.
+
+    A training checkpoint's dict (Lightning's, timm's, torchvision's references') is unwrapped to
+    its weights, or with `ema` to their EMA copy; a network under a common key prefix (`model.`,
+    `backbone.`, `module.`) is found there. Each is named in a note (a warning).
 
     `overrides`: `arch`, `width_mult`, `num_classes` are checked against the weights; `dropout`,
     `padding`, `bn_epsilon` replace what the source says (a bare state dict cannot say them);
@@ -53,12 +65,14 @@ def load(source: Any, **overrides) -> Checkpoint:
     overrides = dict(overrides)
     if "width" in overrides:
         overrides["width_mult"] = overrides.pop("width")
-    read = _read(source)
+    read = _read(source, ema)
     asked = overrides.get("layout")
     if asked and read.layout not in (None, flax_layout.NAME) and asked != read.layout:
         raise ConversionError(f"these are {read.layout} weights, layout={asked!r} was asked for")
-    weights = strip_module_prefix(read.weights)
-    name = read.layout or asked or recognise(weights)
+    if read.layout or asked:
+        name, weights = read.layout or asked, read.weights
+    else:
+        name, weights = locate(read.weights)
     record = layout(name)
     kw = {k: overrides[k] for k in ("dropout", "padding", "bn_epsilon") if k in overrides}
     arch = _check_overrides(record.architecture(weights, read.config, **kw), overrides)
@@ -69,9 +83,9 @@ def load(source: Any, **overrides) -> Checkpoint:
     return Checkpoint(flax_mobilenet.MobileNet(arch), variables, arch, pre, name)
 
 
-def _read(source: Any) -> Source:
+def _read(source: Any, ema: bool) -> Source:
     if isinstance(source, (str, os.PathLike)):
-        return read_path(Path(source))
+        return read_path(Path(source), ema)
     if isinstance(source, Checkpoint):
         return Source(flat_variables(source.variables), source.architecture, source.preprocessing, flax_layout.NAME)
     if isinstance(source, Mapping):
@@ -79,7 +93,7 @@ def _read(source: Any) -> Source:
             return Source(flat_variables(source), None, None, flax_layout.NAME)
         from parity import io
 
-        return Source(io.to_numpy(source))
+        return Source(io.to_numpy(io.unwrap(source, "the dict given", ema)))
     return read_model(source)
 
 
@@ -176,9 +190,4 @@ _layout = layout  # `save`'s argument takes the name
 
 
 def describe(arch: mobilenet_arch.Architecture) -> str:
-    pads = sorted({str(l.pad) for b in arch.blocks for l in b.layers if l.kernel_size > 1})
-    depth = "" if arch.arch == "v1" or tuple(arch.stage_depths) == mobilenet_arch.V2_STAGE_DEPTHS else f", depth {list(arch.stage_depths)}"
-    return (
-        f"MobileNet{arch.arch.upper()} width {arch.width_mult:g}{depth}, {arch.num_classes} classes, "
-        f"padding {'/'.join(pads)}, BatchNorm epsilon {arch.bn_epsilon:g}"
-    )
+    return mobilenet_arch.describe(arch)

@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--layout", choices=NAMES, help="the output's layout (default: from its name)")
     parser.add_argument("--arch", choices=mobilenet_arch.ARCHS, help="check that the weights are this architecture")
     parser.add_argument("--width", type=float, help="check that the weights have this width multiplier")
+    parser.add_argument("--ema", action="store_true", help="read a training checkpoint's EMA copy of the weights (state_dict_ema, model_ema)")
     parser.add_argument("--verify", action="store_true", help="compare the source library's and the Flax model's logits")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative L2 error --verify accepts")
     parser.add_argument("--resolution", type=int, default=224, help="input size of the --verify batch")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                checkpoint = load(args.src, **overrides)
+                checkpoint = load(args.src, ema=args.ema, **overrides)
             except ConversionError as e:
                 raise ConversionError(f"{args.src}: {e}") from e
         for w in caught:

@@ -20,7 +20,9 @@ half-written file.
 
 from __future__ import annotations
 
+import argparse
 import os
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Literal, Mapping
 
@@ -35,8 +37,11 @@ from toolkit.cli import atomic_write, first_line
 
 Framework = Literal["torch", "flax"]
 FORMATS: dict[str, Framework] = {".pth": "torch", ".pt": "torch", ".bin": "torch", ".safetensors": "torch", ".msgpack": "flax"}
-# Where training scripts commonly nest the state dict inside a checkpoint.
-STATE_DICT_ENTRIES = ("state_dict", "model", "model_state_dict")
+# Where training frameworks nest the state dict inside a checkpoint (Lightning, torchvision's
+# reference scripts, common loops; `module` where a DataParallel model was saved whole as a dict),
+# and its EMA copy (timm's train.py, torchvision's references).
+STATE_DICT_ENTRIES = ("state_dict", "model", "model_state_dict", "module")
+EMA_ENTRIES = ("state_dict_ema", "model_ema")
 # Where the classes of a `torch.save(model)` pickle live: a model, not tensors.
 PICKLED_MODULES = ("torch.nn.modules", "torchvision.", "timm.", "transformers.", "torch_ref.")
 
@@ -52,8 +57,9 @@ def framework_of(path: str | os.PathLike) -> Framework:
     return FORMATS[suffix]
 
 
-def load_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The PyTorch state dict in a .pth, .pt or .safetensors file."""
+def load_torch_state_dict(path: str | os.PathLike, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The PyTorch state dict in a .pth, .pt or .safetensors file: the file's own, or the one a
+    training checkpoint wraps (`unwrap`; `ema` chooses its EMA copy)."""
     path = _existing(path, "torch")
     if path.suffix.lower() == ".safetensors":
         try:
@@ -61,25 +67,64 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise WeightsFileError(f"{path} is not a readable safetensors file (truncated or another format?): {first_line(e)}") from e
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # timm's and torchvision's training scripts save their argparse arguments beside the
+        # weights; a Namespace only holds attributes, so unpickling one runs no code of the file's.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged zip, a pickle of other objects, a file of another kind
         if "Unsupported global" in str(e) and any(m in str(e) for m in PICKLED_MODULES):
             raise WeightsFileError(
                 f"{path} holds a whole pickled model (torch.save(model)), which is never unpickled (that runs its code): "
                 "save model.state_dict() instead"
             ) from e
-        raise WeightsFileError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): {first_line(e)}") from e
-    if isinstance(loaded, Mapping):
-        for entry in STATE_DICT_ENTRIES:
-            if isinstance(loaded.get(entry), Mapping):
-                loaded = loaded[entry]
-                break
-    if not isinstance(loaded, Mapping) or not loaded or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
-    ):
-        what = f"a dict with keys {sorted(map(str, loaded))[:5]}" if isinstance(loaded, Mapping) else type(loaded).__name__
-        raise WeightsFileError(f"{path} holds {what}, not a state dict of tensors (nor one under {STATE_DICT_ENTRIES})")
-    return dict(loaded)
+        if "Unsupported global" in str(e):
+            raise WeightsFileError(f"{path} holds Python objects other than tensors and plain containers, which are never unpickled (that could run code): save the state dict alone") from e
+        raise WeightsFileError(f"{path} is not a readable PyTorch checkpoint: {_what_it_is(path)}") from e
+    return unwrap(loaded, str(path), ema)
+
+
+def _what_it_is(path: Path) -> str:
+    """Why torch.load could not read `path`, in the user's terms (torch's own words, such as "pop
+    from empty list" for a text file, say nothing to them)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        return "a damaged or truncated zip archive (what torch.save writes)"
+    if head[:1] == b"\x80":
+        return "a damaged or truncated pickle"
+    return "neither a zip archive (what torch.save writes) nor a pickle: another kind of file"
+
+
+def unwrap(loaded: Any, where: str, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict inside what a training framework saved: the file's own dict of tensors, or
+    the one under `STATE_DICT_ENTRIES` (Lightning's `state_dict`, torchvision's references'
+    `model`, ...), or with `ema` its EMA copy (`EMA_ENTRIES`, as timm and torchvision save it).
+    The other entries (optimizer, epoch, hyper-parameters) are named in a note; an EMA copy not
+    asked for is named too, with how to choose it."""
+    if _is_state_dict(loaded):
+        if ema:
+            raise WeightsFileError(f"{where} is a plain state dict: it holds no EMA copy (ema=True, --ema)")
+        return dict(loaded)
+    if not isinstance(loaded, Mapping):
+        raise WeightsFileError(f"{where} holds a {type(loaded).__name__}, not a state dict of tensors")
+    emas = [k for k in EMA_ENTRIES if _is_state_dict(loaded.get(k))]
+    plain = [k for k in STATE_DICT_ENTRIES if _is_state_dict(loaded.get(k))]
+    if ema and not emas:
+        raise WeightsFileError(f"{where} holds no EMA copy of the weights ({' or '.join(EMA_ENTRIES)}); entries: {', '.join(sorted(map(str, loaded))[:8])}")
+    chosen = emas[0] if ema else plain[0] if plain else None
+    if chosen is None:
+        found = ", ".join(sorted(map(str, loaded))[:8])
+        raise WeightsFileError(f"{where} holds a dict with entries {found}: not a state dict of tensors, nor one under {', '.join(STATE_DICT_ENTRIES + EMA_ENTRIES)}")
+    others = [str(k) for k in loaded if k != chosen and k not in emas]
+    notes = [f"read the weights under {chosen!r}"] + ([f"ignored {', '.join(others)}"] if others else [])
+    if emas and not ema:
+        notes.append(f"it also holds an EMA copy under {emas[0]!r}: ema=True (--ema) reads that instead")
+    warnings.warn(f"a training checkpoint: {'; '.join(notes)}", stacklevel=2)
+    return dict(loaded[chosen])
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
 def save_torch_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:

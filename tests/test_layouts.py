@@ -269,3 +269,12 @@ def test_no_tool_branches_on_a_layout_name():
                 assert not named or other_meaning, (module, ast.unparse(node))
             if isinstance(node, ast.keyword) and node.arg == "layout" and isinstance(node.value, ast.Constant):
                 assert node.value.value not in NAMES, (module, ast.unparse(node))
+
+
+def test_checkpoint_and_architecture_print_in_one_short_line():
+    # repr(ckpt) was the variables' whole repr (400 KB) and the architecture's every layer (12 KB).
+    ckpt = parity.load(hf_model("V2", depth_multiplier=0.35))
+    for text in (repr(ckpt), repr(ckpt.architecture), str(ckpt.architecture)):
+        assert "\n" not in text and len(text) < 300, text
+    assert "MobileNetV2 width 0.35" in repr(ckpt) and "1001 classes" in repr(ckpt)
+    assert "TensorFlow padding" in repr(ckpt) and "epsilon 0.001" in repr(ckpt) and "from hf" in repr(ckpt)

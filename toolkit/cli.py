@@ -28,7 +28,13 @@ def fail(message: str, status: int = 2) -> NoReturn:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a usage mistake reported as one `error: ...` line (exit 2) like every other
-    bad input of the tools, instead of argparse's usage block."""
+    bad input of the tools, instead of argparse's usage block; and no abbreviated flags, so that a
+    mistyped one (`--epoch` for `--epochs`, `--opt` for `--optimizer`) is an error, not silently
+    another flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see --help)")

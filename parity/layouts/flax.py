@@ -153,7 +153,7 @@ def description_json(arch: mobilenet_arch.Architecture, preprocessing: Preproces
     return json.dumps({"architecture": architecture_to_json(arch), "preprocessing": dataclasses.asdict(preprocessing)}, indent=1) + "\n"
 
 
-def read(path: Path) -> Source:
+def read(path: Path, ema: bool = False) -> Source:
     from parity import io
 
     variables = io.load_flax_variables(path)

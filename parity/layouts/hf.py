@@ -44,8 +44,6 @@ EXPECTS = "mobilenet_v1.* or mobilenet_v2.* and classifier.weight"
 # transformers' MobileNetV2Model numbers the 16 inverted residuals after the first through the
 # paper's stages: `layer.j` is the table's (stage, repeat) block j + 1.
 V2_POSITIONS = tuple(mobilenet_arch.stage_positions(mobilenet_arch.V2_STAGE_DEPTHS))[1:]
-# Google's checkpoints: TensorFlow's BatchNorm epsilon, transformers' default when a config omits it.
-TF_BN_EPSILON = 1e-3
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's numbering
 
 
@@ -62,7 +60,7 @@ def architecture(weights: Mapping[str, Any], config: Mapping[str, Any] | None = 
     if config.get("output_stride", 32) != 32:
         raise LayoutError(f"output_stride {config['output_stride']} (dilated, for segmentation): only 32, the classifier's, is described")
     kw.setdefault("padding", "same" if config.get("tf_padding", True) else "symmetric")
-    kw.setdefault("bn_epsilon", float(config.get("layer_norm_eps", TF_BN_EPSILON)))
+    kw.setdefault("bn_epsilon", float(config.get("layer_norm_eps", mobilenet_arch.TF_BN_EPSILON)))
     if "depth_multiplier" in config:
         kw.setdefault("width_mult", float(config["depth_multiplier"]))
     num_classes = shape(weights, "classifier.weight")[0]
@@ -132,7 +130,7 @@ def config_architecture(config: Mapping[str, Any], arch: str, num_classes: int) 
     dm, min_depth = float(config["depth_multiplier"]), config.get("min_depth", 8)
     kw = dict(
         padding="same" if config.get("tf_padding", True) else "symmetric",
-        bn_epsilon=float(config.get("layer_norm_eps", TF_BN_EPSILON)),
+        bn_epsilon=float(config.get("layer_norm_eps", mobilenet_arch.TF_BN_EPSILON)),
         dropout=float(config.get("classifier_dropout_prob", 0.0)),
         width_mult=dm,
     )
@@ -252,7 +250,7 @@ def write(checkpoint, path: Path, num_batches_tracked: int = 0) -> None:
     write_directory(checkpoint.architecture, checkpoint.variables, path, checkpoint.preprocessing)
 
 
-def read_directory(path: Path) -> Source:
+def read_directory(path: Path, ema: bool = False) -> Source:
     """A `save_pretrained` directory: config.json, the weights, preprocessor_config.json."""
     from parity import io
 

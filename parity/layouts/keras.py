@@ -47,7 +47,7 @@ NAME = "keras"
 EXPECTS = "conv1/kernel + conv_dw_1/kernel (MobileNet) or Conv1/kernel + expanded_conv_depthwise/kernel (MobileNetV2)"
 KERAS_BN = ("gamma", "beta", "moving_mean", "moving_variance")
 EVEN_SIZE_PAD = ((0, 1), (0, 1))
-EPSILON = 1e-3
+EPSILON = mobilenet_arch.TF_BN_EPSILON
 
 
 def recognise(keys) -> bool:
@@ -274,7 +274,7 @@ def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
     return None
 
 
-def read(path: Path) -> Source:
+def read(path: Path, ema: bool = False) -> Source:
     weights, config = read_file(path)
     return Source(weights, config)
 

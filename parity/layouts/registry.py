@@ -28,33 +28,68 @@ def layout(name: str) -> Layout:
 
 
 def recognise(weights: Mapping[str, Any]) -> str:
-    """The layout of `weights`' keys, or LayoutError saying what was seen and what each expects."""
-    for candidate in LAYOUTS.values():
-        if candidate.recognise(weights):
-            return candidate.name
-    stripped = strip_module_prefix(weights, quiet=True)
-    if stripped is not weights:
-        return recognise(stripped)
+    """The layout of `weights`' keys (under a common prefix too), or LayoutError saying what was
+    seen and what each layout expects."""
+    return locate(weights, quiet=True)[0]
+
+
+def locate(weights: Mapping[str, Any], quiet: bool = False) -> tuple[str, Mapping[str, Any]]:
+    """(layout, the weights as it keys them): the keys themselves, or those under a common prefix
+    where a training framework or the user's own module put the network (`module.` of
+    DataParallel, Lightning's `model.`, a `backbone.` or `net.` attribute, nested ones), the prefix
+    stripped with a note. Bookkeeping scalars beside the network (an EMA's `n_averaged`) are left
+    out with it; any other key outside the prefix is an error naming what else is there."""
+    name = _recognised(weights)
+    if name is not None:
+        return name, weights
+    for prefix in _prefixes(weights):
+        inner = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        name = _recognised(inner)
+        if name is None:
+            continue
+        outside = [k for k in weights if not k.startswith(prefix)]
+        scalars = [k for k in outside if len(getattr(weights[k], "shape", ())) == 0]
+        rest = [k for k in outside if k not in scalars]
+        if rest:
+            raise LayoutError(
+                f"a {name} MobileNet under {prefix!r} and {len(rest)} other keys: {short_list(rest)}; "
+                f"only a MobileNet with its classifier is read: save the network's own state dict (the module under {prefix.rstrip('.')!r})"
+            )
+        if not quiet:
+            why = " (DataParallel)" if prefix == "module." else ""
+            dropped = f"; left out {', '.join(scalars)}" if scalars else ""
+            warnings.warn(f"the keys start with {prefix!r}{why}: the prefix was stripped{dropped}", stacklevel=3)
+        return name, inner
     expected = "; ".join(f"{name}: {l.expects}" for name, l in LAYOUTS.items())
     raise LayoutError(f"unrecognised layout: keys {short_list(sorted(weights), 4)}; expected {expected}")
 
 
-def strip_module_prefix(weights: Mapping[str, Any], quiet: bool = False):
-    if weights and all(k.startswith("module.") for k in weights):
-        if not quiet:
-            warnings.warn("the keys start with 'module.' (DataParallel): the prefix was stripped", stacklevel=3)
-        return {k[len("module."):]: v for k, v in weights.items()}
-    return weights
+def _recognised(weights: Mapping[str, Any]) -> str | None:
+    for candidate in LAYOUTS.values():
+        if candidate.recognise(weights):
+            return candidate.name
+    return None
 
 
-def read_path(path: Path) -> Source:
+def _prefixes(weights: Mapping[str, Any], depth: int = 3) -> list[str]:
+    """Dotted key prefixes up to `depth` parts, those covering the most keys first."""
+    counts: dict[str, int] = {}
+    for key in weights:
+        parts = key.split(".")
+        for n in range(1, min(depth, len(parts) - 1) + 1):
+            prefix = ".".join(parts[:n]) + "."
+            counts[prefix] = counts.get(prefix, 0) + 1
+    return sorted(counts, key=lambda p: (-counts[p], len(p)))
+
+
+def read_path(path: Path, ema: bool = False) -> Source:
     """A file or directory, read by the layout whose `reads` names its kind."""
     kind = "/" if path.is_dir() else path.suffix.lower()
     if kind != "/" and not path.is_file():
         raise WeightsFileError(f"{path}: no such file or directory")
     for candidate in LAYOUTS.values():
         if kind in candidate.reads:
-            return candidate.read(path)
+            return candidate.read(path, ema=ema)
     readable = [suffix for l in LAYOUTS.values() for suffix in l.reads if suffix != "/"]
     raise WeightsFileError(f"{path}: unknown extension {path.suffix or '(none)'!r}: expected {', '.join(readable[:-1])} or {readable[-1]}, or a Hugging Face directory")
 

@@ -207,10 +207,10 @@ def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
-def read_torch_file(path: Path) -> Source:
+def read_torch_file(path: Path, ema: bool = False) -> Source:
     from parity import io
 
-    return Source(io.to_numpy(io.load_torch_state_dict(path)))
+    return Source(io.to_numpy(io.load_torch_state_dict(path, ema)))
 
 
 def write_state_dict(rules_of):
