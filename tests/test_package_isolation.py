@@ -133,6 +133,17 @@ def test_low_level_modules_do_not_import_the_layers():
     assert not {g for g in graph["flax_mobilenet.portable"] if g.startswith("flax_mobilenet")}
 
 
+def test_layouts_sit_below_what_reads_them():
+    # A layout module knows its own library and the shared primitives (and files through io); the
+    # registry knows the layouts; load/save and the tools know only the registry's records.
+    graph = import_graph()
+    layouts = [name for name in graph if name.startswith("parity.layouts.") and name != "parity.layouts.registry"]
+    above = {"parity.layouts.registry", "parity.checkpoint", "parity.weights", "parity.convert", "parity.report", "parity.export"}
+    for name in layouts + ["parity.io", "parity.layouts"]:
+        assert not graph[name] & above, (name, graph[name] & above)
+    assert not graph["parity.io"] & set(layouts), graph["parity.io"]
+
+
 @pytest.mark.parametrize(
     "package, forbidden",
     [
