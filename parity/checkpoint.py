@@ -84,6 +84,12 @@ def load(source: Any, ema: bool = False, **overrides) -> Checkpoint:
 
 
 def _read(source: Any, ema: bool) -> Source:
+    if isinstance(source, str) and not Path(source).exists():
+        from parity import hub
+
+        path, pre = hub.resolve(source)
+        read = read_path(path, ema)
+        return dataclasses.replace(read, preprocessing=pre) if pre is not None else read
     if isinstance(source, (str, os.PathLike)):
         return read_path(Path(source), ema)
     if isinstance(source, Checkpoint):

@@ -250,7 +250,7 @@ def write(checkpoint, path: Path, num_batches_tracked: int = 0) -> None:
     write_directory(checkpoint.architecture, checkpoint.variables, path, checkpoint.preprocessing)
 
 
-def read_directory(path: Path, ema: bool = False) -> Source:
+def read_directory(path: Path, ema: bool = False) -> Source | None:
     """A `save_pretrained` directory: config.json, the weights, preprocessor_config.json."""
     from parity import io
 
@@ -258,6 +258,8 @@ def read_directory(path: Path, ema: bool = False) -> Source:
     if not config_file.is_file():
         raise WeightsFileError(f"{path}: a directory without config.json: expected a Hugging Face model directory")
     config = json.loads(config_file.read_text())
+    if "model_type" not in config and "pretrained_cfg" in config:
+        return None  # timm's (`push_to_hf_hub`): its own layout reads it
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
             state_dict = io.load_torch_state_dict(path / name)

@@ -89,8 +89,12 @@ def read_path(path: Path, ema: bool = False) -> Source:
         raise WeightsFileError(f"{path}: no such file or directory")
     for candidate in LAYOUTS.values():
         if kind in candidate.reads:
-            return candidate.read(path, ema=ema)
+            source = candidate.read(path, ema=ema)
+            if source is not None:  # None: another layout's file of this kind (a directory)
+                return source
     readable = [suffix for l in LAYOUTS.values() for suffix in l.reads if suffix != "/"]
+    if kind == "/":
+        raise WeightsFileError(f"{path}: a directory without config.json: expected a Hugging Face model directory (transformers' or timm's)")
     raise WeightsFileError(f"{path}: unknown extension {path.suffix or '(none)'!r}: expected {', '.join(readable[:-1])} or {readable[-1]}, or a Hugging Face directory")
 
 

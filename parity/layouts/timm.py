@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -28,6 +30,7 @@ from parity.layouts import (
     Preprocessing,
     Rule,
     Source,
+    WeightsFileError,
     from_flax,
     layer_rules,
     shape,
@@ -156,6 +159,24 @@ def of_model(model: Any) -> Source | None:
     return Source(io.to_numpy(model.state_dict()), {"drop_rate": getattr(model, "drop_rate", 0.0)}, dict(model.pretrained_cfg))
 
 
+def read_directory(path: Path, ema: bool = False) -> Source | None:
+    """A timm Hub repository (`push_to_hf_hub`): config.json with its `pretrained_cfg`, and
+    model.safetensors (or pytorch_model.bin); None for another library's directory."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    if "pretrained_cfg" not in config or "model_type" in config:
+        return None
+    from parity import io
+
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            weights = io.to_numpy(io.load_torch_state_dict(path / name))
+            return Source(weights, {"drop_rate": 0.0}, {**config["pretrained_cfg"], "num_classes": config.get("num_classes")}, NAME)
+    raise WeightsFileError(f"{path}: a timm model directory without model.safetensors or pytorch_model.bin")
+
+
 def timm_model(architecture: mobilenet_arch.Architecture) -> Any:
     """The timm MobileNet whose state-dict shapes are `architecture`'s, or None (timm not installed,
     or no model of its registry has them)."""
@@ -201,6 +222,8 @@ LAYOUT = Layout(
     preprocessing=preprocessing,
     cannot_hold=cannot_hold,
     write=_torchvision.write_state_dict(rules),
+    reads=("/",),
+    read=read_directory,
     of_model=of_model,
     run_library=run_timm,
 )

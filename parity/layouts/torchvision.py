@@ -53,9 +53,10 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
     return out
 
 
-def preprocessing(config=None, arch=None) -> Preprocessing:
-    # torchvision's IMAGENET1K_V1 transforms: resize 256, crop 224, bilinear.
-    return Preprocessing(IMAGENET_MEAN, IMAGENET_STD, 256, 224, "bilinear")
+def preprocessing(config: Preprocessing | None = None, arch=None) -> Preprocessing:
+    """The weights enum's transforms where the source is one (`parity.hub`); else torchvision's
+    IMAGENET1K_V1 transforms: resize 256, crop 224, bilinear."""
+    return config if isinstance(config, Preprocessing) else Preprocessing(IMAGENET_MEAN, IMAGENET_STD, 256, 224, "bilinear")
 
 
 def parse_blocks(weights: Mapping[str, Any], conv_key, kernel_out) -> tuple[int, list[dict], int | None]:
