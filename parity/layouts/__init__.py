@@ -110,6 +110,22 @@ def shape(weights: Mapping[str, Any], key: str) -> tuple[int, ...]:
     return tuple(np.shape(weights[key]))
 
 
+def classes(weights: Mapping[str, Any], key: str, axis: int = 0) -> int:
+    """The classifier's outputs, its `key` kernel's `axis`; 0 where there is none (a feature
+    extractor: timm's num_classes=0, transformers' base model, Keras's include_top=False)."""
+    return shape(weights, key)[axis] if key in weights else 0
+
+
+def classifier_rules(arch: mobilenet_arch.Architecture, kernel: str, bias: str, transform: str) -> list[Rule]:
+    """The classifier's two rules, none for a feature extractor."""
+    if not arch.num_classes:
+        return []
+    return [
+        Rule(kernel, ("params", arch.flax_classifier, "kernel"), transform),
+        Rule(bias, ("params", arch.flax_classifier, "bias"), "same"),
+    ]
+
+
 def to_flax(weights: Mapping[str, Any], rules: list[Rule]) -> dict:
     """`{"params", "batch_stats"}` from `weights` (numpy arrays) through `rules`."""
     flat = {rule.flax_path: np.ascontiguousarray(rule.to_flax(np.asarray(weights[rule.key]))) for rule in rules}

@@ -49,7 +49,7 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
     """Identity rules: the key is the Flax path itself."""
     out = layer_rules(arch, lambda i, block, layer: (f"params/{block.name}/{layer.role}/conv/kernel", ""), conv="same", depthwise="same")
     out = [Rule("/".join(r.flax_path), r.flax_path, "same") for r in out]
-    for leaf in ("kernel", "bias"):
+    for leaf in ("kernel", "bias") if arch.num_classes else ():
         path = ("params", arch.flax_classifier, leaf)
         out.append(Rule("/".join(path), path, "same"))
     return out
@@ -62,9 +62,9 @@ def architecture(weights: Mapping[str, Any], config: mobilenet_arch.Architecture
         return rebuilt(config, **kw)
     params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in weights.items()}).get("params", {})
     names = sorted((int(m[1]), k) for k in params if (m := re.fullmatch(r"features_(\d+)", k)))
-    if not names or "classifier" not in params:
+    if not names:
         found = ", ".join(sorted(map(str, params))[:5])
-        raise LayoutError(f"Flax variables without features_0 ... and classifier (found {found or 'nothing'}): not a MobileNet")
+        raise LayoutError(f"Flax variables without features_0, features_1, ... (found {found or 'nothing'}): not a MobileNet")
 
     def out(block, role):
         return int(np.shape(params[block][role]["conv"]["kernel"])[-1]) if role in params[block] else None
@@ -82,7 +82,7 @@ def architecture(weights: Mapping[str, Any], config: mobilenet_arch.Architecture
             raise LayoutError(f"Flax variables: {name} has layers {sorted(roles)}, not a MobileNet block")
     if stem is None:
         raise LayoutError("Flax variables without a stem (features_0/stem)")
-    num_classes = int(np.shape(params["classifier"]["kernel"])[-1])
+    num_classes = int(np.shape(params["classifier"]["kernel"])[-1]) if "classifier" in params else 0  # else a feature extractor
     arch = _torchvision.build(stem, blocks, head, num_classes, **kw)
     width = _torchvision.infer_width(arch)
     return arch if width is None else dataclasses.replace(arch, width_mult=width)

@@ -33,6 +33,8 @@ from parity.layouts import (
     Rule,
     Source,
     WeightsFileError,
+    classes,
+    classifier_rules,
     layer_rules,
     same_architecture,
     shape,
@@ -40,7 +42,7 @@ from parity.layouts import (
 )
 
 NAME = "hf"
-EXPECTS = "mobilenet_v1.* or mobilenet_v2.* and classifier.weight"
+EXPECTS = "mobilenet_v1.* or mobilenet_v2.* (a base model's keys are read under its config's model_type), classifier.weight"
 # transformers' MobileNetV2Model numbers the 16 inverted residuals after the first through the
 # paper's stages: `layer.j` is the table's (stage, repeat) block j + 1.
 V2_POSITIONS = tuple(mobilenet_arch.stage_positions(mobilenet_arch.V2_STAGE_DEPTHS))[1:]
@@ -63,7 +65,7 @@ def architecture(weights: Mapping[str, Any], config: Mapping[str, Any] | None = 
     kw.setdefault("bn_epsilon", float(config.get("layer_norm_eps", mobilenet_arch.TF_BN_EPSILON)))
     if "depth_multiplier" in config:
         kw.setdefault("width_mult", float(config["depth_multiplier"]))
-    num_classes = shape(weights, "classifier.weight")[0]
+    num_classes = classes(weights, "classifier.weight")
     if not _v2(weights):
         p = "mobilenet_v1."
         stem = shape(weights, p + "conv_stem.convolution.weight")[0]
@@ -101,10 +103,7 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
             c = base + {"expand": "expand_1x1.", "depthwise": "conv_3x3.", "project": "reduce_1x1."}[layer.role]
         return c + "convolution.weight", c + "normalization"
 
-    return layer_rules(arch, names) + [
-        Rule("classifier.weight", ("params", arch.flax_classifier, "kernel"), "dense"),
-        Rule("classifier.bias", ("params", arch.flax_classifier, "bias"), "same"),
-    ]
+    return layer_rules(arch, names) + classifier_rules(arch, "classifier.weight", "classifier.bias", "dense")
 
 
 def preprocessing(config: Mapping[str, Any] | None = None, arch=None) -> Preprocessing:
@@ -267,7 +266,16 @@ def read_directory(path: Path, ema: bool = False) -> Source | None:
     else:
         raise WeightsFileError(f"{path}: no model.safetensors or pytorch_model.bin beside config.json")
     pre = path / "preprocessor_config.json"
-    return Source(io.to_numpy(state_dict), config, json.loads(pre.read_text()) if pre.is_file() else None)
+    return Source(_under_model_type(io.to_numpy(state_dict), config), config, json.loads(pre.read_text()) if pre.is_file() else None)
+
+
+def _under_model_type(weights: dict, config: Mapping[str, Any]) -> dict:
+    """A base model's keys (`MobileNetV2Model`: `conv_stem...`, no classifier) under the prefix the
+    classification model nests them in (`mobilenet_v2.`), which the rules name."""
+    prefix = f"{config.get('model_type', '')}."
+    if prefix not in ("mobilenet_v1.", "mobilenet_v2.") or any(k.startswith(prefix) for k in weights):
+        return weights
+    return {k if k.startswith("classifier.") else prefix + k: v for k, v in weights.items()}
 
 
 def of_model(model: Any) -> Source | None:
@@ -277,7 +285,7 @@ def of_model(model: Any) -> Source | None:
         return None
     from parity import io
 
-    return Source(io.to_numpy(model.state_dict()), config.to_dict())
+    return Source(_under_model_type(io.to_numpy(model.state_dict()), config.to_dict()), config.to_dict())
 
 
 def run_transformers(source: Any, checkpoint, images: np.ndarray) -> tuple[str, np.ndarray] | None:

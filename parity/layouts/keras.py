@@ -36,6 +36,8 @@ from parity.layouts import (
     Rule,
     Source,
     WeightsFileError,
+    classes,
+    classifier_rules,
     layer_rules,
     same_architecture,
     shape,
@@ -83,7 +85,7 @@ def architecture(weights: Mapping[str, Any], config: Mapping[str, Any] | None = 
         outs = [shape(weights, f"conv_pw_{i}/kernel")[-1] for i in range(1, 14)]
         kw.setdefault("width_mult", round(outs[-1] / 1024, 4))
         kw.setdefault("dropout", float(config.get("dropout", 1e-3)))
-        return mobilenet_arch.mobilenet_v1_from_channels(stem, outs, shape(weights, "conv_preds/kernel")[-1], **kw)
+        return mobilenet_arch.mobilenet_v1_from_channels(stem, outs, classes(weights, "conv_preds/kernel", -1), **kw)
     blocks = [(None, shape(weights, "expanded_conv_project/kernel")[-1], 1, 0, 0)]
     positions = mobilenet_arch.stage_positions(mobilenet_arch.V2_STAGE_DEPTHS)[1:]
     for j, (stage, repeat) in enumerate(positions, start=1):
@@ -91,7 +93,7 @@ def architecture(weights: Mapping[str, Any], config: Mapping[str, Any] | None = 
     kw.setdefault("width_mult", round(blocks[-1][1] / 320, 4))
     kw.setdefault("dropout", float(config.get("dropout", 0.0)))
     head = shape(weights, "Conv_1/kernel")[-1]
-    return mobilenet_arch.mobilenet_v2_from_blocks(shape(weights, "Conv1/kernel")[-1], blocks, head, shape(weights, "predictions/kernel")[-1], **kw)
+    return mobilenet_arch.mobilenet_v2_from_blocks(shape(weights, "Conv1/kernel")[-1], blocks, head, classes(weights, "predictions/kernel", -1), **kw)
 
 
 def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
@@ -108,14 +110,8 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
 
     out = layer_rules(arch, names, KERAS_BN, conv="same", depthwise="keras_depthwise", sep="/")
     if arch.arch == "v1":
-        return out + [
-            Rule("conv_preds/kernel", ("params", arch.flax_classifier, "kernel"), "keras_conv_dense"),
-            Rule("conv_preds/bias", ("params", arch.flax_classifier, "bias"), "same"),
-        ]
-    return out + [
-        Rule("predictions/kernel", ("params", arch.flax_classifier, "kernel"), "same"),
-        Rule("predictions/bias", ("params", arch.flax_classifier, "bias"), "same"),
-    ]
+        return out + classifier_rules(arch, "conv_preds/kernel", "conv_preds/bias", "keras_conv_dense")
+    return out + classifier_rules(arch, "predictions/kernel", "predictions/bias", "same")
 
 
 def preprocessing(config=None, arch=None) -> Preprocessing:
@@ -233,11 +229,11 @@ def build_model(arch: mobilenet_arch.Architecture):
     import keras
 
     alpha, size = alpha_for(arch)
+    # A feature extractor as Keras builds one: no top, the features pooled as ours are.
+    top = {"classes": arch.num_classes, "classifier_activation": None} if arch.num_classes else {"include_top": False, "pooling": "avg"}
     if arch.arch == "v1":
-        return keras.applications.MobileNet(
-            input_shape=(size, size, 3), alpha=alpha, weights=None, classes=arch.num_classes, classifier_activation=None, dropout=arch.dropout
-        )
-    return keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=alpha, weights=None, classes=arch.num_classes, classifier_activation=None)
+        return keras.applications.MobileNet(input_shape=(size, size, 3), alpha=alpha, weights=None, dropout=arch.dropout, **top)
+    return keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=alpha, weights=None, **top)
 
 
 def write_file(arch: mobilenet_arch.Architecture, variables: Mapping[str, Any], path: Path) -> None:

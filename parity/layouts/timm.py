@@ -31,6 +31,8 @@ from parity.layouts import (
     Rule,
     Source,
     WeightsFileError,
+    classes,
+    classifier_rules,
     from_flax,
     layer_rules,
     shape,
@@ -41,7 +43,7 @@ from parity.layouts import (
 from parity.layouts import torchvision as _torchvision
 
 NAME = "timm"
-EXPECTS = "conv_stem.weight, blocks.S.R.conv_dw.weight, classifier.weight"
+EXPECTS = "conv_stem.weight, blocks.S.R.conv_dw.weight, classifier.weight (none with num_classes=0)"
 
 
 def recognise(keys) -> bool:
@@ -55,7 +57,7 @@ def recognise(keys) -> bool:
 
 def _timm_keys(keys) -> bool:
     keys = set(keys)
-    return "conv_stem.weight" in keys and "classifier.weight" in keys and any(k.startswith("blocks.") for k in keys)
+    return "conv_stem.weight" in keys and any(k.startswith("blocks.") for k in keys)
 
 
 def other_model(keys) -> str | None:
@@ -86,7 +88,7 @@ def architecture(weights: Mapping[str, Any], config=None, **kw) -> mobilenet_arc
     where = positions(weights)
     stem = shape(weights, "conv_stem.weight")[0]
     head = shape(weights, "conv_head.weight")[0] if "conv_head.weight" in keys else None
-    num_classes = shape(weights, "classifier.weight")[0]
+    num_classes = classes(weights, "classifier.weight")
     kw.setdefault("padding", "symmetric")
     kw.setdefault("bn_epsilon", mobilenet_arch.BN_EPSILON)
     if config is not None:  # a live timm model: its drop_rate
@@ -125,10 +127,7 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
             conv, bn = {"expand": ("conv_pw", "bn1"), "depthwise": ("conv_dw", "bn2"), "project": ("conv_pwl", "bn3")}[layer.role]
         return f"{p}{conv}.weight", p + bn
 
-    return layer_rules(arch, names) + [
-        Rule("classifier.weight", ("params", arch.flax_classifier, "kernel"), "dense"),
-        Rule("classifier.bias", ("params", arch.flax_classifier, "bias"), "same"),
-    ]
+    return layer_rules(arch, names) + classifier_rules(arch, "classifier.weight", "classifier.bias", "dense")
 
 
 def preprocessing(config: Mapping[str, Any] | None = None, arch: mobilenet_arch.Architecture | None = None) -> Preprocessing:

@@ -27,6 +27,8 @@ from parity.layouts import (
     Preprocessing,
     Rule,
     Source,
+    classes,
+    classifier_rules,
     from_flax,
     layer_rules,
     shape,
@@ -35,22 +37,18 @@ from parity.layouts import (
 )
 
 NAME = "torchvision"
-EXPECTS = "features.0.0.weight, features.N.conv.*, classifier.1.weight"
+EXPECTS = "features.0.0.weight, features.N.conv.*, classifier.1.weight (none in a feature extractor)"
 CLASSIFIER = "classifier.1"
 
 
 def recognise(keys) -> bool:
     keys = set(keys)
-    return "features.0.0.weight" in keys and f"{CLASSIFIER}.weight" in keys
+    return "features.0.0.weight" in keys and "features.1.conv.0.0.weight" in keys
 
 
 def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
     out = layer_rules(arch, lambda i, block, layer: (f"{layer.torch_conv}.weight", layer.torch_bn))
-    out += [
-        Rule(f"{arch.torch_classifier}.weight", ("params", arch.flax_classifier, "kernel"), "dense"),
-        Rule(f"{arch.torch_classifier}.bias", ("params", arch.flax_classifier, "bias"), "same"),
-    ]
-    return out
+    return out + classifier_rules(arch, f"{arch.torch_classifier}.weight", f"{arch.torch_classifier}.bias", "dense")
 
 
 def preprocessing(config: Preprocessing | None = None, arch=None) -> Preprocessing:
@@ -140,10 +138,7 @@ def architecture(weights: Mapping[str, Any], config=None, **kw) -> mobilenet_arc
         return key if key in weights and len(shape(weights, key)) == 4 else None
 
     stem, blocks, head = parse_blocks(weights, conv_key, lambda key: shape(weights, key)[0])
-    if f"{CLASSIFIER}.weight" not in weights:
-        raise LayoutError(f"no classifier: key '{CLASSIFIER}.weight' is missing")
-    num_classes = shape(weights, f"{CLASSIFIER}.weight")[0]
-    arch = build(stem, blocks, head, num_classes, **kw)
+    arch = build(stem, blocks, head, classes(weights, f"{CLASSIFIER}.weight"), **kw)
     return _with_width(arch)
 
 
@@ -171,8 +166,9 @@ def expected_shapes(arch: mobilenet_arch.Architecture) -> dict[str, tuple[int, .
             shapes[f"{layer.torch_conv}.weight"] = (layer.out_channels, layer.in_channels // layer.groups, k, k)
             for name in ("weight", "bias", "running_mean", "running_var"):
                 shapes[f"{layer.torch_bn}.{name}"] = (layer.out_channels,)
-    shapes[f"{arch.torch_classifier}.weight"] = (arch.num_classes, arch.num_features)
-    shapes[f"{arch.torch_classifier}.bias"] = (arch.num_classes,)
+    if arch.num_classes:
+        shapes[f"{arch.torch_classifier}.weight"] = (arch.num_classes, arch.num_features)
+        shapes[f"{arch.torch_classifier}.bias"] = (arch.num_classes,)
     return shapes
 
 
