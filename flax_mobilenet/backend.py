@@ -14,6 +14,13 @@ the only backend measured (`python -m bench`), and XLA's own operations (cuDNN, 
 convolution unit) elsewhere. A native choice runs the kernels only on operands they take (float32
 or float64) and where they are built (`native.available`); elsewhere a pure-JAX form runs. A fourth
 variable, ``FLAX_MOBILENET_CACHE`` (`native.CACHE_ENV`), names the folder the kernels are built in.
+
+A choice made here is the host's, but a program traced on the CPU may be lowered for another
+platform (`lowering_platforms=("cuda",)`, an AOT compile or a `jax.export` for a GPU or TPU
+server). So what is chosen for the CPU must still be right there: the native kernels are
+primitives lowered per platform (XLA's own operations off the CPU), and a pure-JAX form that only
+pays on the CPU goes through `on_cpu`, which picks it when lowering for the CPU and XLA's form
+for every other platform.
 """
 
 from __future__ import annotations
@@ -83,6 +90,14 @@ def dense_convolutions(backend: str | None = None) -> str:
     and the activation applied as it writes) or "xla" (XLA's dot, then BatchNorm as a pass of its
     own). Training is not affected."""
     return choose(DENSE_ENV, backend)
+
+
+def on_cpu(cpu_form, elsewhere, *operands):
+    """`cpu_form(*operands)` in a program lowered for the CPU, `elsewhere(*operands)` in one lowered
+    for any other platform: decided when lowering, for the platform lowered for, not by the host
+    that traces (`jax.lax.platform_dependent`; a program lowered for the CPU alone holds only
+    `cpu_form`'s code)."""
+    return jax.lax.platform_dependent(*operands, cpu=cpu_form, default=elsewhere)
 
 
 def runs_native(chosen: str, *operands) -> bool:

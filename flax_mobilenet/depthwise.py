@@ -17,6 +17,10 @@ Three implementations compute the same function:
   fall back to "shifted". The kernels are JAX primitives: jit, vmap, forward and reverse mode and
   higher derivatives all go through them (each kernel's derivatives are the other two).
 
+"native" is decided per platform when the program is lowered, not by the host that traces it: the
+kernels, and the "shifted" fallback, are the CPU's code; a program lowered for a GPU or TPU (from
+any host) gets ``"xla"``'s convolution in their place, in every dtype (`backend.on_cpu`).
+
 ``"auto"`` (the default) picks "native" on the CPU and "xla" elsewhere, from
 `jax.default_backend()` at trace time; the environment variable ``FLAX_MOBILENET_DEPTHWISE``
 overrides it (`flax_mobilenet.backend`, where every such choice is made).
@@ -185,7 +189,9 @@ shifted_depthwise_conv2d.defvjp(_fwd, _bwd)
 
 def native_depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """`xla_depthwise_conv2d` by the `flax_mobilenet.native` CPU kernels, where they are built and
-    take the dtype; else by `shifted_depthwise_conv2d`."""
+    take the dtype; else by `shifted_depthwise_conv2d`. Both are the CPU's forms: lowered for any
+    other platform, either is `xla_depthwise_conv2d`."""
     if native.supports(x, kernel) and native.available():
         return native.forward(x, kernel[:, :, 0, :], output_hw(x, kernel.shape[0], stride, padding), stride, padding)
-    return shifted_depthwise_conv2d(x, kernel, stride, padding)
+    return backend.on_cpu(lambda x, kernel: shifted_depthwise_conv2d(x, kernel, stride, padding),
+                          lambda x, kernel: xla_depthwise_conv2d(x, kernel, stride, padding), x, kernel)  # fmt: skip

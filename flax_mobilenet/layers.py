@@ -193,7 +193,8 @@ class PatchConv(nn.Module):
     the dot's speed, and writing the 27-channel patches and multiplying is faster; the native
     kernel, which writes no patches, faster still (`python -m bench`). Training keeps the patches:
     the kernel gradient reads them anyway, and the native forward did not shorten the training
-    step. Elsewhere XLA's convolution stays (cuDNN, the TPU's convolution unit).
+    step. Lowered for any other platform (from any host: `backend.on_cpu`), XLA's convolution
+    (cuDNN, the TPU's convolution unit).
     """
 
     features: int
@@ -210,13 +211,10 @@ class PatchConv(nn.Module):
         kernel = self.param("kernel", conv_init, (k, k, channels, self.features), jnp.float32)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         affine = None if affine is None else tuple(a.astype(x.dtype) for a in affine)
-        cpu = jax.default_backend() == "cpu"
-        if cpu and affine is not None and backend.native_dense(x, kernel, *affine):
+        if affine is not None and backend.native_dense(x, kernel, *affine):
             return native.dense_conv_affine(x, kernel, *affine, s, p, activation)
-        if cpu:
-            y = pointwise_conv(portable.patches(x, k, s, p), kernel.reshape(k * k * channels, self.features))
-        else:
-            y = portable.xla_conv2d(x, kernel, s, p)
+        y = backend.on_cpu(lambda x, kernel: pointwise_conv(portable.patches(x, k, s, p), kernel.reshape(k * k * channels, self.features)),
+                           lambda x, kernel: portable.xla_conv2d(x, kernel, s, p), x, kernel)  # fmt: skip
         return y if affine is None else with_affine(y, *affine, activation)
 
 

@@ -212,6 +212,17 @@ def test_a_runtime_that_disagrees_with_flax_fails_the_check_and_writes_nothing(w
     assert not dst.exists() and not list(tmp_path.glob(".model.stablehlo*"))
 
 
+def test_a_runtime_that_returns_nan_fails_the_check_and_writes_nothing(weights, exported, tmp_path, capsys, monkeypatch):
+    # A NaN error compares false with any bound: the check must fail on it, not pass for want of
+    # an error above the bound.
+    fmt, data = export.FORMATS[".stablehlo"], exported("v1", ".stablehlo").read_bytes()
+    wrong = dataclasses.replace(fmt, export=lambda *_: data, load=lambda data: (lambda x, run=fmt.load(data): run(x) * np.nan))
+    monkeypatch.setitem(export.FORMATS, ".stablehlo", wrong)
+    dst = tmp_path / "model.stablehlo"
+    _fails(capsys, [str(weights["v1"]), str(dst), "--resolution", str(RESOLUTION)], "jax.export's logits are nan", "nothing written")
+    assert not dst.exists() and not list(tmp_path.glob(".model.stablehlo*"))
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [

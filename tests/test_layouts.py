@@ -12,6 +12,7 @@ import torch
 
 import parity
 from parity import convert
+from parity.layouts import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, Preprocessing
 from parity.models import relative_l2
 from parity.random_weights import randomize_batchnorm
 from tests.cli_errors import assert_one_line_error
@@ -83,6 +84,20 @@ def test_timm_preprocessing_is_its_pretrained_cfg():
 
 
 @pytest.mark.parametrize(
+    "name, expected",
+    [  # what timm's published weights expect; V1's (mobilenetv1_100.ra4_e3600_r224_in1k) at its test size
+        ("mobilenetv1_100", Preprocessing(INCEPTION_MEAN, INCEPTION_STD, 269, 256, "bicubic")),
+        ("mobilenetv2_035", Preprocessing(IMAGENET_MEAN, IMAGENET_STD, 256, 224, "bicubic")),
+    ],
+)
+def test_a_saved_timm_file_gets_the_preprocessing_of_timms_weights(tmp_path, name, expected):
+    # A file carries no pretrained_cfg (a live model does: test_timm_preprocessing_is_its_pretrained_cfg).
+    torch.save(timm.create_model(name).state_dict(), tmp_path / "w.pth")
+    ckpt = parity.load(tmp_path / "w.pth")
+    assert ckpt.layout == "timm" and ckpt.preprocessing == expected
+
+
+@pytest.mark.parametrize(
     "version, config, size",  # TensorFlow SAME pads differently at odd and even sizes
     [
         ("V1", dict(depth_multiplier=0.3), 67),  # 9, 19, 38 ... channels: no multiple of 8
@@ -96,6 +111,19 @@ def test_transformers_matches(version, config, size):
     ckpt = parity.load(model)
     assert ckpt.layout == "hf" and ckpt.architecture.num_classes == 1001
     assert logits_gap(ckpt, lambda x: model(pixel_values=x).logits, size) <= TOLERANCE
+
+
+def test_transformers_batchnorm_epsilon_is_read_from_the_config_and_written_back(tmp_path):
+    # Not transformers' default 1e-3, which is also what a config without the key gets. Where a
+    # variance is near 1, 1e-2 instead of 1e-3 moves the layer's scale by 0.5%, far above TOLERANCE.
+    model = hf_model("V1", depth_multiplier=0.25, layer_norm_eps=1e-2)
+    ckpt = parity.load(model)
+    assert ckpt.architecture.bn_epsilon == 1e-2
+    assert logits_gap(ckpt, lambda x: model(pixel_values=x).logits, 64) <= TOLERANCE
+    parity.save(ckpt, tmp_path / "out")
+    back = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "out")
+    assert back.config.layer_norm_eps == 1e-2
+    assert parity.load(tmp_path / "out").architecture == ckpt.architecture
 
 
 def test_hf_directory_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path):

@@ -1,10 +1,13 @@
-"""GPU and TPU readiness without a device: the jitted train and eval steps lower for `cuda`, `rocm`
-and `tpu` from this CPU-only machine, with XLA's own convolutions and none of the native CPU
-kernels' custom calls, and the data-parallel step reduces BatchNorm's statistics over the batch.
+"""GPU and TPU readiness without a device: the jitted train and eval steps, in float32 and
+bfloat16, lower for `cuda`, `rocm` and `tpu` from this CPU-only machine, with XLA's own
+convolutions and none of the native CPU kernels' custom calls, and the data-parallel step reduces
+BatchNorm's statistics over the batch.
 
-The native kernels are JAX primitives with a portable lowering (XLA's operations) besides their
-CPU one, so what a GPU or TPU compiles is decided per platform at lowering time; this checks that
-nothing CPU-only leaks into another platform's program.
+What a GPU or TPU compiles is decided per platform at lowering time, not by the host that traces:
+the native kernels are JAX primitives with a portable lowering (XLA's operations) besides their
+CPU one, and the pure-JAX forms that only pay on the CPU (the shifted depthwise form the CPU runs
+in bfloat16, the stem's patches) are chosen by platform too (`backend.on_cpu`). This checks that
+nothing CPU-only leaks into another platform's program, and that the CPU's own program keeps them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import pytest
 
 PLATFORMS = ("cuda", "rocm", "tpu")
+DTYPES = ("float32", "bfloat16")
 DEVICES = 8
 
 # Runs in a process of its own: the 8 simulated devices must be set before JAX starts.
@@ -32,31 +36,39 @@ from train import distributed, step as step_lib
 def convolutions(text):
     return [int(g) for g in re.findall(r"stablehlo\.convolution.*?feature_group_count = (\d+)", text)]
 
+def stem_convolutions(text, channels):
+    # The stem's forward: the 3-channel image, a (3, 3, 3, channels) kernel, groups 1.
+    kernel = rf"tensor<3x3x3x{channels}x\w+>"
+    return len(re.findall(rf"stablehlo\.convolution.*feature_group_count = 1 : i64.*: \(tensor<16x32x32x3x\w+>, {kernel}\)", text))
+
 def custom_calls(text):
     return sorted(set(re.findall(r"stablehlo\.custom_call @([\w.$-]+)", text)))
 
 result = {}
 for arch, width in (("v1", 0.25), ("v2", 0.35)):
-    model = create_model(arch, width, 10)
-    depthwise = [l.in_channels for b in model.architecture.blocks for l in b.layers if l.depthwise]
-    norms = [l.out_channels for b in model.architecture.blocks for l in b.layers]
-    state = step_lib.create_train_state(model, optax.sgd(0.1, 0.9), jax.random.key(0), 32)
-    batch = {"image": jnp.zeros((16, 32, 32, 3)), "label": jnp.zeros((16,), jnp.int32)}
-    key = jax.random.key(1)
-    mesh = distributed.make_mesh()
-    steps = {"one": step_lib.jit_steps(0.0), "mesh": step_lib.jit_steps(
-        0.0, distributed.replicated(mesh), distributed.batch_sharded(mesh))}
-    entry = {"depthwise": depthwise, "norms": norms, "lowered": {}}
-    for layout, (train, evaluate) in steps.items():
-        traced = {"train": train.trace(state, batch, key), "eval": evaluate.trace(state, batch)}
-        for platform in sys.argv[1:]:
-            for name, t in traced.items():
-                text = t.lower(lowering_platforms=(platform,)).as_text()
-                entry["lowered"][f"{layout}/{platform}/{name}"] = {
-                    "convolutions": convolutions(text), "custom_calls": custom_calls(text),
-                    "image_sharded": bool(re.search(r'tensor<16x32x32x3xf32> \{[^}]*sdy\.sharding<@mesh, \[\{"data"\}', text)),
-                }
-    # SPMD partitioning is the same for every platform; here it runs for the CPU's 8 devices.
+    entry = {"lowered": {}}
+    for dtype in ("bfloat16", "float32"):
+        model = create_model(arch, width, 10, dtype=jnp.dtype(dtype))
+        layers = [l for b in model.architecture.blocks for l in b.layers]
+        entry.update(depthwise=[l.in_channels for l in layers if l.depthwise], norms=[l.out_channels for l in layers])
+        state = step_lib.create_train_state(model, optax.sgd(0.1, 0.9), jax.random.key(0), 32)
+        batch = {"image": jnp.zeros((16, 32, 32, 3)), "label": jnp.zeros((16,), jnp.int32)}
+        key = jax.random.key(1)
+        mesh = distributed.make_mesh()
+        steps = {"one": step_lib.jit_steps(0.0), "mesh": step_lib.jit_steps(
+            0.0, distributed.replicated(mesh), distributed.batch_sharded(mesh))}
+        for layout, (train, evaluate) in steps.items():
+            traced = {"train": train.trace(state, batch, key), "eval": evaluate.trace(state, batch)}
+            for platform in ("cpu", *sys.argv[1:]):
+                for name, t in traced.items():
+                    text = t.lower(lowering_platforms=(platform,)).as_text()
+                    entry["lowered"][f"{dtype}/{layout}/{platform}/{name}"] = {
+                        "convolutions": convolutions(text), "custom_calls": custom_calls(text),
+                        "stem_convolutions": stem_convolutions(text, layers[0].out_channels),
+                        "image_sharded": bool(re.search(r'tensor<16x32x32x3xf32> \{[^}]*sdy\.sharding<@mesh, \[\{"data"\}', text)),
+                    }
+    # SPMD partitioning is the same for every platform and dtype; here it runs for the CPU's 8
+    # devices, on the float32 step (the last dtype's).
     hlo = steps["mesh"][0].trace(state, batch, key).lower().compile().as_text()
     reduced = []
     for line in hlo.splitlines():
@@ -89,21 +101,22 @@ def lowered() -> dict:
     return json.loads(out.stdout.split("RESULT", 1)[1])
 
 
-CASES = [(arch, layout, platform, step) for arch in ("v1", "v2") for layout in ("one", "mesh")
-         for platform in PLATFORMS for step in ("train", "eval")]  # fmt: skip
+CASES = [(arch, dtype, layout, platform, step) for arch in ("v1", "v2") for dtype in DTYPES
+         for layout in ("one", "mesh") for platform in PLATFORMS for step in ("train", "eval")]  # fmt: skip
+CPU_CASES = [(arch, layout, step) for arch in ("v1", "v2") for layout in ("one", "mesh") for step in ("train", "eval")]
 
 
-@pytest.mark.parametrize("arch,layout,platform,step", CASES)
-def test_no_custom_call_on_other_platforms(lowered, arch, layout, platform, step):
+@pytest.mark.parametrize("arch,dtype,layout,platform,step", CASES)
+def test_no_custom_call_on_other_platforms(lowered, arch, dtype, layout, platform, step):
     # The native kernels' targets are CPU-only (`flax_mobilenet_*`); no other custom call is
     # expected either: the models use XLA's operations only.
-    assert lowered[arch]["lowered"][f"{layout}/{platform}/{step}"]["custom_calls"] == []
+    assert lowered[arch]["lowered"][f"{dtype}/{layout}/{platform}/{step}"]["custom_calls"] == []
 
 
-@pytest.mark.parametrize("arch,layout,platform,step", CASES)
-def test_depthwise_layers_are_xla_convolutions(lowered, arch, layout, platform, step):
+@pytest.mark.parametrize("arch,dtype,layout,platform,step", CASES)
+def test_depthwise_layers_are_xla_convolutions(lowered, arch, dtype, layout, platform, step):
     entry = lowered[arch]
-    grouped = sorted(g for g in entry["lowered"][f"{layout}/{platform}/{step}"]["convolutions"] if g > 1)
+    grouped = sorted(g for g in entry["lowered"][f"{dtype}/{layout}/{platform}/{step}"]["convolutions"] if g > 1)
     # Every depthwise layer is one grouped convolution forward; training adds its input gradient
     # (a grouped convolution) and its kernel gradient (a convolution grouped over the batch,
     # feature_group_count 1), so the forward and the input gradient are counted here.
@@ -111,10 +124,37 @@ def test_depthwise_layers_are_xla_convolutions(lowered, arch, layout, platform, 
     assert grouped == sorted(entry["depthwise"] * per_layer)
 
 
+@pytest.mark.parametrize("arch,dtype,layout,platform,step", CASES)
+def test_stem_is_an_xla_convolution(lowered, arch, dtype, layout, platform, step):
+    # Not the CPU's product of the written-out patches.
+    assert lowered[arch]["lowered"][f"{dtype}/{layout}/{platform}/{step}"]["stem_convolutions"] == 1
+
+
 @pytest.mark.parametrize("arch", ["v1", "v2"])
+@pytest.mark.parametrize("step", ["train", "eval"])
+def test_cpu_float32_runs_the_native_kernels(lowered, arch, step):
+    # One device: under the mesh the kernels are inside `custom_partitioning`'s calls until SPMD
+    # partitioning, which this lowering does not run.
+    lowered_cpu = lowered[arch]["lowered"][f"float32/one/cpu/{step}"]
+    depthwise = "flax_mobilenet_depthwiseforward_f32" if step == "train" else "flax_mobilenet_depthwiseforwardaffine_f32"
+    assert depthwise in lowered_cpu["custom_calls"]
+    assert lowered_cpu["convolutions"] == []
+
+
+@pytest.mark.parametrize("arch,layout,step", CPU_CASES)
+def test_cpu_bfloat16_runs_the_shifted_form(lowered, arch, layout, step):
+    # The kernels take float32 and float64 only; the CPU's bfloat16 program is the shifted
+    # multiply-adds and the stem's patches: neither a convolution nor a kernel.
+    lowered_cpu = lowered[arch]["lowered"][f"bfloat16/{layout}/cpu/{step}"]
+    assert lowered_cpu["convolutions"] == []
+    assert lowered_cpu["custom_calls"] == []
+
+
+@pytest.mark.parametrize("arch", ["v1", "v2"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_mesh_step_takes_the_batch_sharded(lowered, arch, platform):
-    assert lowered[arch]["lowered"][f"mesh/{platform}/train"]["image_sharded"]
+def test_mesh_step_takes_the_batch_sharded(lowered, arch, dtype, platform):
+    assert lowered[arch]["lowered"][f"{dtype}/mesh/{platform}/train"]["image_sharded"]
 
 
 @pytest.mark.parametrize("arch", ["v1", "v2"])

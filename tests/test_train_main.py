@@ -24,6 +24,7 @@ import pytest
 import torch
 import torchvision
 from flax import serialization
+from PIL import Image
 
 import parity
 from mobilenet_arch import mobilenet_v1
@@ -346,3 +347,36 @@ def test_a_width_outside_the_published_list_trains_and_exports_both_files(tmp_pa
     assert channels == [layer.out_channels for block in mobilenet_v1(0.3).blocks for layer in block.layers]
     flax_tree = load_params(tmp_path)
     assert np.array_equal(loaded.variables["params"]["features_0"]["stem"]["conv"]["kernel"], flax_tree["params"]["features_0"]["stem"]["conv"]["kernel"])
+
+
+def write_one_class_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 2)):
+        (root / split / "only").mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(root / split / "only" / f"{i}.png")
+    return root
+
+
+def test_on_tied_accuracies_the_earlier_best_is_kept_and_its_weights_are_exported(tmp_path, compile_cache):
+    # One class: every evaluation is exactly 100% accurate, a tie by construction, while the
+    # weights (BatchNorm's running statistics at least) change at every step. With a constant
+    # learning rate, a one-epoch run takes the same steps as the first epoch of a two-epoch run,
+    # so its final weights are the two-epoch run's weights at its first evaluation.
+    folder = write_one_class_folder(tmp_path / "folder")
+    flags = ["--dataset", str(folder), "--arch", "v1", "--width", "0.25", "--resolution", "32", "--eval-resize", "32",
+             "--eval-crop", "32", "--batch-size", "4", "--lr", "0.01", "--schedule", "constant", "--warmup-epochs", "0",
+             "--eval-every", "1", "--no-progress"]  # fmt: skip
+    two = run(["-m", "train.main", *flags, "--epochs", "2", "--workdir", str(tmp_path / "two")], compile_cache)
+    run(["-m", "train.main", *flags, "--epochs", "1", "--workdir", str(tmp_path / "one")], compile_cache)
+    rows = map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines())
+    assert [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r] == [(2, 1.0), (4, 1.0)]
+    assert "best:  accuracy 1.0000 (step 2)" in two.stdout
+
+    def leaves(path):
+        return jax.tree.leaves(serialization.msgpack_restore(path.read_bytes()))
+
+    best, first_epoch, last = leaves(tmp_path / "two" / "best.msgpack"), leaves(tmp_path / "one" / "model.msgpack"), leaves(tmp_path / "two" / "model.msgpack")
+    assert all(np.array_equal(a, b) for a, b in zip(best, first_epoch, strict=True))
+    # The premise: the second epoch moved the weights, so exporting again at the tie would show.
+    assert not all(np.array_equal(a, b) for a, b in zip(best, last, strict=True))
