@@ -16,7 +16,9 @@ logits are, and exits 1 above the tolerance (nothing is written then). Bad input
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -71,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         for w in caught:
             print(f"note: {args.src}: {w.message}")
         check_can_hold(layout, checkpoint.architecture)  # before any work: the hint names the layouts that can
-        if args.verify and not verify(args.src, checkpoint, args):
+        if not args.verify:
+            save(checkpoint, dst, layout=layout)
+        elif not (verify(args.src, checkpoint, args) and write_verified(checkpoint, dst, layout, args)):
             return 1
-        save(checkpoint, dst, layout=layout)
     except (WeightsFileError, ConversionError, OSError) as e:
         fail(str(e))
     print(f"wrote {args.dst}: {describe(checkpoint.architecture)} ({checkpoint.layout} -> {layout})")
@@ -85,12 +88,39 @@ def verify(src: str, checkpoint: Checkpoint, args) -> bool:
     x = random_batch(2, args.resolution)
     library, reference = source_logits(src, checkpoint, x)
     got = np.asarray(checkpoint.model.apply(checkpoint.variables, x, train=False))
+    return report(f"{library} (source) vs Flax (converted)", got, reference, x, args.tolerance)
+
+
+def write_verified(checkpoint: Checkpoint, dst: Path, layout: str, args) -> bool:
+    """Write `dst` beside itself first, run the library it is written for on that file, and move
+    it into place only if its logits are the Flax model's."""
+    x = random_batch(2, args.resolution, seed=1)
+    with tempfile.TemporaryDirectory(dir=dst.resolve().parent, prefix=f".{dst.name}.") as staging:
+        staged = Path(staging) / dst.name
+        save(checkpoint, staged, layout=layout)
+        ran = LAYOUTS[layout].run_written(staged, checkpoint, x)
+        if ran is None:
+            print(f"verify: the library {layout} files are for is not installed: {dst.name} was not run there")
+        else:
+            library, logits = ran
+            if not report(f"{library} on the written {dst.name} vs Flax", logits, np.asarray(checkpoint.model.apply(checkpoint.variables, x, train=False)), x, args.tolerance):
+                return False
+        for entry in Path(staging).iterdir():  # the file, or the directory, and a .msgpack's description
+            target = dst.parent / entry.name
+            if entry.is_dir() and target.is_dir():
+                for inner in entry.iterdir():
+                    os.replace(inner, target / inner.name)
+            else:
+                os.replace(entry, target)
+    return True
+
+
+def report(what: str, got: np.ndarray, reference: np.ndarray, x: np.ndarray, tolerance: float) -> bool:
     error, max_abs = relative_l2(got, reference), float(np.max(np.abs(got - reference)))
-    ok = error <= args.tolerance
+    ok = error <= tolerance
     print(
-        f"verify: {library} (source) vs Flax (converted) logits on a random batch {x.shape} (NHWC): "
-        f"max abs diff {max_abs:.3g}, relative L2 {error:.3g} (tolerance {args.tolerance:g}): "
-        + ("ok" if ok else "FAILED, nothing written")
+        f"verify: {what} logits on a random batch {x.shape} (NHWC): max abs diff {max_abs:.3g}, relative L2 {error:.3g} "
+        f"(tolerance {tolerance:g}): " + ("ok" if ok else "FAILED, nothing written")
     )
     return ok
 

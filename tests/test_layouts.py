@@ -306,3 +306,35 @@ def test_checkpoint_and_architecture_print_in_one_short_line():
         assert "\n" not in text and len(text) < 300, text
     assert "MobileNetV2 width 0.35" in repr(ckpt) and "1001 classes" in repr(ckpt)
     assert "TensorFlow padding" in repr(ckpt) and "epsilon 0.001" in repr(ckpt) and "from hf" in repr(ckpt)
+
+
+@pytest.mark.parametrize("target, layout, library", [("w.pth", None, "torchvision"), ("t.pth", "timm", "timm"), ("hf_dir", None, "transformers"), ("w.msgpack", None, "Flax")])
+def test_verify_runs_the_library_the_file_is_written_for_on_that_file(tmp_path, capsys, target, layout, library):
+    import torchvision
+
+    torch.save(randomize_batchnorm(torchvision.models.mobilenet_v2(width_mult=0.5, num_classes=7), 3).state_dict(), tmp_path / "src.pth")
+    args = [str(tmp_path / "src.pth"), str(tmp_path / target), "--verify", "--resolution", "64"] + (["--layout", layout] if layout else [])
+    assert convert.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"verify: {library}" in out and f"on the written {target} vs Flax" in out, out
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the staged copy moved into place
+
+
+def test_a_written_file_its_library_disagrees_with_is_not_kept(tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    import torchvision
+
+    from parity.layouts import registry
+
+    torch.save(torchvision.models.mobilenet_v2(width_mult=0.25).state_dict(), tmp_path / "src.pth")
+    real = registry.LAYOUTS["torchvision"].run_written
+
+    def one_percent_off(path, ckpt, x):  # a library that reads the written file differently
+        library, logits = real(path, ckpt, x)
+        return library, logits * 1.01
+
+    monkeypatch.setitem(registry.LAYOUTS, "torchvision", dataclasses.replace(registry.LAYOUTS["torchvision"], run_written=one_percent_off))
+    assert convert.main([str(tmp_path / "src.pth"), str(tmp_path / "w.pth"), "--verify", "--resolution", "64"]) == 1
+    assert "FAILED, nothing written" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.pth"]

@@ -236,6 +236,16 @@ class Layout:
     # (source as given, checkpoint, NHWC images) -> (library name, logits) from the library itself
     # run on the source, or None where it is not installed or cannot run this source.
     run_library: Callable[..., Optional[tuple[str, np.ndarray]]] = lambda source, checkpoint, images: None
+    # (a file or directory this layout wrote, its checkpoint, NHWC images) -> (library name,
+    # logits) from the library the file is for, reading the file itself; None where not installed.
+    run_written: Callable[..., Optional[tuple[str, np.ndarray]]] = lambda path, checkpoint, images: None
+
+
+def nchw(images: np.ndarray):
+    """NHWC numpy images as the NCHW torch tensor PyTorch's models take."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
 
 @functools.lru_cache(maxsize=32)

@@ -165,6 +165,16 @@ def write(checkpoint, path: Path, num_batches_tracked: int = 0) -> None:
     save_flax_variables(checkpoint.variables, path, architecture=checkpoint.architecture, preprocessing=checkpoint.preprocessing)
 
 
+def run_written(path: Path, checkpoint, images: np.ndarray) -> tuple[str, np.ndarray]:
+    """This project's model on the file as `parity.load` reads it back."""
+    import flax_mobilenet
+    from parity import io
+
+    arch, _ = read_description(path)
+    model = flax_mobilenet.MobileNet(arch or checkpoint.architecture)
+    return "Flax (the file read back)", np.asarray(model.apply(io.load_flax_variables(path), images, train=False))
+
+
 LAYOUT = Layout(
     name=NAME,
     expects="params/features_0/stem/conv/kernel ... and batch_stats/... (Flax variables)",
@@ -177,4 +187,5 @@ LAYOUT = Layout(
     writes=lambda path: path.name.lower().endswith(SUFFIX),
     reads=(SUFFIX,),
     read=read,
+    run_written=run_written,
 )

@@ -299,9 +299,15 @@ def run_transformers(source: Any, checkpoint, images: np.ndarray) -> tuple[str, 
     import torch
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # its "Loading weights" bar would be the tool's output
     model = transformers.AutoModelForImageClassification.from_pretrained(source).eval()
     with torch.no_grad():
         return "transformers", model(pixel_values=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))).logits.numpy()
+
+
+def run_written(path: Path, checkpoint, images: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """transformers' `from_pretrained` on the directory written."""
+    return run_transformers(path, checkpoint, images)
 
 
 LAYOUT = Layout(
@@ -318,4 +324,5 @@ LAYOUT = Layout(
     read=read_directory,
     of_model=of_model,
     run_library=run_transformers,
+    run_written=run_written,
 )

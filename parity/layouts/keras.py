@@ -299,6 +299,22 @@ def run_keras(source: Any, checkpoint, images: np.ndarray) -> tuple[str, np.ndar
     return "keras", np.asarray(keras.saving.load_model(source)(images, training=False))
 
 
+def run_written(path: Path, checkpoint, images: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """Keras itself: `load_model` on a .keras file; a .weights.h5 loaded into the model Keras
+    builds for the architecture."""
+    try:
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        import keras
+    except ImportError:
+        return None
+    if path.suffix == ".keras":
+        model = keras.saving.load_model(path)
+    else:
+        model = build_model(checkpoint.architecture)
+        model.load_weights(path)
+    return "keras", np.asarray(model(images, training=False))
+
+
 LAYOUT = Layout(
     name=NAME,
     expects=EXPECTS,
@@ -313,4 +329,5 @@ LAYOUT = Layout(
     read=read,
     of_model=live_model,
     run_library=run_keras,
+    run_written=run_written,
 )

@@ -212,6 +212,21 @@ def run_timm(source: Any, checkpoint, images: np.ndarray) -> tuple[str, np.ndarr
         return "timm", model.eval()(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))).numpy()
 
 
+def run_written(path: Path, checkpoint, images: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """timm's model of these shapes, the file loaded into it strictly."""
+    model = timm_model(checkpoint.architecture)
+    if model is None:
+        return None
+    import torch
+
+    from parity import io
+    from parity.layouts import nchw
+
+    model.load_state_dict(io.load_torch_state_dict(path), strict=True)
+    with torch.no_grad():
+        return "timm", model.eval()(nchw(images)).numpy()
+
+
 LAYOUT = Layout(
     name=NAME,
     expects=EXPECTS,
@@ -225,4 +240,5 @@ LAYOUT = Layout(
     read=read_directory,
     of_model=of_model,
     run_library=run_timm,
+    run_written=run_written,
 )

@@ -260,6 +260,30 @@ def run_torch_ref(source: Any, checkpoint, images: np.ndarray) -> tuple[str, np.
         return "torch_ref", torch_ref_model(checkpoint)(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))).numpy()
 
 
+def run_written(path: Path, checkpoint, images: np.ndarray) -> tuple[str, np.ndarray]:
+    """The file loaded strictly into torchvision's own mobilenet_v2 where it builds these shapes
+    (V2 at a torchvision width), else into torch_ref's model."""
+    import torch
+
+    from parity import io
+    from parity.layouts import nchw
+
+    arch = checkpoint.architecture
+    state = io.load_torch_state_dict(path)
+    model, library = None, "torch_ref"
+    if arch.arch == "v2" and infer_width(arch) is not None and arch.num_classes:
+        import torchvision
+
+        model, library = torchvision.models.mobilenet_v2(num_classes=arch.num_classes, width_mult=infer_width(arch)), "torchvision"
+    if model is None:
+        import torch_ref
+
+        model = torch_ref.MobileNet(arch)
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        return library, model.eval()(nchw(images)).numpy()
+
+
 LAYOUT = Layout(
     name=NAME,
     expects=EXPECTS,
@@ -274,4 +298,5 @@ LAYOUT = Layout(
     read=read_torch_file,
     of_model=of_model,
     run_library=run_torch_ref,
+    run_written=run_written,
 )
