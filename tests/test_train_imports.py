@@ -15,6 +15,8 @@ import train
 FRAMEWORKS = ("jax", "torch")
 IMPORTS = {
     "train.config": (),
+    "train.datasets": (),
+    "train.param_groups": (),
     "train.main": (),
     "train.eval": (),
     "train.compare": (),

@@ -19,6 +19,7 @@ import numpy as np
 from toolkit import allocator
 from toolkit.cli import ArgumentParser, fail
 from train import config as config_lib
+from train import datasets
 
 
 def evaluate_jax(checkpoint, batches) -> float:
@@ -74,7 +75,7 @@ def flag_problem(args: argparse.Namespace) -> str | None:
         return problem
     if not Path(args.weights).exists():
         return f"--weights {args.weights}: no such file or folder"
-    return config_lib.dataset_problem(args.dataset, args.data_dir)
+    return datasets.dataset_problem(args.dataset, args.data_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

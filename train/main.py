@@ -42,7 +42,7 @@ import mobilenet_arch
 from toolkit import allocator
 from toolkit.cli import atomic_write_text, fail
 from train import config as config_lib
-from train import lock
+from train import datasets, lock
 
 
 class NonFiniteLoss(RuntimeError):
@@ -144,7 +144,7 @@ def _preprocessing(config, info, resolution: int, recipe):
     from parity import Preprocessing
     from train import augment, data
 
-    if config_lib.is_folder(config.dataset):
+    if datasets.is_folder(config.dataset):
         resize, crop = recipe.eval_resize, recipe.eval_crop
     elif info.default_resolution > data.SMALL_IMAGE_MAX_SIDE:
         resize, crop = round(resolution / augment.EVAL_CROP_FRACTION), resolution
@@ -591,7 +591,7 @@ def _print(chief: bool, message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     config = config_lib.parse_config(argv)
     allocator.keep_step_buffers()
-    problem = config_lib.dataset_problem(config.dataset, config.data_dir)
+    problem = datasets.dataset_problem(config.dataset, config.data_dir)
     if problem:
         fail(problem)
     if config.framework == "jax":

@@ -7,7 +7,7 @@
     save_checkpoint(path, model, optimizer, step)  # step = restore_checkpoint(path, model, optimizer)
 
 The optimizer is the one `train.optim.make_optimizer` mirrors: SGD or RMSprop with coupled weight
-decay, or AdamW, in the param groups of `train.config.parameter_group` (the backbone's learning-rate
+decay, or AdamW, in the param groups of `train.param_groups.parameter_group` (the backbone's learning-rate
 factor, the depthwise filters' decay). `freeze(model, n)` freezes the first n blocks of `features`:
 their parameters leave the optimizer, and `train_step` runs them in eval mode, since
 `requires_grad=False` alone would still update their BatchNorm statistics.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import mobilenet_arch
 from toolkit.cli import atomic_write
-from train import config as config_lib
+from train import param_groups
 
 
 def to_torch(
@@ -67,20 +67,20 @@ def freeze(model: torch.nn.Module, frozen_blocks: int) -> None:
 
 def make_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """torch.optim.SGD, RMSprop or AdamW as `config` says, over the parameters that train, in
-    `train.config.parameter_group`'s groups; the learning rate is set every step."""
+    `train.param_groups.parameter_group`'s groups; the learning rate is set every step."""
     blocks = parameter_blocks(model.architecture)
-    groups: dict[config_lib.ParameterGroup, list[torch.nn.Parameter]] = {}
+    groups: dict[param_groups.ParameterGroup, list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault(config_lib.parameter_group(config, *blocks[name]), []).append(p)
-    param_groups = [
+            groups.setdefault(param_groups.parameter_group(config, *blocks[name]), []).append(p)
+    torch_groups = [
         {"params": params, "weight_decay": group.weight_decay, "lr_mult": group.lr_mult} for group, params in groups.items()
     ]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+        return torch.optim.SGD(torch_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(
-            param_groups,
+            torch_groups,
             lr=config.lr,
             alpha=config.rmsprop_decay,
             eps=config.rmsprop_eps,
@@ -88,7 +88,7 @@ def make_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
             centered=config.rmsprop_centered,
         )
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=config.lr, betas=config_lib.ADAMW_BETAS, eps=config_lib.ADAMW_EPS)
+        return torch.optim.AdamW(torch_groups, lr=config.lr, betas=param_groups.ADAMW_BETAS, eps=param_groups.ADAMW_EPS)
     raise ValueError(f"unknown optimizer {config.optimizer!r}: expected sgd, rmsprop or adamw")
 
 
