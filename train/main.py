@@ -234,7 +234,7 @@ def train_and_evaluate(config: config_lib.Config, run_plan: Plan) -> dict:
 def _train_jax(config, run_plan: Plan, workdir: Path) -> dict:
     import jax
 
-    from train import checkpoint, distributed, step as step_lib
+    from train import checkpoint, distributed, metrics, step as step_lib
 
     mesh = distributed.make_mesh()
     state_sharding, batch_sharding = distributed.replicated(mesh), distributed.batch_sharded(mesh)
@@ -259,7 +259,7 @@ def _train_jax(config, run_plan: Plan, workdir: Path) -> dict:
 
     def evaluate():
         totals = [eval_fn(holder["state"], distributed.global_batch(b, batch_sharding)) for b in _eval_batches(config, run_plan)]
-        return _summarise(jax.device_get(totals))
+        return metrics.summarise(jax.device_get(totals))
 
     def save():
         checkpoint.save(mngr, holder["state"])
@@ -327,7 +327,7 @@ def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
     from flax_mobilenet import init_variables
     from parity import layouts
     from parity.layouts import to_flax
-    from train import checkpoint, optim, step as step_lib, torch_step
+    from train import checkpoint, metrics, optim, step as step_lib, torch_step
 
     # Start from the weights JAX would start from, so the two runs differ only in the framework.
     init_key, _ = jax.random.split(jax.random.key(config.seed))
@@ -355,7 +355,7 @@ def _train_torch(config, run_plan: Plan, workdir: Path) -> dict:
 
     def evaluate():
         totals = [torch_step.eval_step(model, b, config.precision) for b in _eval_batches(config, run_plan)]
-        return _summarise([{k: v.item() for k, v in t.items()} for t in totals])
+        return metrics.summarise([{k: v.item() for k, v in t.items()} for t in totals])
 
     def save():
         torch_step.save_checkpoint(checkpoint.torch_path(workdir), model, optimizer, counter["step"])
@@ -480,14 +480,6 @@ def _check_window(window: list) -> tuple[np.ndarray, np.ndarray]:
     if bad.size:
         raise NonFiniteLoss(f"the training loss became {losses[bad[0]]} at step {window[bad[0]][0]}")
     return losses, accuracies
-
-
-def _summarise(totals: list[dict]) -> dict:
-    count = sum(float(t["count"]) for t in totals)
-    return {
-        "loss": sum(float(t["loss_sum"]) for t in totals) / count,
-        "accuracy": sum(float(t["correct"]) for t in totals) / count,
-    }
 
 
 def _train_batches(config, run_plan: Plan, epoch: int, start_batch: int) -> Iterator[dict]:

@@ -137,8 +137,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer_step(optimizer, clip_grad_norm)
-    accuracy = (logits.argmax(-1) == batch["label"]).float().mean()
-    return {"loss": loss.detach(), "accuracy": accuracy}
+    return {"loss": loss.detach(), "accuracy": correct(logits, batch["label"]).mean()}
 
 
 @torch.no_grad()
@@ -148,7 +147,8 @@ def eval_step(
     precision: str = "fp32",
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, torch.Tensor]:
-    """Sums over the real examples of the batch, as train/step.py's eval_step."""
+    """Sums over the real examples of the batch, as train/step.py's eval_step (summed over
+    batches by `train.metrics.summarise`)."""
     device = model_device(model)
     batch = to_torch(batch, device, memory_format)
     model.eval()
@@ -156,8 +156,12 @@ def eval_step(
         logits = model(batch["image"]).float()
     mask = batch.get("mask", torch.ones(batch["label"].shape, device=device))
     loss = F.cross_entropy(logits, batch["label"], reduction="none")
-    correct = (logits.argmax(-1) == batch["label"]).float()
-    return {"loss_sum": (loss * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
+    return {"loss_sum": (loss * mask).sum(), "correct": (correct(logits, batch["label"]) * mask).sum(), "count": mask.sum()}
+
+
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """1.0 where the top class is the label, else 0.0: what accuracy averages."""
+    return (logits.argmax(-1) == labels).float()
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
