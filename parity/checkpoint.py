@@ -239,17 +239,21 @@ def layout_for_path(path: Path) -> str:
     )
 
 
-def save(checkpoint: Checkpoint, path: str | os.PathLike, layout: str | None = None, num_batches_tracked: int = 0) -> None:
+def save(
+    checkpoint: Checkpoint, path: str | os.PathLike, layout: str | None = None, num_batches_tracked: int = 0, extra: Mapping[str, Any] | None = None
+) -> None:
     """Write `checkpoint` in `layout` (default: from the name: .msgpack flax, .pth/.safetensors
     torchvision, .keras/.weights.h5 keras, a directory hf). A layout that cannot express the
-    architecture (TensorFlow padding as torchvision, symmetric padding as Keras) is a LayoutError."""
+    architecture (TensorFlow padding as torchvision, symmetric padding as Keras) is a LayoutError.
+    `extra`: further keys for a .msgpack's description (a training run's class names); the other
+    layouts have no place for them."""
     from parity import io
 
     path = Path(path)
     layout = layout or layout_for_path(path)
     arch, variables = checkpoint.architecture, checkpoint.variables
     if layout == "flax":
-        io.save_flax_variables(variables, path, architecture=arch, preprocessing=checkpoint.preprocessing)
+        io.save_flax_variables(variables, path, architecture=arch, preprocessing=checkpoint.preprocessing, extra=extra)
     elif layout in ("torchvision", "timm"):
         module = LAYOUTS[layout]
         tensors = from_flax(variables, module.rules(arch))

@@ -109,10 +109,12 @@ def load_flax_variables(path: str | os.PathLike) -> dict[str, Any]:
     return jax.tree.map(np.array, {"params": variables["params"], "batch_stats": variables["batch_stats"]})
 
 
-def save_flax_variables(variables: Mapping[str, Any], path: str | os.PathLike, architecture=None, preprocessing=None) -> None:
+def save_flax_variables(
+    variables: Mapping[str, Any], path: str | os.PathLike, architecture=None, preprocessing=None, extra: Mapping[str, Any] | None = None
+) -> None:
     """Write `{"params", "batch_stats"}` to a .msgpack file, atomically, and beside it
     `<file>.json`: the architecture (inferred from the shapes when not given) and preprocessing,
-    so that `parity.load(path)` needs no flags. The msgpack holds only arrays, as before."""
+    so that `parity.load(path)` needs no flags, and `extra`'s keys. The msgpack holds only arrays."""
     path = Path(path)
     if framework_of(path) != "flax":
         raise WeightsFileError(f"{path}: Flax variables go to .msgpack")
@@ -124,7 +126,7 @@ def save_flax_variables(variables: Mapping[str, Any], path: str | os.PathLike, a
             architecture = None
     _atomic_write(path, lambda f: f.write(flax.serialization.msgpack_serialize(tree)))
     if architecture is not None:
-        text = flax_layout.description_json(architecture, preprocessing or flax_layout.preprocessing())
+        text = flax_layout.description_json(architecture, preprocessing or flax_layout.preprocessing(), extra)
         _atomic_write(description_path(path), lambda f: f.write(text.encode()))
 
 

@@ -18,6 +18,11 @@ IMPORTS = {
     "train.datasets": (),
     "train.param_groups": (),
     "train.main": (),
+    "train.plan": (),
+    "train.record": (),
+    "train.loop": (),
+    "train.periodic": (),
+    "train.runners": (),  # the frameworks inside its runners
     "train.eval": (),
     "train.compare": (),
     "train.predict": (),

@@ -80,5 +80,9 @@ def architecture_from_json(d: Mapping[str, Any]) -> mobilenet_arch.Architecture:
     return mobilenet_arch.Architecture(**{**d, "blocks": blocks})
 
 
-def description_json(arch: mobilenet_arch.Architecture, preprocessing: Preprocessing) -> str:
-    return json.dumps({"architecture": architecture_to_json(arch), "preprocessing": dataclasses.asdict(preprocessing)}, indent=1) + "\n"
+def description_json(arch: mobilenet_arch.Architecture, preprocessing: Preprocessing, extra: Mapping[str, Any] | None = None) -> str:
+    """The architecture and preprocessing as JSON; `extra`'s keys (a training run's class names,
+    say) beside them, never in their place."""
+    described = {"architecture": architecture_to_json(arch), "preprocessing": dataclasses.asdict(preprocessing)}
+    described.update((key, value) for key, value in (extra or {}).items() if key not in described)
+    return json.dumps(described, indent=1) + "\n"
