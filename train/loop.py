@@ -8,7 +8,9 @@ after each step as named actions (train/periodic.py), in this order:
     report progress   the progress bar's loss, accuracy, images/s and time left, as often as losses are checked
     evaluate          every --eval-every epochs and at the end: {"step", "epoch", "eval_loss", "eval_accuracy"}
     export best       WORKDIR/best.msgpack and best.pth after an evaluation more accurate than any before
+    report evaluation the progress bar's evaluation loss and accuracy
     plot              curves.png after an evaluation, at most every PLOT_INTERVAL_SECONDS (and at the end)
+    restart the clock at each epoch's end: images/s counts training time, not evaluation
     checkpoint        every --checkpoint-every steps, at each epoch's end, and at the end
 
 Process 0 alone writes the metrics and the curves. The data order depends only on (seed, epoch), so
