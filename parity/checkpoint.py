@@ -178,18 +178,22 @@ def load_torch(source: Any, **overrides):
 # ---------------------------------------------------------------- writing
 
 
-def save(checkpoint: Checkpoint, path: str | os.PathLike, layout: str | None = None, num_batches_tracked: int = 0) -> None:
+def save(
+    checkpoint: Checkpoint, path: str | os.PathLike, layout: str | None = None, num_batches_tracked: int = 0, extra: Mapping[str, Any] | None = None
+) -> None:
     """Write `checkpoint` in `layout` (default: from the name: .msgpack flax, .pth/.safetensors
     torchvision, .keras/.weights.h5 keras, a directory hf). A layout that cannot hold the
     architecture (TensorFlow padding as torchvision, symmetric padding as Keras) is a LayoutError
-    naming what would be lost and the layouts that can hold it; nothing is written then."""
+    naming what would be lost and the layouts that can hold it; nothing is written then.
+    `extra`: further keys for the layout's description where it has one (a .msgpack's: a training
+    run's class names); the other layouts have no place for them."""
     path = Path(path)
     name = layout or layout_for_path(path)
     record = _layout(name)
     if record.write is None:
         raise LayoutError(f"the {name} layout is read, not written")
     check_can_hold(name, checkpoint.architecture)
-    record.write(checkpoint, path, num_batches_tracked=num_batches_tracked)
+    record.write(checkpoint, path, num_batches_tracked=num_batches_tracked, extra=extra)
 
 
 _layout = layout  # `save`'s argument takes the name

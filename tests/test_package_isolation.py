@@ -144,6 +144,34 @@ def test_layouts_sit_below_what_reads_them():
     assert not graph["parity.io"] & set(layouts), graph["parity.io"]
 
 
+# The rooms of training (docs/architecture.md), each with what it may not import of the project,
+# at the top or inside a function. A name stands for itself and every module under it.
+EVERYTHING = PACKAGES
+TRAIN_ROOMS = [
+    # The command line: parse, check, lock, summarise; the run is train.loop's.
+    ("train.main", ["train.runners", "train.step", "train.torch_step", "train.optim", "train.data", "parity", "torch_ref", "flax_mobilenet"]),
+    # The loop and its periodic actions reach a framework only through a runner.
+    ("train.loop", ["train.step", "train.torch_step", "train.optim", "train.checkpoint", "train.distributed", "parity", "torch_ref", "flax_mobilenet"]),
+    ("train.periodic", EVERYTHING),
+    # Configuration holds configuration: no optimizer, data pipeline, step or run.
+    ("train.config", ["train.data", "train.folder", "train.optim", "train.param_groups", "train.step", "train.torch_step", "train.plan", "train.loop", "train.runners"]),
+    # The data side answers its own questions about a dataset.
+    ("train.data", ["train.config"]),
+    ("train.datasets", EVERYTHING),
+    # Both frameworks' optimizers read the parameter groups; they import neither framework.
+    ("train.param_groups", ["train", "toolkit", "parity", "flax_mobilenet", "torch_ref"]),
+    # A run's record is written and read without the run's machinery.
+    ("train.record", ["train", "flax_mobilenet", "torch_ref"]),
+]
+
+
+@pytest.mark.parametrize("module, forbidden", TRAIN_ROOMS, ids=[room for room, _ in TRAIN_ROOMS])
+def test_each_room_of_training_imports_only_what_it_needs(module, forbidden):
+    imported = import_graph()[module]
+    reached = sorted(name for name in imported for prefix in forbidden if name == prefix or name.startswith(prefix + "."))
+    assert not reached, f"{module} imports {reached}"
+
+
 @pytest.mark.parametrize(
     "package, forbidden",
     [

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.cli_errors import assert_one_line_error
-from train import augment, data, folder
+from train import augment, data, datasets, folder
 from train import config as config_lib
 
 CLASSES = ("dog", "cat", "Bird")  # ImageFolder sorts by code point: Bird, cat, dog
@@ -282,9 +282,9 @@ def test_folder_only_flags_with_digits_are_a_usage_error(capsys):
 
 
 def test_a_dataset_is_a_folder_when_it_reads_as_a_path_or_holds_train(images, tmp_path, monkeypatch):
-    assert config_lib.is_folder(images) and config_lib.is_folder("./photos") and config_lib.is_folder("~/photos")
-    assert not config_lib.is_folder("digits") and not config_lib.is_folder("cifar10")
+    assert datasets.is_folder(images) and datasets.is_folder("./photos") and datasets.is_folder("~/photos")
+    assert not datasets.is_folder("digits") and not datasets.is_folder("cifar10")
     # A TFDS data directory's dataset folder (versions inside) stays a TFDS name.
     os.makedirs(tmp_path / "cifar10" / "3.0.2")
     monkeypatch.chdir(tmp_path)
-    assert not config_lib.is_folder("cifar10")
+    assert not datasets.is_folder("cifar10")

@@ -15,7 +15,14 @@ import train
 FRAMEWORKS = ("jax", "torch")
 IMPORTS = {
     "train.config": (),
+    "train.datasets": (),
+    "train.param_groups": (),
     "train.main": (),
+    "train.plan": (),
+    "train.record": (),
+    "train.loop": (),
+    "train.periodic": (),
+    "train.runners": (),  # the frameworks inside its runners
     "train.eval": (),
     "train.compare": (),
     "train.predict": (),

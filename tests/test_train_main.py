@@ -121,19 +121,41 @@ def test_metrics_jsonl_has_train_rows_every_log_step_and_an_eval_row(baseline):
     assert (baseline / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+class FakeRunner:
+    """A runner (train/runners.py) whose step, evaluation, checkpoint and export do nothing."""
+
+    step = 0
+
+    def train(self, batch):
+        self.step += 1
+        return {"loss": np.float32(1.0), "accuracy": np.float32(0.5)}
+
+    def fetch(self, step_metrics):
+        return step_metrics
+
+    def evaluate(self, batches):
+        return {"loss": 1.0, "accuracy": 0.5}
+
+    def save(self):
+        pass
+
+    def export(self, name):
+        pass
+
+
 def _fake_loop(monkeypatch, tmp_path, epochs: int) -> list[int]:
-    """train.main's loop over `epochs` epochs of 2 steps with a fake step, evaluation and save;
-    returns the steps at which curves.png was drawn."""
+    """train.loop's loop over `epochs` epochs of 2 steps with a fake runner; returns the steps at
+    which curves.png was drawn."""
     from train import config as config_lib
-    from train import main, metrics
+    from train import loop, metrics, plan
 
     drawn = []
     monkeypatch.setattr(metrics, "plot_workdir", lambda workdir: drawn.append(len(metrics.read(workdir))))
-    monkeypatch.setattr(main, "_train_batches", lambda config, run_plan, epoch, first: iter([{}] * (2 - first)))
+    monkeypatch.setattr(loop, "_train_batches", lambda config, run_plan, epoch, first: iter([{}] * (2 - first)))
+    monkeypatch.setattr(loop, "_eval_batches", lambda config, run_plan: iter([]))
     config = config_lib.parse_config(["--epochs", str(epochs), "--log-every", "1", "--no-progress", "--workdir", str(tmp_path)])
-    run_plan = main.Plan(10, 32, steps_per_epoch=2, total_steps=2 * epochs, stop_step=2 * epochs, checkpoint_every=2)
-    step = {"loss": np.float32(1.0), "accuracy": np.float32(0.5)}
-    main._loop(config, run_plan, tmp_path, 0, lambda batch: step, lambda: {"loss": 1.0, "accuracy": 0.5}, lambda: None)
+    run_plan = plan.Plan(10, 32, steps_per_epoch=2, total_steps=2 * epochs, stop_step=2 * epochs, checkpoint_every=2)
+    loop.run(config, run_plan, tmp_path, FakeRunner())
     return drawn
 
 
@@ -144,9 +166,9 @@ def test_curves_are_drawn_after_the_first_evaluation_and_at_the_end_when_epochs_
 
 
 def test_curves_are_drawn_after_every_evaluation_once_the_interval_has_passed(monkeypatch, tmp_path):
-    from train import main
+    from train import loop
 
-    monkeypatch.setattr(main, "PLOT_INTERVAL_SECONDS", 0.0)
+    monkeypatch.setattr(loop, "PLOT_INTERVAL_SECONDS", 0.0)
     # Every evaluation draws; the last one has drawn every row, so the end does not draw again.
     assert _fake_loop(monkeypatch, tmp_path, epochs=3) == [3, 6, 9]
 

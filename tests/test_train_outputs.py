@@ -52,17 +52,17 @@ def test_compare_png_is_readable_by_everyone(tmp_path, capsys):
 
 def test_run_json_is_written_whole_and_readable_by_everyone(tmp_path):
     from train import config as config_lib
-    from train import main
+    from train import plan, record
+    from train.record import RUN_FILE
 
     config = config_lib.parse_config(["--framework", "torch", "--workdir", str(tmp_path)])
-    run_plan = main.Plan(10, 32, steps_per_epoch=2, total_steps=2, stop_step=2, checkpoint_every=2)
-    main._write_run_file(config, run_plan, tmp_path)
-    from train.checkpoint import RUN_FILE
+    run_plan = plan.Plan(10, 32, steps_per_epoch=2, total_steps=2, stop_step=2, checkpoint_every=2)
+    record.write_run_file(tmp_path, record.describe(config, run_plan))
 
     path = tmp_path / RUN_FILE
     recorded = json.loads(path.read_text())
     # The run's identity (what a resume checks), plus the class names and the exports' preprocessing.
-    assert recorded == {**main.run_identity(config, run_plan), "class_names": [], "preprocessing": None}
+    assert recorded == {**record.identity(config, run_plan), "class_names": [], "preprocessing": None}
     assert mode(path) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == [RUN_FILE]
 

@@ -71,6 +71,13 @@ class Recipe:
         return INTERPOLATIONS[self.interpolation]
 
 
+# The recipe's defaults, written once (the fields above): the flags of the same names start from them.
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(Recipe) if field.default is not dataclasses.MISSING}
+# The training transforms, which a flag sets as given; a checkpoint may say the rest (the
+# normalisation and the filter), and the evaluation's resize and crop follow the input size.
+TRANSFORMS = tuple(name for name in DEFAULTS if name not in ("mean", "std", "interpolation"))
+
+
 def to_rgb(image: np.ndarray) -> np.ndarray:
     """Grey [H, W] or [H, W, 1] -> [H, W, 3]; RGB passes through."""
     if image.ndim == 2:

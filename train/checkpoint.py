@@ -18,7 +18,6 @@ from flax import serialization
 
 CHECKPOINT_DIR = "checkpoints"
 TORCH_CHECKPOINT = "checkpoint.pth"
-RUN_FILE = "run.json"  # what a workdir holds (train.main)
 
 
 def manager(workdir: str | os.PathLike, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -44,19 +43,17 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
 
 def load_pretrained(source: str | os.PathLike, **overrides):
     """`parity.load(source, **overrides)`; for a PyTorch file written by train.main (model.pth,
-    best.pth), which cannot carry its preprocessing, the preprocessing its run recorded in the
-    run.json beside it."""
-    import json
-
+    best.pth), which cannot carry its preprocessing, the preprocessing its run recorded
+    (train/record.py)."""
     import parity
     from parity.checkpoint import TORCH_SUFFIXES
+    from train import record
 
     path = Path(source)
     if path.suffix.lower() in TORCH_SUFFIXES and "preprocessing" not in overrides:
         try:
-            recorded = json.loads((path.parent / RUN_FILE).read_text())["preprocessing"]
-            overrides["preprocessing"] = parity.Preprocessing.from_dict(recorded)
-        except (OSError, ValueError, KeyError, TypeError):
+            overrides["preprocessing"] = parity.Preprocessing.from_dict(record.beside(path)["preprocessing"])
+        except (KeyError, TypeError, ValueError):
             pass  # not a run's file: the layout's own preprocessing
     return parity.load(source, **overrides)
 

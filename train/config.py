@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from typing import Any, Callable, Sequence
 
 import mobilenet_arch
 from toolkit.cli import ArgumentParser
+from train import augment, datasets
 
 
 def positive_int(text: str) -> int:
@@ -188,17 +188,17 @@ class Config:
     # torchvision's usual ImageNet training recipe: RandomResizedCrop, RandomHorizontalFlip, then
     # optional RandomRotation and ColorJitter; evaluation Resize then CenterCrop.
     crop_scale: tuple[float, float] = flag(
-        (0.08, 1.0), "random resized crop: range of the crop's area, a fraction of the image's", AUGMENT, type=positive_float, metavar=("MIN", "MAX")
+        augment.DEFAULTS["crop_scale"], "random resized crop: range of the crop's area, a fraction of the image's", AUGMENT, type=positive_float, metavar=("MIN", "MAX")
     )
     crop_ratio: tuple[float, float] = flag(
-        (3 / 4, 4 / 3), "random resized crop: range of the crop's aspect ratio, width / height", AUGMENT, type=positive_float, metavar=("MIN", "MAX")
+        augment.DEFAULTS["crop_ratio"], "random resized crop: range of the crop's aspect ratio, width / height", AUGMENT, type=positive_float, metavar=("MIN", "MAX")
     )
-    hflip: float = flag(0.5, "probability of a horizontal flip", AUGMENT, type=non_negative_float)
-    rotation: float = flag(0.0, "rotate by an angle drawn from [-x, x] degrees (RandomRotation)", AUGMENT, type=non_negative_float)
-    brightness: float = flag(0.0, "colour jitter: brightness factor drawn from [max(0, 1 - x), 1 + x] (ColorJitter)", AUGMENT, type=non_negative_float)
-    contrast: float = flag(0.0, "colour jitter: contrast factor drawn from [max(0, 1 - x), 1 + x]", AUGMENT, type=non_negative_float)
-    saturation: float = flag(0.0, "colour jitter: saturation factor drawn from [max(0, 1 - x), 1 + x]", AUGMENT, type=non_negative_float)
-    hue: float = flag(0.0, "colour jitter: hue shift drawn from [-x, x], x at most 0.5", AUGMENT, type=non_negative_float)
+    hflip: float = flag(augment.DEFAULTS["hflip"], "probability of a horizontal flip", AUGMENT, type=non_negative_float)
+    rotation: float = flag(augment.DEFAULTS["rotation"], "rotate by an angle drawn from [-x, x] degrees (RandomRotation)", AUGMENT, type=non_negative_float)
+    brightness: float = flag(augment.DEFAULTS["brightness"], "colour jitter: brightness factor drawn from [max(0, 1 - x), 1 + x] (ColorJitter)", AUGMENT, type=non_negative_float)
+    contrast: float = flag(augment.DEFAULTS["contrast"], "colour jitter: contrast factor drawn from [max(0, 1 - x), 1 + x]", AUGMENT, type=non_negative_float)
+    saturation: float = flag(augment.DEFAULTS["saturation"], "colour jitter: saturation factor drawn from [max(0, 1 - x), 1 + x]", AUGMENT, type=non_negative_float)
+    hue: float = flag(augment.DEFAULTS["hue"], "colour jitter: hue shift drawn from [-x, x], x at most 0.5", AUGMENT, type=non_negative_float)
     mean: tuple[float, float, float] | None = flag(
         None, "normalisation mean of R, G, B on the 0..1 scale (default: the --init-from checkpoint's, else ImageNet's)", AUGMENT, type=float, metavar=("R", "G", "B")
     )
@@ -216,7 +216,7 @@ class Config:
     )
     eval_crop: int | None = flag(None, "evaluation: then keep the centre square of this side (default: --resolution)", AUGMENT, type=positive_int)
     jpeg_draft: bool = flag(
-        True, "decode a JPEG at 1/2, 1/4 or 1/8 of its size when the crop needs no more pixels (PIL's draft mode: faster)", AUGMENT
+        augment.DEFAULTS["jpeg_draft"], "decode a JPEG at 1/2, 1/4 or 1/8 of its size when the crop needs no more pixels (PIL's draft mode: faster)", AUGMENT
     )
 
     # 15 epochs, not 12: training is chaotic, and at 12 one of seeds 0, 1, 2 ended under 97%
@@ -289,11 +289,6 @@ class Config:
         return self.weight_decay if self.depthwise_weight_decay is None else self.depthwise_weight_decay
 
 
-# torch.optim.AdamW's defaults, which --optimizer adamw uses in both frameworks.
-ADAMW_BETAS = (0.9, 0.999)
-ADAMW_EPS = 1e-8
-
-
 def frozen_block_count(config: Config, num_blocks: int) -> int:
     """How many blocks of `features`, from the stem on, --freeze or --trainable-blocks freezes."""
     if config.freeze == "backbone":
@@ -301,40 +296,6 @@ def frozen_block_count(config: Config, num_blocks: int) -> int:
     if config.trainable_blocks is not None:
         return max(num_blocks - config.trainable_blocks, 0)
     return 0
-
-
-@dataclasses.dataclass(frozen=True)
-class ParameterGroup:
-    """Parameters that train with one learning-rate factor and one weight decay: a param group
-    of torch.optim, a label of optax.partition."""
-
-    lr_mult: float
-    weight_decay: float
-
-    @property
-    def name(self) -> str:
-        return f"lr x{self.lr_mult:g}, weight decay {self.weight_decay:g}"
-
-
-def parameter_group(config: Config, block: int | None, depthwise: bool, frozen_blocks: int = 0) -> ParameterGroup | None:
-    """The group of a parameter of block `block` of features (None: the classifier; `depthwise`: a
-    depthwise filter), or None when it is frozen. Both frameworks group their parameters by this."""
-    if block is not None and block < frozen_blocks:
-        return None
-    lr_mult = 1.0 if block is None else config.backbone_lr_mult
-    return ParameterGroup(lr_mult, config.dw_weight_decay if depthwise else config.weight_decay)
-
-
-def parameter_groups(config: Config, architecture: mobilenet_arch.Architecture, frozen_blocks: int = 0) -> list[ParameterGroup]:
-    """The groups of the parameters of the model `architecture` describes, in the order of its
-    parameters (convolution and BatchNorm of each layer, then the classifier), each once."""
-    groups = [
-        parameter_group(config, index, depthwise, frozen_blocks)
-        for index, block in enumerate(architecture.blocks)
-        for layer in block.layers
-        for depthwise in (layer.depthwise, False)
-    ] + [parameter_group(config, None, False)]
-    return list(dict.fromkeys(group for group in groups if group is not None))
 
 
 FIELDS: dict[str, dataclasses.Field] = {field.name: field for field in dataclasses.fields(Config)}
@@ -414,11 +375,9 @@ def static_problem(config: Config) -> str | None:
     return augmentation_problem(config)
 
 
-# What the folder pipeline alone reads: digits and TFDS datasets keep their own fixed recipe.
-FOLDER_ONLY = (
-    "data_workers", "crop_scale", "crop_ratio", "hflip", "rotation", "brightness", "contrast", "saturation", "hue",
-    "interpolation", "eval_resize", "eval_crop", "jpeg_draft",
-)
+# What the folder pipeline alone reads: the recipe's flags but the normalisation (any dataset's),
+# and its workers. Digits and TFDS datasets keep their own fixed recipe.
+FOLDER_ONLY = ("data_workers", *(f.name for f in dataclasses.fields(augment.Recipe) if f.name in FIELDS and f.name not in ("mean", "std")))
 
 
 def augmentation_problem(config: Config) -> str | None:
@@ -433,41 +392,11 @@ def augmentation_problem(config: Config) -> str | None:
         return f"--hflip {config.hflip}: expected a probability in [0, 1]"
     if config.hue > 0.5:
         return f"--hue {config.hue}: expected a value in [0, 0.5] (a shift of half the hue circle)"
-    if not is_folder(config.dataset):
+    if not datasets.is_folder(config.dataset):
         changed = [name for name in FOLDER_ONLY if getattr(config, name) != FIELDS[name].default]
         if changed:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
             return f"{flags} applies to an image folder (--dataset DIR); {config.dataset!r} keeps its own fixed recipe"
-    return None
-
-
-def is_folder(dataset: str) -> bool:
-    """Whether --dataset names a folder of images rather than 'digits' or a TFDS name: a path that
-    reads as one (absolute, ./, ../, ~, or ending in a separator; no TFDS name starts or ends so),
-    or a directory holding train/ (a TFDS data directory's dataset folder holds versions)."""
-    if dataset == "digits":
-        return False
-    if dataset.startswith(("/", "./", "../", "~", os.sep)) or dataset.endswith(("/", os.sep)):
-        return True
-    return os.path.isdir(os.path.join(dataset, "train"))
-
-
-def dataset_problem(dataset: str, data_dir: str | None = None) -> str | None:
-    """Why `dataset` names no dataset, or None. Asks TFDS's registry only, which imports neither
-    jax nor torch; whether the data is prepared on disk is train/data.py's check."""
-    if dataset == "digits" or is_folder(dataset):
-        return None  # a folder's layout is train/data.py's check
-    import tensorflow_datasets as tfds
-
-    try:
-        tfds.builder_cls(dataset.split(":")[0].split("/")[0])  # the registry: no disk, no logging
-    except tfds.core.registered.DatasetNotFoundError:
-        return (
-            f"unknown --dataset {dataset!r}: expected 'digits', the name of a TFDS image classification "
-            "dataset, e.g. cifar10, imagenette, imagenet2012 (tfds.list_builders() lists them all), "
-            "or a folder of images (DIR/train/CLASS/*.jpg)"
-            + (f"; the folder {dataset} has no train/ in it" if os.path.isdir(dataset) else "")
-        )
     return None
 
 

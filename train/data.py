@@ -53,7 +53,7 @@ Datasets:
   mnist): pad side // 8 + random crop + flip, then resize to the resolution; evaluation only
   resizes. Larger images (imagenette, imagenet2012): inception random-resized crop + flip;
   evaluation resizes the shorter side to resolution / 0.875 and crops the centre.
-- A folder (`--dataset DIR`, see `train.config.is_folder`): `augment.Recipe`, torchvision's
+- A folder (`--dataset DIR`, see `train.datasets.is_folder`): `augment.Recipe`, torchvision's
   transforms (RandomResizedCrop, flip, rotation, colour jitter; evaluation Resize and
   CenterCrop) on PIL images decoded in threads of the training process (`train.folder`), or in
   grain's worker processes.
@@ -73,7 +73,7 @@ import grain
 import numpy as np
 
 from train import augment, folder
-from train.config import is_folder
+from train.datasets import is_folder
 from train.folder import DataError
 
 DIGITS = "digits"
@@ -148,11 +148,7 @@ def recipe(config, resolution: int, preprocessing=None) -> augment.Recipe:
     eval_resize = given("eval_resize") or eval_crop * resize // crop
     if eval_resize < eval_crop:
         raise DataError(f"--eval-resize {eval_resize} is smaller than --eval-crop {eval_crop}: expected at least {eval_crop}")
-    flags = {
-        name: given(name)
-        for name in ("crop_scale", "crop_ratio", "hflip", "rotation", "brightness", "contrast", "saturation", "hue", "jpeg_draft")
-        if given(name) is not None
-    }
+    flags = {name: given(name) for name in augment.TRANSFORMS if given(name) is not None}
     return augment.Recipe(
         size=resolution,
         eval_resize=eval_resize,

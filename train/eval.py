@@ -14,43 +14,33 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from toolkit import allocator
 from toolkit.cli import ArgumentParser, fail
 from train import config as config_lib
+from train import datasets, metrics
 
 
 def evaluate_jax(checkpoint, batches) -> float:
     import jax
-    import jax.numpy as jnp
+
+    from train import step
 
     # The variables as an argument, not a closure: closed over, they would be baked into the
     # compiled program as constants.
     @jax.jit
-    def correct(variables, batch):
-        logits = checkpoint.model.apply(variables, batch["image"], train=False)
-        return jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"]), jnp.sum(batch["mask"])
+    def sums(variables, batch):
+        return step.eval_sums(checkpoint.model.apply(variables, batch["image"], train=False), batch)
 
-    totals = np.array([jax.device_get(correct(checkpoint.variables, b)) for b in batches], np.float64)
-    return float(totals[:, 0].sum() / totals[:, 1].sum())
+    return metrics.summarise(jax.device_get([sums(checkpoint.variables, b) for b in batches]))["accuracy"]
 
 
 def evaluate_torch(checkpoint, batches) -> float:
-    import torch
-
     import parity
-    from train.torch_step import to_torch
+    from train import torch_step
 
     model = parity.load_torch(checkpoint)
-    right = total = 0.0
-    with torch.no_grad():
-        for batch in batches:
-            batch = to_torch(batch)
-            hits = (model(batch["image"]).argmax(-1) == batch["label"]).float()
-            right += float((hits * batch["mask"]).sum())
-            total += float(batch["mask"].sum())
-    return right / total
+    totals = [torch_step.eval_step(model, b) for b in batches]
+    return metrics.summarise([{name: value.item() for name, value in t.items()} for t in totals])["accuracy"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +64,7 @@ def flag_problem(args: argparse.Namespace) -> str | None:
         return problem
     if not Path(args.weights).exists():
         return f"--weights {args.weights}: no such file or folder"
-    return config_lib.dataset_problem(args.dataset, args.data_dir)
+    return datasets.dataset_problem(args.dataset, args.data_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.weights} has {checkpoint.architecture.num_classes} classes and {args.dataset} has {info.num_classes}: "
                 "expected a checkpoint trained on this dataset's classes (fine-tune it with train.main --init-from)"
             )
-        folder = data.is_folder(args.dataset)
+        folder = datasets.is_folder(args.dataset)
         resolution = args.resolution or (checkpoint.preprocessing.crop_size if folder else info.default_resolution)
         problem = config_lib.resolution_problem(checkpoint.architecture.arch, resolution)
         if problem:

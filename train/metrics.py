@@ -11,12 +11,7 @@ import json
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from toolkit.cli import atomic_write, atomic_write_text  # noqa: E402
+from toolkit.cli import atomic_write, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -49,9 +44,24 @@ def truncate_after(workdir: str | os.PathLike, step: int) -> None:
     atomic_write_text(Path(workdir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def summarise(totals: list[dict]) -> dict:
+    """{"loss", "accuracy"} over an evaluation split from its batches' sums (a step module's
+    `eval_step`: "loss_sum", "correct", "count", on the host), each real example counted once."""
+    count = sum(float(t["count"]) for t in totals)
+    return {
+        "loss": sum(float(t["loss_sum"]) for t in totals) / count,
+        "accuracy": sum(float(t["correct"]) for t in totals) / count,
+    }
+
+
 def plot(runs: dict[str, list[dict]], path: str | os.PathLike) -> None:
     """Training loss, eval loss and eval accuracy against step, one line per run, drawn into the
     PNG file `path` atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for label, rows in runs.items():
         train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]

@@ -20,7 +20,7 @@ AdamW is `torch.optim.AdamW`: the decay is decoupled (p -= lr * wd * p, beside t
 added to the gradient), which is `optax.adamw`'s order: the learning rate multiplies the decay
 term too, so a learning-rate schedule or a smaller backbone rate scales it as in torch.
 
-Parameter groups (`train.config.parameter_group`): a frozen parameter gets no update and carries no
+Parameter groups (`train.param_groups.parameter_group`): a frozen parameter gets no update and carries no
 optimizer state (`optax.set_to_zero` in an `optax.partition`); the backbone's learning rate is
 `--backbone-lr-mult` times the classifier's. `--clip-grad-norm` scales the whole gradient as
 `torch.nn.utils.clip_grad_norm_` does, before weight decay and the update rule.
@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 import mobilenet_arch
-from train import config as config_lib
+from train import param_groups
 
 
 def schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -83,13 +83,13 @@ FROZEN = "frozen"  # optax.partition's label of the parameters that do not train
 
 
 def parameter_labels(config, params, architecture: mobilenet_arch.Architecture, frozen_blocks: int) -> dict:
-    """Each parameter's group name (`train.config.parameter_group`), FROZEN for a frozen one."""
+    """Each parameter's group name (`train.param_groups.parameter_group`), FROZEN for a frozen one."""
     index = {block.name: i for i, block in enumerate(architecture.blocks)}
     depthwise = depthwise_mask(params, architecture)
 
     def label(path, is_depthwise):
         block = index.get(getattr(path[0], "key", None))  # None: the classifier
-        group = config_lib.parameter_group(config, block, is_depthwise, frozen_blocks)
+        group = param_groups.parameter_group(config, block, is_depthwise, frozen_blocks)
         return FROZEN if group is None else group.name
 
     return jax.tree_util.tree_map_with_path(label, depthwise)
@@ -121,8 +121,8 @@ def _weight_decay(config, params, architecture) -> optax.GradientTransformation:
 def _update_rule(config, weight_decay: optax.GradientTransformation, lr) -> optax.GradientTransformation:
     """torch.optim's rule `config.optimizer` with this weight decay and learning rate."""
     if config.optimizer == "adamw":
-        beta1, beta2 = config_lib.ADAMW_BETAS
-        adam = optax.scale_by_adam(b1=beta1, b2=beta2, eps=config_lib.ADAMW_EPS)
+        beta1, beta2 = param_groups.ADAMW_BETAS
+        adam = optax.scale_by_adam(b1=beta1, b2=beta2, eps=param_groups.ADAMW_EPS)
         return optax.chain(adam, weight_decay, optax.scale_by_learning_rate(lr))
     if config.optimizer == "sgd":
         scale = optax.identity()
@@ -154,7 +154,7 @@ def make_optimizer(
         return optax.chain(*clip, _update_rule(config, _weight_decay(config, params, architecture), lr))
     labels = parameter_labels(config, params, architecture, frozen_blocks)
     transforms = {FROZEN: optax.set_to_zero()}
-    for group in config_lib.parameter_groups(config, architecture, frozen_blocks):
+    for group in param_groups.parameter_groups(config, architecture, frozen_blocks):
         # The group's rate is the schedule's times its factor, as torch's param group lr.
         group_lr = lr if group.lr_mult == 1.0 else (lambda step, m=group.lr_mult: m * lr(step))
         transforms[group.name] = _update_rule(config, optax.add_decayed_weights(group.weight_decay), group_lr)

@@ -7,16 +7,14 @@ as the checkpoint says: its shorter side resized, the centre cropped, normalised
 evaluation transforms, `train.folder.eval_example`). The model runs in JAX, or with
 `--framework torch` in PyTorch: the same numbers.
 
-Class names: the checkpoint's own (beside a .msgpack written by train.main; a Hugging Face
-config's id2label), else those in the run.json beside the weights, else ImageNet's for 1000
-classes, else the class numbers. The flags and files are checked before jax or torch is imported.
+Class names: a Hugging Face config's id2label, else those its run recorded for weights written by
+train.main (train/record.py), else ImageNet's for 1000 classes, else the class numbers. The flags and files are checked before jax or torch is imported.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -76,16 +74,14 @@ def probabilities_torch(checkpoint, images: np.ndarray) -> np.ndarray:
 
 def class_names(weights: Path, num_classes: int) -> list[str]:
     """The names of the classes of the checkpoint at `weights` (see the module's docstring)."""
-    from parity import io as weights_io
-    from train.checkpoint import RUN_FILE
+    from train import record
 
-    candidates = []
     if weights.is_dir():  # a Hugging Face folder
-        id2label = _json(weights / "config.json").get("id2label") or {}
-        candidates.append([id2label.get(str(i)) for i in range(num_classes)])
+        id2label = record.read_json(weights / "config.json").get("id2label") or {}
+        candidates = [[id2label.get(str(i)) for i in range(num_classes)]]
     else:
-        candidates.append(_json(weights_io.description_path(weights)).get("class_names"))
-    candidates.append(_json(weights.parent / RUN_FILE).get("class_names"))
+        candidates = []
+    candidates.append(record.beside(weights).get("class_names"))
     for names in candidates:
         if names and len(names) == num_classes and all(isinstance(n, str) for n in names):
             return list(names)
@@ -97,14 +93,6 @@ def class_names(weights: Path, num_classes: int) -> list[str]:
         else:
             return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
     return [f"class {i}" for i in range(num_classes)]
-
-
-def _json(path: Path) -> dict:
-    try:
-        loaded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,18 +98,27 @@ def train_step(
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return state, {"loss": loss, "accuracy": accuracy}
+    return state, {"loss": loss, "accuracy": jnp.mean(correct(logits, batch["label"]))}
 
 
 def eval_step(state: TrainState, batch: dict) -> dict:
-    """Sums over the real examples of `batch` (mask 1): summed over batches by the caller, so
-    that a padded last batch counts each example once."""
+    """Sums over the real examples of `batch` (`eval_sums`)."""
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+    return eval_sums(logits, batch)
+
+
+def correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """1.0 where the top class is the label, else 0.0: what accuracy averages."""
+    return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+
+def eval_sums(logits: jax.Array, batch: dict) -> dict:
+    """Loss and correct predictions summed over the real examples of `batch` (mask 1), and their
+    count: summed over batches by the caller (`train.metrics.summarise`), so that a padded last
+    batch counts each example once."""
     mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
     loss = cross_entropy(logits, batch["label"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+    return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(correct(logits, batch["label"]) * mask), "count": jnp.sum(mask)}
 
 
 def jit_steps(label_smoothing: float, state_sharding=None, batch_sharding=None):

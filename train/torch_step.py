@@ -7,7 +7,7 @@
     save_checkpoint(path, model, optimizer, step)  # step = restore_checkpoint(path, model, optimizer)
 
 The optimizer is the one `train.optim.make_optimizer` mirrors: SGD or RMSprop with coupled weight
-decay, or AdamW, in the param groups of `train.config.parameter_group` (the backbone's learning-rate
+decay, or AdamW, in the param groups of `train.param_groups.parameter_group` (the backbone's learning-rate
 factor, the depthwise filters' decay). `freeze(model, n)` freezes the first n blocks of `features`:
 their parameters leave the optimizer, and `train_step` runs them in eval mode, since
 `requires_grad=False` alone would still update their BatchNorm statistics.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import mobilenet_arch
 from toolkit.cli import atomic_write
-from train import config as config_lib
+from train import param_groups
 
 
 def to_torch(
@@ -67,20 +67,20 @@ def freeze(model: torch.nn.Module, frozen_blocks: int) -> None:
 
 def make_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """torch.optim.SGD, RMSprop or AdamW as `config` says, over the parameters that train, in
-    `train.config.parameter_group`'s groups; the learning rate is set every step."""
+    `train.param_groups.parameter_group`'s groups; the learning rate is set every step."""
     blocks = parameter_blocks(model.architecture)
-    groups: dict[config_lib.ParameterGroup, list[torch.nn.Parameter]] = {}
+    groups: dict[param_groups.ParameterGroup, list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault(config_lib.parameter_group(config, *blocks[name]), []).append(p)
-    param_groups = [
+            groups.setdefault(param_groups.parameter_group(config, *blocks[name]), []).append(p)
+    torch_groups = [
         {"params": params, "weight_decay": group.weight_decay, "lr_mult": group.lr_mult} for group, params in groups.items()
     ]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+        return torch.optim.SGD(torch_groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(
-            param_groups,
+            torch_groups,
             lr=config.lr,
             alpha=config.rmsprop_decay,
             eps=config.rmsprop_eps,
@@ -88,7 +88,7 @@ def make_optimizer(config, model: torch.nn.Module) -> torch.optim.Optimizer:
             centered=config.rmsprop_centered,
         )
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=config.lr, betas=config_lib.ADAMW_BETAS, eps=config_lib.ADAMW_EPS)
+        return torch.optim.AdamW(torch_groups, lr=config.lr, betas=param_groups.ADAMW_BETAS, eps=param_groups.ADAMW_EPS)
     raise ValueError(f"unknown optimizer {config.optimizer!r}: expected sgd, rmsprop or adamw")
 
 
@@ -137,8 +137,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer_step(optimizer, clip_grad_norm)
-    accuracy = (logits.argmax(-1) == batch["label"]).float().mean()
-    return {"loss": loss.detach(), "accuracy": accuracy}
+    return {"loss": loss.detach(), "accuracy": correct(logits, batch["label"]).mean()}
 
 
 @torch.no_grad()
@@ -148,7 +147,8 @@ def eval_step(
     precision: str = "fp32",
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, torch.Tensor]:
-    """Sums over the real examples of the batch, as train/step.py's eval_step."""
+    """Sums over the real examples of the batch, as train/step.py's eval_step (summed over
+    batches by `train.metrics.summarise`)."""
     device = model_device(model)
     batch = to_torch(batch, device, memory_format)
     model.eval()
@@ -156,8 +156,12 @@ def eval_step(
         logits = model(batch["image"]).float()
     mask = batch.get("mask", torch.ones(batch["label"].shape, device=device))
     loss = F.cross_entropy(logits, batch["label"], reduction="none")
-    correct = (logits.argmax(-1) == batch["label"]).float()
-    return {"loss_sum": (loss * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
+    return {"loss_sum": (loss * mask).sum(), "correct": (correct(logits, batch["label"]) * mask).sum(), "count": mask.sum()}
+
+
+def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """1.0 where the top class is the label, else 0.0: what accuracy averages."""
+    return (logits.argmax(-1) == labels).float()
 
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:

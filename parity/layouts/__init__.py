@@ -223,8 +223,9 @@ class Layout:
     preprocessing: Callable[[Any, mobilenet_arch.Architecture], Preprocessing]
     # Why this layout cannot hold `architecture` (what would be lost), or None.
     cannot_hold: Callable[[mobilenet_arch.Architecture], Optional[str]]
-    # (checkpoint, path, num_batches_tracked) -> None: writes the file or directory atomically;
-    # None for a layout that is only read.
+    # (checkpoint, path, num_batches_tracked, extra) -> None: writes the file or directory
+    # atomically, with `extra` (a run's metadata) where the layout has a place for it; None for a
+    # layout that is only read.
     write: Optional[Callable[..., None]] = None
     # Whether `path` names a file (or directory) of this layout when writing.
     writes: Callable[[Path], bool] = lambda path: False

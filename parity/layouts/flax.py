@@ -104,10 +104,12 @@ def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
 # ---------------------------------------------------------------- the .msgpack file and its description
 
 
-def save_flax_variables(variables: Mapping[str, Any], path: str | os.PathLike, architecture=None, preprocessing=None) -> None:
+def save_flax_variables(
+    variables: Mapping[str, Any], path: str | os.PathLike, architecture=None, preprocessing=None, extra: Mapping[str, Any] | None = None
+) -> None:
     """Write `{"params", "batch_stats"}` to a .msgpack file, atomically, and beside it
     `<file>.json`: the architecture (inferred from the shapes when not given) and preprocessing,
-    so that `parity.load(path)` needs no flags. The msgpack holds only arrays."""
+    so that `parity.load(path)` needs no flags, and `extra`'s keys. The msgpack holds only arrays."""
     from parity import io
 
     if architecture is None:
@@ -117,7 +119,7 @@ def save_flax_variables(variables: Mapping[str, Any], path: str | os.PathLike, a
             architecture = None
     io.write_flax_variables(variables, path)
     if architecture is not None:
-        io.write_text(io.description_path(path), description_json(architecture, preprocessing or _default_preprocessing()))
+        io.write_text(io.description_path(path), description_json(architecture, preprocessing or _default_preprocessing(), extra))
 
 
 def read_description(path: str | os.PathLike):
@@ -149,8 +151,12 @@ def architecture_from_json(d: Mapping[str, Any]) -> mobilenet_arch.Architecture:
     return mobilenet_arch.Architecture(**{**d, "blocks": blocks})
 
 
-def description_json(arch: mobilenet_arch.Architecture, preprocessing: Preprocessing) -> str:
-    return json.dumps({"architecture": architecture_to_json(arch), "preprocessing": dataclasses.asdict(preprocessing)}, indent=1) + "\n"
+def description_json(arch: mobilenet_arch.Architecture, preprocessing: Preprocessing, extra: Mapping[str, Any] | None = None) -> str:
+    """The architecture and preprocessing as JSON; `extra`'s keys (a training run's class names,
+    say) beside them, never in their place."""
+    described = {"architecture": architecture_to_json(arch), "preprocessing": dataclasses.asdict(preprocessing)}
+    described.update((key, value) for key, value in (extra or {}).items() if key not in described)
+    return json.dumps(described, indent=1) + "\n"
 
 
 def read(path: Path, ema: bool = False) -> Source:
@@ -161,8 +167,8 @@ def read(path: Path, ema: bool = False) -> Source:
     return Source(flat_variables(variables), arch, pre, NAME)
 
 
-def write(checkpoint, path: Path, num_batches_tracked: int = 0) -> None:
-    save_flax_variables(checkpoint.variables, path, architecture=checkpoint.architecture, preprocessing=checkpoint.preprocessing)
+def write(checkpoint, path: Path, num_batches_tracked: int = 0, extra: Mapping[str, Any] | None = None) -> None:
+    save_flax_variables(checkpoint.variables, path, architecture=checkpoint.architecture, preprocessing=checkpoint.preprocessing, extra=extra)
 
 
 def run_written(path: Path, checkpoint, images: np.ndarray) -> tuple[str, np.ndarray]:

@@ -243,7 +243,7 @@ def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
     return None
 
 
-def write(checkpoint, path: Path, num_batches_tracked: int = 0) -> None:
+def write(checkpoint, path: Path, num_batches_tracked: int = 0, extra=None) -> None:
     if path.suffix:
         raise LayoutError(f"{path}: a Hugging Face checkpoint is a directory (config.json, model.safetensors, preprocessor_config.json)")
     write_directory(checkpoint.architecture, checkpoint.variables, path, checkpoint.preprocessing)

@@ -283,7 +283,7 @@ def live_model(model: Any) -> Source | None:
     return Source(weights, config, None, NAME)
 
 
-def write(checkpoint, path: Path, num_batches_tracked: int = 0) -> None:
+def write(checkpoint, path: Path, num_batches_tracked: int = 0, extra=None) -> None:
     write_file(checkpoint.architecture, checkpoint.variables, path)
 
 

@@ -214,7 +214,7 @@ def write_state_dict(rules_of):
     """A layout's `write` for a PyTorch state dict keyed by `rules_of(architecture)`, with the BN
     step counters PyTorch's models hold."""
 
-    def write(checkpoint, path: Path, num_batches_tracked: int = 0) -> None:
+    def write(checkpoint, path: Path, num_batches_tracked: int = 0, extra=None) -> None:
         import torch
 
         from parity import io
