@@ -46,7 +46,7 @@ def load_pretrained(source: str | os.PathLike, **overrides):
     best.pth), which cannot carry its preprocessing, the preprocessing its run recorded
     (train/record.py)."""
     import parity
-    from parity.checkpoint import TORCH_SUFFIXES
+    from parity.layouts.torchvision import TORCH_SUFFIXES
     from train import record
 
     path = Path(source)
