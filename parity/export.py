@@ -18,6 +18,16 @@ images of the checkpoint's crop size (--resolution) and gives logits (batch, cla
 --with-preprocessing: the model takes uint8 RGB, 0..255, in the same layout, and normalises it as
 the checkpoint's preprocessing says ((x / 255 - mean) / std); resizing and cropping stay outside.
 
+--int8 --calibration DATA (.onnx): static post-training quantization with onnxruntime's tools:
+quant_pre_process, then quantize_static in QDQ format, per-channel symmetric int8 weights, uint8
+activations, MinMax calibration on --calibration-images images of DATA (a folder of images, or a
+dataset train.main reads: 'digits', a TFDS name, DIR with train/ and val/, whose training split
+calibrates), each resized, centre-cropped and normalised as the checkpoint's preprocessing says.
+The int8 file then runs in onnxruntime beside the float32 one on held-out images (--eval's
+evaluation split, else DATA's, else DATA's images the calibration did not take): their top-1
+agreement, the logits' relative L2 and, with --eval, both accuracies are reported, and a file
+whose agreement is below --min-agreement is not kept. .tflite --int8 is not available yet.
+
 Before anything is written the file runs in its runtime on a random batch, whole and one image,
 against the Flax model on the same (normalised) images: the relative L2 of the logits must be at
 most --tolerance. A mistake (unreadable source, unknown extension, runtime not installed, an export
@@ -43,6 +53,7 @@ from toolkit.cli import ArgumentParser, atomic_write, fail
 from parity.checkpoint import Checkpoint, describe, load, load_torch
 from parity.io import WeightsFileError
 from parity.layouts import ConversionError, Preprocessing
+from parity import int8
 from parity.models import flax_logits, relative_l2
 
 # The runtimes' logits and the Flax model's differ by float32 rounding only (about 1e-6 relative
@@ -68,6 +79,8 @@ class Format:
     modules: tuple[str, ...]
     export: Callable[[Checkpoint, int, bool], bytes]
     load: Callable[[bytes], Callable[[np.ndarray], np.ndarray]]  # file -> (images -> logits)
+    # (float32 file, calibration images in its layout) -> int8 file; None where there is no int8 path
+    int8: Callable[[bytes, np.ndarray], bytes] | None = None
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -230,7 +243,7 @@ def stablehlo_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
 
 
 FORMATS = {
-    ".onnx": Format("ONNX", "NCHW", "onnxruntime", "deploy", ("onnx", "onnxscript", "onnxruntime"), onnx_bytes, onnx_runner),
+    ".onnx": Format("ONNX", "NCHW", "onnxruntime", "deploy", ("onnx", "onnxscript", "onnxruntime"), onnx_bytes, onnx_runner, int8.onnx_int8),
     ".stablehlo": Format("StableHLO", "NHWC", "jax.export", "deploy", (), stablehlo_bytes, stablehlo_runner),
     ".tflite": Format("TFLite", "NCHW", "LiteRT", "tflite", ("litert_torch", "ai_edge_litert"), tflite_bytes, tflite_runner),
 }
@@ -279,7 +292,14 @@ def export(
     and nothing is written."""
     fmt = format_of(path)
     check_installed(fmt)
-    resolution = resolution or checkpoint.preprocessing.crop_size
+    data, error = checked_float32(fmt, checkpoint, path, resolution or checkpoint.preprocessing.crop_size, with_preprocessing, tolerance)
+    atomic_write(path, lambda f: f.write(data))
+    return error
+
+
+def checked_float32(fmt: Format, checkpoint: Checkpoint, path, resolution: int, with_preprocessing: bool, tolerance: float) -> tuple[bytes, float]:
+    """The float32 file in `fmt` and its relative L2 to the Flax model, once it is within
+    `tolerance`; ExportError otherwise."""
     try:
         data = fmt.export(checkpoint, resolution, with_preprocessing)
     except ExportError:
@@ -295,8 +315,55 @@ def export(
         raise ExportError(
             f"{path}: {fmt.runtime}'s logits are {error:.3g} from the Flax model's (relative L2), above the bound {tolerance:g}: nothing written"
         )
-    atomic_write(path, lambda f: f.write(data))
-    return error
+    return data, error
+
+
+def check_int8(fmt: Format, path) -> None:
+    """ExportError where `fmt` has no int8 path, or its runtime is not installed."""
+    check_installed(fmt)
+    if fmt.int8 is None:
+        available = ", ".join(s for s, f in FORMATS.items() if f.int8 is not None)
+        raise ExportError(f"{path}: --int8 is not available for {fmt.name}: it writes {available} (quantized through its runtime's own tools)")
+
+
+def export_int8(
+    checkpoint: Checkpoint,
+    path: str | os.PathLike,
+    images: int8.Images,
+    resolution: int | None = None,
+    with_preprocessing: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    min_agreement: float = int8.DEFAULT_MIN_AGREEMENT,
+) -> tuple[float, int8.Verification]:
+    """Write `checkpoint` to `path` quantized to int8, calibrated on `images.calibration`, once the
+    float32 file passed `export`'s check and the int8 file's top-1 class is the float32 file's on
+    at least `min_agreement` of `images.held_out` (both in the runtime); returns the float32 file's
+    relative L2 to the Flax model and the int8 file's verification. ExportError otherwise, and
+    nothing is written."""
+    fmt = format_of(path)
+    check_int8(fmt, path)
+    resolution = resolution or checkpoint.preprocessing.crop_size
+    data, error = checked_float32(fmt, checkpoint, path, resolution, with_preprocessing, tolerance)
+
+    def prepare(images_nhwc: np.ndarray) -> np.ndarray:
+        return int8.model_input(images_nhwc, checkpoint.preprocessing, with_preprocessing, fmt.layout)
+
+    try:
+        with _quiet():  # the quantizer logs each step
+            quantized = fmt.int8(data, prepare(images.calibration))
+    except Exception as e:
+        raise ExportError(f"{path}: the int8 quantization failed: {_first_line(e)}") from e
+    try:
+        verification = int8.verify(fmt.load(data), fmt.load(quantized), prepare(images.held_out), images.labels)
+    except Exception as e:
+        raise ExportError(f"{path}: the int8 file did not run in {fmt.runtime}: {_first_line(e)}") from e
+    if not verification.agreement >= min_agreement:
+        raise ExportError(
+            f"{path}: the int8 model's top-1 class is the float32 model's on {verification.agreement:.1%} of {verification.images} held-out images "
+            f"({images.held_out_from}), below --min-agreement {min_agreement:g}: nothing written; calibrate on more images like those it will see"
+        )
+    atomic_write(path, lambda f: f.write(quantized))
+    return error, verification
 
 
 def signature(fmt: Format, checkpoint: Checkpoint, resolution: int, with_preprocessing: bool) -> str:
@@ -345,18 +412,62 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--resolution", type=int, help="input height and width (default: the checkpoint's crop size, 224 for most)")
     parser.add_argument("--with-preprocessing", action="store_true", help="take uint8 RGB (0..255) and normalise inside the model")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative L2 between the runtime's and the Flax model's logits")
+    quantized = parser.add_argument_group("int8 (.onnx)")
+    quantized.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantize to int8: onnxruntime's quant_pre_process and quantize_static, QDQ format, per-channel symmetric int8 weights, uint8 activations, MinMax calibration",
+    )
+    quantized.add_argument("--calibration", metavar="DATA", help="images to calibrate on: a folder of images, or a dataset train.main reads (its training split)")
+    quantized.add_argument(
+        "--calibration-images",
+        type=int,
+        default=int8.DEFAULT_CALIBRATION_IMAGES,
+        metavar="N",
+        help=f"how many of DATA's images calibrate (default {int8.DEFAULT_CALIBRATION_IMAGES}: MinMax ranges settle within a few hundred)",
+    )
+    quantized.add_argument("--eval", metavar="DATASET", help="labelled held-out images, the evaluation split of a dataset train.eval reads: both models' accuracy on it is reported")
+    quantized.add_argument(
+        "--min-agreement",
+        type=float,
+        default=int8.DEFAULT_MIN_AGREEMENT,
+        help=f"least share of held-out images on which the int8 model's top-1 class is the float32 model's (default {int8.DEFAULT_MIN_AGREEMENT:g}: "
+        "a sound quantization changes only near-tied predictions, a broken one many)",
+    )
+    quantized.add_argument("--data-dir", help="TFDS data directory, where DATA or DATASET is a TFDS name")
     return parser.parse_args(argv)
+
+
+def int8_flag_problem(args) -> str | None:
+    """What is wrong with the int8 flags on their own."""
+    given = [flag for flag, value in (("--calibration", args.calibration), ("--eval", args.eval)) if value is not None]
+    if not args.int8:
+        return f"{given[0]} is for --int8: add --int8, or leave it out" if given else None
+    if args.calibration is None:
+        return "--int8 needs --calibration DATA: images like those the model will see (a folder of images, or the dataset it was trained on)"
+    if args.calibration_images < 1:
+        return f"--calibration-images {args.calibration_images}: expected at least 1"
+    if not 0 <= args.min_agreement <= 1:
+        return f"--min-agreement {args.min_agreement:g}: expected a share between 0 and 1"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.resolution is not None and args.resolution < MIN_RESOLUTION:
         fail(f"--resolution {args.resolution} is below {MIN_RESOLUTION}, the networks' total stride: use at least {MIN_RESOLUTION}")
+    problem = int8_flag_problem(args)
+    if problem:
+        fail(problem)
+    verification = None
     try:
         fmt = format_of(args.dst)
         if not Path(args.dst).resolve().parent.is_dir():
             raise ExportError(f"cannot write {args.dst}: directory {Path(args.dst).parent} does not exist")
-        check_installed(fmt)
+        if args.int8:
+            check_int8(fmt, args.dst)
+        else:
+            check_installed(fmt)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -366,13 +477,23 @@ def main(argv: list[str] | None = None) -> int:
         for w in caught:
             print(f"note: {args.src}: {w.message}")
         resolution = args.resolution or checkpoint.preprocessing.crop_size
-        error = export(checkpoint, args.dst, resolution, args.with_preprocessing, args.tolerance)
-    except (ExportError, WeightsFileError, ConversionError, OSError) as e:
+        if args.int8:
+            images = int8.load_images(args.calibration, checkpoint.preprocessing, resolution, args.calibration_images, args.eval, args.data_dir)
+            error, verification = export_int8(checkpoint, args.dst, images, resolution, args.with_preprocessing, args.tolerance, args.min_agreement)
+        else:
+            error = export(checkpoint, args.dst, resolution, args.with_preprocessing, args.tolerance)
+    except (ExportError, WeightsFileError, ConversionError, OSError, ValueError) as e:  # ValueError: train.data's DataError, int8's CalibrationError
         fail(str(e))
     print(
         f"wrote {args.dst}: {describe(checkpoint.architecture)}; takes {signature(fmt, checkpoint, resolution, args.with_preprocessing)}; "
         f"{fmt.runtime} vs Flax: relative L2 {error:.2g} at batch {CHECK_BATCH} and 1 (bound {args.tolerance:g})"
+        + ("" if verification is None else "; the float32 model, before int8 quantization")
     )
+    if verification is not None:
+        print(
+            f"int8: calibrated on {len(images.calibration)} images of {args.calibration}; against the float32 model in {fmt.runtime}, "
+            f"{verification.summary()} ({images.held_out_from}; bound {args.min_agreement:g})"
+        )
     return 0
 
 
