@@ -8,8 +8,9 @@ the CPU), `torch` (torch_ref eager, inference mode), `torch-compile` (`torch.com
 `onnxruntime` (the .onnx `python -m parity.export` writes), `onnxruntime-int8` (the .onnx that
 `python -m parity.export --int8` writes, `parity.export.export_int8`, calibrated on
 INT8_CALIBRATION_IMAGES random images: the speed of int8 kernels does not depend on the ranges),
-`stablehlo` (the .stablehlo it writes, deserialized and jitted) and `tflite` (the .tflite, in
-LiteRT's interpreter; where the tflite extra is installed). One model per architecture, width
+`stablehlo` (the .stablehlo it writes, deserialized and jitted), `tflite` (the .tflite, in
+LiteRT's interpreter) and `tflite-int8` (its full-integer form, calibrated as onnxruntime-int8;
+both where the tflite extra is installed). One model per architecture, width
 1.0, 1000 classes, random weights; each float32 file exported and checked against the Flax model
 (`parity.export.export`) before it is timed.
 
@@ -42,10 +43,10 @@ from bench.cli import _csv, machine
 from toolkit import allocator
 from toolkit.cli import ArgumentParser, atomic_write_text, fail
 
-RUNTIMES = ("jax", "torch", "torch-compile", "onnxruntime", "onnxruntime-int8", "stablehlo", "tflite")
+RUNTIMES = ("jax", "torch", "torch-compile", "onnxruntime", "onnxruntime-int8", "stablehlo", "tflite", "tflite-int8")
 # The file each exported runtime runs; its last suffix is its parity.export format.
-SUFFIXES = {"onnxruntime": ".onnx", "onnxruntime-int8": ".int8.onnx", "stablehlo": ".stablehlo", "tflite": ".tflite"}
-INT8 = {"onnxruntime-int8"}
+SUFFIXES = {"onnxruntime": ".onnx", "onnxruntime-int8": ".int8.onnx", "stablehlo": ".stablehlo", "tflite": ".tflite", "tflite-int8": ".int8.tflite"}
+INT8 = {"onnxruntime-int8", "tflite-int8"}
 # Random weights and images: the int8 file's agreement with float32 means nothing here (the
 # accuracy is tests/test_export_int8.py's), so the bench keeps it whatever it is and records it.
 INT8_CALIBRATION_IMAGES = 16
@@ -176,10 +177,14 @@ def _onnxruntime_call(data: bytes, x_nchw: np.ndarray, threads: int):
 def _tflite_call(data: bytes, x_nchw: np.ndarray, threads: int):
     from ai_edge_litert.interpreter import Interpreter
 
+    from parity.export import tflite_input
+
     interpreter = Interpreter(model_content=data, num_threads=threads)
-    image, logits = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+    details = interpreter.get_input_details()[0]
+    image, logits = details["index"], interpreter.get_output_details()[0]["index"]
     interpreter.resize_tensor_input(image, list(x_nchw.shape))
     interpreter.allocate_tensors()
+    x_nchw = tflite_input(x_nchw, details)  # a full-integer file's int8 input, quantized once outside the timing
 
     def call():
         interpreter.set_tensor(image, x_nchw)
@@ -201,7 +206,7 @@ def make_call(runtime: str, folder: Path, arch: str, checkpoint, x_nhwc: np.ndar
         return _torch_call(checkpoint, x_nchw, compile=runtime == "torch-compile")
     if runtime in ("onnxruntime", "onnxruntime-int8"):
         return _onnxruntime_call(data, x_nchw, threads)
-    if runtime == "tflite":
+    if runtime in ("tflite", "tflite-int8"):
         return _tflite_call(data, x_nchw, threads)
     raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
 
@@ -256,6 +261,7 @@ def markdown_table(rows: list[dict]) -> str:
         "tflite": "TFLite",
         "onnxruntime": "onnxruntime",
         "onnxruntime-int8": "onnxruntime int8",
+        "tflite-int8": "TFLite int8",
     }
     lines = ["| model | input | batch | threads | " + " | ".join(f"{names[r]} ms" for r in runtimes) + " |", "|---" * (4 + len(runtimes)) + "|"]
     keys = sorted({(row["arch"], row["resolution"], row["batch"], row["threads"]) for row in rows}, key=lambda k: (k[0], k[2], k[3], k[1]))

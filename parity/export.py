@@ -18,15 +18,18 @@ images of the checkpoint's crop size (--resolution) and gives logits (batch, cla
 --with-preprocessing: the model takes uint8 RGB, 0..255, in the same layout, and normalises it as
 the checkpoint's preprocessing says ((x / 255 - mean) / std); resizing and cropping stay outside.
 
---int8 --calibration DATA (.onnx): static post-training quantization with onnxruntime's tools:
-quant_pre_process, then quantize_static in QDQ format, per-channel symmetric int8 weights, uint8
-activations, MinMax calibration on --calibration-images images of DATA (a folder of images, or a
-dataset train.main reads: 'digits', a TFDS name, DIR with train/ and val/, whose training split
-calibrates), each resized, centre-cropped and normalised as the checkpoint's preprocessing says.
-The int8 file then runs in onnxruntime beside the float32 one on held-out images (--eval's
+--int8 --calibration DATA: static post-training quantization, calibrated on --calibration-images
+images of DATA (a folder of images, or a dataset train.main reads: 'digits', a TFDS name, DIR with
+train/ and val/, whose training split calibrates), each resized, centre-cropped and normalised as
+the checkpoint's preprocessing says.
+    .onnx       onnxruntime's tools: quant_pre_process, then quantize_static in QDQ format,
+                per-channel symmetric int8 weights, uint8 activations, MinMax calibration
+    .tflite     full-integer, through litert-torch's PT2E quantizer: per-channel symmetric int8
+                weights, int8 activations (histogram calibration), int8 input and output
+The int8 file then runs in its runtime beside the float32 one on held-out images (--eval's
 evaluation split, else DATA's, else DATA's images the calibration did not take): their top-1
 agreement, the logits' relative L2 and, with --eval, both accuracies are reported, and a file
-whose agreement is below --min-agreement is not kept. .tflite --int8 is not available yet.
+whose agreement is below --min-agreement is not kept.
 
 Before anything is written the file runs in its runtime on a random batch, whole and one image,
 against the Flax model on the same (normalised) images: the relative L2 of the logits must be at
@@ -79,8 +82,9 @@ class Format:
     modules: tuple[str, ...]
     export: Callable[[Checkpoint, int, bool], bytes]
     load: Callable[[bytes], Callable[[np.ndarray], np.ndarray]]  # file -> (images -> logits)
-    # (float32 file, calibration images in its layout) -> int8 file; None where there is no int8 path
-    int8: Callable[[bytes, np.ndarray], bytes] | None = None
+    # (checkpoint, resolution, with_preprocessing, float32 file, calibration images in its layout)
+    # -> int8 file; None where the format has no int8 path
+    int8: Callable[[Checkpoint, int, bool, bytes, np.ndarray], bytes] | None = None
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -175,6 +179,28 @@ def tflite_bytes(checkpoint: Checkpoint, resolution: int, with_preprocessing: bo
         return bytes(model.model_content())
 
 
+def tflite_int8(checkpoint: Checkpoint, resolution: int, with_preprocessing: bool, data: bytes, calibration: np.ndarray) -> bytes:
+    """Full-integer post-training quantization through litert-torch's PT2E quantizer: int8
+    weights (symmetric, per channel) and activations (per tensor, calibrated by its default
+    histogram observer), int8 input and output too (`tflite_runner` quantizes the images with the
+    file's scale and zero point); traced at batch 1, as the float file."""
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    import litert_torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    example = (_torch_example(1, resolution, with_preprocessing),)
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    model = prepare_pt2e(torch.export.export(_torch_model(checkpoint, with_preprocessing), example).module(), quantizer)
+    with torch.no_grad():
+        for image in calibration:  # one at a time: the program is traced at batch 1
+            model(torch.from_numpy(image[None]))
+    model = convert_pt2e(model, fold_quantize=False)
+    return bytes(litert_torch.convert(model, example, quant_config=QuantConfig(pt2e_quantizer=quantizer)).model_content())
+
+
 def tflite_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
     from ai_edge_litert.interpreter import Interpreter
 
@@ -185,12 +211,29 @@ def tflite_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
         if tuple(interpreter.get_input_details()[0]["shape"]) != images.shape:
             interpreter.resize_tensor_input(image["index"], list(images.shape))
             interpreter.allocate_tensors()
-        interpreter.set_tensor(image["index"], np.ascontiguousarray(images))
+        interpreter.set_tensor(image["index"], tflite_input(images, image))
         interpreter.invoke()
-        return interpreter.get_tensor(logits["index"]).copy()
+        return tflite_output(interpreter.get_tensor(logits["index"]), logits)
 
     interpreter.allocate_tensors()
     return run
+
+
+def tflite_input(x: np.ndarray, tensor: dict) -> np.ndarray:
+    """`x` as the interpreter's input `tensor` takes it: as it is, or (a full-integer model's
+    int8 input) x / scale + zero point, rounded and clipped, as LiteRT's guide does."""
+    if tensor["dtype"] == x.dtype or np.issubdtype(tensor["dtype"], np.floating):
+        return np.ascontiguousarray(x, tensor["dtype"])
+    scale, zero_point = tensor["quantization"]
+    info = np.iinfo(tensor["dtype"])
+    return np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(tensor["dtype"])
+
+
+def tflite_output(y: np.ndarray, tensor: dict) -> np.ndarray:
+    if np.issubdtype(y.dtype, np.floating):
+        return y.copy()
+    scale, zero_point = tensor["quantization"]
+    return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
 # ---------------------------------------------------------------- the JAX side
@@ -245,7 +288,7 @@ def stablehlo_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
 FORMATS = {
     ".onnx": Format("ONNX", "NCHW", "onnxruntime", "deploy", ("onnx", "onnxscript", "onnxruntime"), onnx_bytes, onnx_runner, int8.onnx_int8),
     ".stablehlo": Format("StableHLO", "NHWC", "jax.export", "deploy", (), stablehlo_bytes, stablehlo_runner),
-    ".tflite": Format("TFLite", "NCHW", "LiteRT", "tflite", ("litert_torch", "ai_edge_litert"), tflite_bytes, tflite_runner),
+    ".tflite": Format("TFLite", "NCHW", "LiteRT", "tflite", ("litert_torch", "ai_edge_litert"), tflite_bytes, tflite_runner, tflite_int8),
 }
 
 
@@ -350,7 +393,7 @@ def export_int8(
 
     try:
         with _quiet():  # the quantizer logs each step
-            quantized = fmt.int8(data, prepare(images.calibration))
+            quantized = fmt.int8(checkpoint, resolution, with_preprocessing, data, prepare(images.calibration))
     except Exception as e:
         raise ExportError(f"{path}: the int8 quantization failed: {_first_line(e)}") from e
     try:
@@ -412,11 +455,12 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--resolution", type=int, help="input height and width (default: the checkpoint's crop size, 224 for most)")
     parser.add_argument("--with-preprocessing", action="store_true", help="take uint8 RGB (0..255) and normalise inside the model")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative L2 between the runtime's and the Flax model's logits")
-    quantized = parser.add_argument_group("int8 (.onnx)")
+    quantized = parser.add_argument_group("int8 (.onnx, .tflite)")
     quantized.add_argument(
         "--int8",
         action="store_true",
-        help="quantize to int8: onnxruntime's quant_pre_process and quantize_static, QDQ format, per-channel symmetric int8 weights, uint8 activations, MinMax calibration",
+        help="quantize to int8, statically: .onnx through onnxruntime's quant_pre_process and quantize_static (QDQ format, per-channel symmetric int8 weights, "
+        "uint8 activations, MinMax calibration); .tflite full-integer through litert-torch's PT2E quantizer",
     )
     quantized.add_argument("--calibration", metavar="DATA", help="images to calibrate on: a folder of images, or a dataset train.main reads (its training split)")
     quantized.add_argument(

@@ -153,7 +153,7 @@ def model_input(images: np.ndarray, preprocessing: Preprocessing, with_preproces
 # ---------------------------------------------------------------- ONNX
 
 
-def onnx_int8(data: bytes, calibration: np.ndarray) -> bytes:
+def onnx_int8(checkpoint, resolution: int, with_preprocessing: bool, data: bytes, calibration: np.ndarray) -> bytes:
     """The float32 ONNX model `data`, statically quantized (see the module's docstring), calibrated
     on `calibration` (the model's input: its input name "image", its layout)."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static

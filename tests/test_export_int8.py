@@ -125,6 +125,20 @@ def test_photo_finetuned_model_in_int8_is_within_a_point_of_float32_on_its_val_p
     assert f"wrote {path}" in stdout and "calibrated on 240 images" in stdout
 
 
+@pytest.mark.skipif(importlib.util.find_spec("litert_torch") is None, reason="the tflite extra (litert-torch) is not installed")
+def test_digits_model_in_full_integer_tflite_is_within_a_point_of_float32(pretrained, digits_int8, tmp_path, record_property):  # noqa: F811
+    checkpoint, images = parity.load(pretrained / "model.msgpack"), digits_int8[2]
+    dst = tmp_path / "digits.tflite"
+    _, verification = export.export_int8(checkpoint, dst, images)
+    for name, value in vars(verification).items():
+        record_property(f"tflite_{name}", float(value))
+    assert abs(verification.accuracy_int8 - verification.accuracy_float32) <= ACCURACY_POINTS, verification
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(dst))
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8  # full integer: its input too
+
+
 def test_the_file_is_qdq_with_per_channel_int8_weights_and_uint8_activations(digits_int8):
     model = onnx.load(str(digits_int8[0]))
     ops = {node.op_type for node in model.graph.node}
@@ -204,7 +218,7 @@ def test_bad_int8_input_is_one_line_exit_2_and_no_file(random_weights, tmp_path,
 @pytest.mark.parametrize(
     "dst, fragments",
     [
-        ("model.stablehlo", ["--int8 is not available for StableHLO", ".onnx"]),
+        ("model.stablehlo", ["--int8 is not available for StableHLO", ".onnx, .tflite"]),
         ("model.pb", ["unknown extension '.pb'"]),
     ],
 )
