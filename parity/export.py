@@ -85,6 +85,7 @@ class Format:
     # (checkpoint, resolution, with_preprocessing, float32 file, calibration images in its layout)
     # -> int8 file; None where the format has no int8 path
     int8: Callable[[Checkpoint, int, bool, bytes, np.ndarray], bytes] | None = None
+    int8_takes: str = ""  # what the int8 file takes and gives, as the command says
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -286,9 +287,21 @@ def stablehlo_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
 
 
 FORMATS = {
-    ".onnx": Format("ONNX", "NCHW", "onnxruntime", "deploy", ("onnx", "onnxscript", "onnxruntime"), onnx_bytes, onnx_runner, int8.onnx_int8),
+    ".onnx": Format(
+        "ONNX", "NCHW", "onnxruntime", "deploy", ("onnx", "onnxscript", "onnxruntime"), onnx_bytes, onnx_runner, int8.onnx_int8, "the float32 file's input, float32 logits"
+    ),
     ".stablehlo": Format("StableHLO", "NHWC", "jax.export", "deploy", (), stablehlo_bytes, stablehlo_runner),
-    ".tflite": Format("TFLite", "NCHW", "LiteRT", "tflite", ("litert_torch", "ai_edge_litert"), tflite_bytes, tflite_runner, tflite_int8),
+    ".tflite": Format(
+        "TFLite",
+        "NCHW",
+        "LiteRT",
+        "tflite",
+        ("litert_torch", "ai_edge_litert"),
+        tflite_bytes,
+        tflite_runner,
+        tflite_int8,
+        "int8 input and logits, quantized with the scale and zero point the file gives (parity.export.tflite_input, tflite_output)",
+    ),
 }
 
 
@@ -535,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if verification is not None:
         print(
-            f"int8: calibrated on {len(images.calibration)} images of {args.calibration}; against the float32 model in {fmt.runtime}, "
+            f"int8: takes {fmt.int8_takes}; calibrated on {len(images.calibration)} images of {args.calibration}; against the float32 model in {fmt.runtime}, "
             f"{verification.summary()} ({images.held_out_from}; bound {args.min_agreement:g})"
         )
     return 0
