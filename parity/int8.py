@@ -9,6 +9,8 @@ per-channel symmetric int8 weights (a MobileNet's depthwise filters differ in sc
 channel by orders of magnitude: one scale per tensor leaves the small ones a few levels), uint8
 activations (onnxruntime's x86 guidance for U8S8), MinMax calibration (the observed range of each
 activation over the calibration images; ReLU6 bounds most of them, so nothing is worth clipping).
+TFLite's full-integer path goes through litert-torch, beside the float32 TFLite export
+(`parity.export.tflite_int8`).
 
 The images come from the training pipeline (`train.data`, `train.folder`): resized and centre
 cropped as evaluation does (`train.data.recipe` of the checkpoint's preprocessing), normalised by
