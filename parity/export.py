@@ -53,10 +53,10 @@ from typing import Callable
 import numpy as np
 
 from toolkit.cli import ArgumentParser, atomic_write, fail
+from parity import int8
 from parity.checkpoint import Checkpoint, describe, load, load_torch
 from parity.io import WeightsFileError
 from parity.layouts import ConversionError, Preprocessing
-from parity import int8
 from parity.models import flax_logits, relative_l2
 
 # The runtimes' logits and the Flax model's differ by float32 rounding only (about 1e-6 relative

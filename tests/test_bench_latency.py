@@ -14,22 +14,14 @@ from tests.cli_errors import assert_one_line_error
 
 def test_latency_times_each_runtime_per_thread_count_and_writes_the_table_and_json(tmp_path, capsys):
     out = tmp_path / "latency.json"
-    argv = ["--arch", "v1", "--batch", "2", "--threads", "1", "--runtimes", "jax,stablehlo", "--resolution", "32", "--repeats", "1", "--out", str(out)]
+    argv = ["--arch", "v1", "--batch", "2", "--threads", "1", "--runtimes", "jax,onnxruntime-int8,stablehlo", "--resolution", "32", "--repeats", "1", "--out", str(out)]
     assert latency.main(argv) == 0
     payload = json.loads(out.read_text())
-    assert [(r["runtime"], r["batch"], r["threads"]) for r in payload["rows"]] == [("jax", 2, 1), ("stablehlo", 2, 1)]
+    assert [(r["runtime"], r["batch"], r["threads"]) for r in payload["rows"]] == [("jax", 2, 1), ("onnxruntime-int8", 2, 1), ("stablehlo", 2, 1)]
     assert all(r["median_ms"] > 0 and len(r["call_s"]) == 1 for r in payload["rows"])
-    assert set(payload["check_relative_l2"]["v1"]) == {"stablehlo"}
-    assert "| V1 | 32 | 2 | 1 |" in capsys.readouterr().out
-
-
-def test_latency_times_the_int8_onnx_file_beside_the_float32_one(tmp_path):
-    out = tmp_path / "latency.json"
-    argv = ["--arch", "v1", "--batch", "1", "--threads", "1", "--runtimes", "onnxruntime,onnxruntime-int8", "--resolution", "32", "--repeats", "1", "--out", str(out)]
-    assert latency.main(argv) == 0
-    payload = json.loads(out.read_text())
-    assert [r["runtime"] for r in payload["rows"]] == ["onnxruntime", "onnxruntime-int8"]
+    assert set(payload["check_relative_l2"]["v1"]) == {"onnxruntime-int8", "stablehlo"}
     assert payload["check_relative_l2"]["v1"]["onnxruntime-int8"] > 0  # int8 against the float32 file: never exact
+    assert "| V1 | 32 | 2 | 1 |" in capsys.readouterr().out
 
 
 def test_table_has_a_column_per_runtime_and_ratios_to_onnxruntime():
