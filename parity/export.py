@@ -3,6 +3,7 @@
     python -m parity.export workdir/model.pth model.onnx
     python -m parity.export model.msgpack model.stablehlo --with-preprocessing
     python -m parity.export mobilenetv2_100.pth model.tflite
+    python -m parity.export workdir/model.msgpack model_int8.onnx --int8 --calibration photos/ --eval photos/
 
 SRC is anything `parity.load` reads (.msgpack, .pth, .safetensors, .keras, a Hugging Face
 directory); the format follows from DST's extension. Every file takes a dynamic batch of square
