@@ -112,7 +112,7 @@ def load_images(
         chosen, rest = order[:count], order[count : count + HELD_OUT_IMAGES]
         calibrating = np.stack([folder.eval_example((paths[i], 0), recipe)["image"] for i in chosen])
         held_out, labels, held_out_from = None, None, f"{calibration} (the images the calibration did not take)"
-        if len(rest):
+        if len(rest) and evaluation is None:
             held_out = np.stack([folder.eval_example((paths[i], 0), recipe)["image"] for i in rest])
     else:
         problem = dataset_problem(calibration, data_dir)

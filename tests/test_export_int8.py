@@ -204,6 +204,7 @@ def _fails(capsys, argv, *fragments):
         (["--calibration", "digits"], ["--calibration is for --int8"]),
         (["--int8", "--calibration", "{tmp}/empty"], ["no images in it", ".jpg"]),
         (["--int8", "--calibration", "{tmp}/missing/"], ["no such folder"]),
+        (["--int8", "--calibration", "{tmp}/two"], ["its 2 images all calibrate", "--eval"]),
         (["--int8", "--calibration", "digits", "--calibration-images", "0"], ["at least 1"]),
         (["--int8", "--calibration", "digits", "--min-agreement", "1.5"], ["between 0 and 1"]),
     ],
@@ -211,6 +212,9 @@ def _fails(capsys, argv, *fragments):
 def test_bad_int8_input_is_one_line_exit_2_and_no_file(random_weights, tmp_path, capsys, args, fragments):
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     (tmp_path / "empty" / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "two").mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 30), (i, 0, 0)).save(tmp_path / "two" / f"{i}.png")
     _fails(capsys, [str(random_weights), str(tmp_path / "model.onnx"), *(a.format(tmp=tmp_path) for a in args)], *fragments)
     assert not (tmp_path / "model.onnx").exists()
 
