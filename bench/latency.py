@@ -5,10 +5,14 @@
 
 Runtimes: `jax` (the Flax model jitted, the backend's own implementations: the native kernels on
 the CPU), `torch` (torch_ref eager, inference mode), `torch-compile` (`torch.compile` of it),
-`onnxruntime` (the .onnx `python -m parity.export` writes), `stablehlo` (the .stablehlo it writes,
-deserialized and jitted) and `tflite` (the .tflite, in LiteRT's interpreter; where the tflite
-extra is installed). One model per architecture, width 1.0, 1000 classes, random weights; each
-file exported and checked against the Flax model (`parity.export.export`) before it is timed.
+`onnxruntime` (the .onnx `python -m parity.export` writes), `onnxruntime-int8` (the .onnx that
+`python -m parity.export --int8` writes, `parity.export.export_int8`, calibrated on
+INT8_CALIBRATION_IMAGES random images: the speed of int8 kernels does not depend on the ranges),
+`stablehlo` (the .stablehlo it writes, deserialized and jitted), `tflite` (the .tflite, in
+LiteRT's interpreter) and `tflite-int8` (its full-integer form, calibrated as onnxruntime-int8;
+both where the tflite extra is installed). One model per architecture, width
+1.0, 1000 classes, random weights; each float32 file exported and checked against the Flax model
+(`parity.export.export`) before it is timed.
 
 Each thread count runs in a fresh process pinned to that many cores (`sched_setaffinity`, before
 JAX or PyTorch start their thread pools, which size themselves by it), and each runtime is told
@@ -39,9 +43,14 @@ from bench.cli import _csv, machine
 from toolkit import allocator
 from toolkit.cli import ArgumentParser, atomic_write_text, fail
 
-RUNTIMES = ("jax", "torch", "torch-compile", "onnxruntime", "stablehlo", "tflite")
-# The file each exported runtime runs (parity.export's formats).
-SUFFIXES = {"onnxruntime": ".onnx", "stablehlo": ".stablehlo", "tflite": ".tflite"}
+RUNTIMES = ("jax", "torch", "torch-compile", "onnxruntime", "onnxruntime-int8", "stablehlo", "tflite", "tflite-int8")
+# The file each exported runtime runs; its last suffix is its parity.export format.
+SUFFIXES = {"onnxruntime": ".onnx", "onnxruntime-int8": ".int8.onnx", "stablehlo": ".stablehlo", "tflite": ".tflite", "tflite-int8": ".int8.tflite"}
+INT8 = {"onnxruntime-int8", "tflite-int8"}
+# Random weights and images: the int8 file's agreement with float32 means nothing here (the
+# accuracy is tests/test_export_int8.py's), so the bench keeps it whatever it is and records it.
+INT8_CALIBRATION_IMAGES = 16
+INT8_HELD_OUT_IMAGES = 8
 RESOLUTION = 224
 NUM_CLASSES = 1000
 # A repeat's calls run back to back for at least this long: a steady state, not one cold call.
@@ -82,7 +91,7 @@ def installed_runtimes() -> list[str]:
     from parity.export import FORMATS
 
     def installed(runtime: str) -> bool:
-        modules = FORMATS[SUFFIXES[runtime]].modules if runtime in SUFFIXES else ()
+        modules = FORMATS["." + SUFFIXES[runtime].rpartition(".")[2]].modules if runtime in SUFFIXES else ()
         return all(importlib.util.find_spec(m) is not None for m in modules)
 
     return [r for r in RUNTIMES if installed(r)]
@@ -95,8 +104,12 @@ def prepare(folder: Path, archs: list[str], runtimes: list[str], resolution: int
     """Each architecture's weights (`<arch>.msgpack`) and its exported files in `folder`, each
     checked against the Flax model; the check's relative L2 per architecture and runtime."""
     import parity
-    from parity import export
+    from parity import export, int8
     from parity.random_weights import random_torch_model
+
+    calibration = export.check_images(INT8_CALIBRATION_IMAGES, resolution, with_preprocessing=True, seed=1)
+    held_out = export.check_images(INT8_HELD_OUT_IMAGES, resolution, with_preprocessing=True, seed=2)
+    images = int8.Images(calibration, held_out, None, "random images")
 
     errors: dict[str, dict[str, float]] = {}
     for arch in archs:
@@ -104,9 +117,14 @@ def prepare(folder: Path, archs: list[str], runtimes: list[str], resolution: int
         parity.save(checkpoint, folder / f"{arch}.msgpack")
         errors[arch] = {}
         for runtime in runtimes:
-            if runtime in SUFFIXES:
+            path = folder / f"{arch}{SUFFIXES.get(runtime, '')}"
+            if runtime in INT8:
                 print(f"  exporting {arch} for {runtime} ...", file=sys.stderr, flush=True)
-                errors[arch][runtime] = export.export(checkpoint, folder / f"{arch}{SUFFIXES[runtime]}", resolution, tolerance=CHECK_TOLERANCE)
+                _, verification = export.export_int8(checkpoint, path, images, resolution, tolerance=CHECK_TOLERANCE, min_agreement=0)
+                errors[arch][runtime] = verification.relative_l2  # to the float32 file
+            elif runtime in SUFFIXES:
+                print(f"  exporting {arch} for {runtime} ...", file=sys.stderr, flush=True)
+                errors[arch][runtime] = export.export(checkpoint, path, resolution, tolerance=CHECK_TOLERANCE)
     return errors
 
 
@@ -159,10 +177,14 @@ def _onnxruntime_call(data: bytes, x_nchw: np.ndarray, threads: int):
 def _tflite_call(data: bytes, x_nchw: np.ndarray, threads: int):
     from ai_edge_litert.interpreter import Interpreter
 
+    from parity.export import tflite_input
+
     interpreter = Interpreter(model_content=data, num_threads=threads)
-    image, logits = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+    details = interpreter.get_input_details()[0]
+    image, logits = details["index"], interpreter.get_output_details()[0]["index"]
     interpreter.resize_tensor_input(image, list(x_nchw.shape))
     interpreter.allocate_tensors()
+    x_nchw = tflite_input(x_nchw, details)  # a full-integer file's int8 input, quantized once outside the timing
 
     def call():
         interpreter.set_tensor(image, x_nchw)
@@ -182,9 +204,9 @@ def make_call(runtime: str, folder: Path, arch: str, checkpoint, x_nhwc: np.ndar
         return _stablehlo_call(data, x_nhwc)
     if runtime in ("torch", "torch-compile"):
         return _torch_call(checkpoint, x_nchw, compile=runtime == "torch-compile")
-    if runtime == "onnxruntime":
+    if runtime in ("onnxruntime", "onnxruntime-int8"):
         return _onnxruntime_call(data, x_nchw, threads)
-    if runtime == "tflite":
+    if runtime in ("tflite", "tflite-int8"):
         return _tflite_call(data, x_nchw, threads)
     raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
 
@@ -231,7 +253,16 @@ def markdown_table(rows: list[dict]) -> str:
     """One line per model, batch and thread count; a column per runtime, milliseconds per batch
     (the median), with the ratio to onnxruntime where it ran."""
     runtimes = [r for r in RUNTIMES if any(row["runtime"] == r for row in rows)]
-    names = {"torch": "PyTorch eager", "torch-compile": "torch.compile", "jax": "JAX jit", "stablehlo": "StableHLO", "tflite": "TFLite", "onnxruntime": "onnxruntime"}
+    names = {
+        "torch": "PyTorch eager",
+        "torch-compile": "torch.compile",
+        "jax": "JAX jit",
+        "stablehlo": "StableHLO",
+        "tflite": "TFLite",
+        "onnxruntime": "onnxruntime",
+        "onnxruntime-int8": "onnxruntime int8",
+        "tflite-int8": "TFLite int8",
+    }
     lines = ["| model | input | batch | threads | " + " | ".join(f"{names[r]} ms" for r in runtimes) + " |", "|---" * (4 + len(runtimes)) + "|"]
     keys = sorted({(row["arch"], row["resolution"], row["batch"], row["threads"]) for row in rows}, key=lambda k: (k[0], k[2], k[3], k[1]))
     for arch, resolution, batch, threads in keys:
@@ -241,7 +272,9 @@ def markdown_table(rows: list[dict]) -> str:
         def cell(runtime: str) -> str:
             if runtime not in cells:
                 return "-"
-            ratio = f" ({cells[runtime] / reference:.1f}x)" if reference and runtime != "onnxruntime" else ""
+            ratio = cells[runtime] / reference if reference else None
+            # Below 1 (faster than float32 onnxruntime: the int8 rows) a second digit tells 0.55 from 0.64.
+            ratio = "" if ratio is None or runtime == "onnxruntime" else f" ({ratio:.2f}x)" if ratio < 1 else f" ({ratio:.1f}x)"
             return f"{cells[runtime]:.1f}{ratio}"
 
         lines.append(f"| {arch.upper()} | {resolution} | {batch} | {threads} | " + " | ".join(cell(r) for r in runtimes) + " |")
@@ -279,7 +312,7 @@ def main(argv=None) -> int:
         for threads in args.threads:
             rows += measure(threads, folder, args.arch, args.batch, runtimes, args.resolution, args.repeats)
     print(markdown_table(rows))
-    print(f"({time.perf_counter() - started:.0f} s; exported files' relative L2 to the Flax model: " + "; ".join(f"{a} " + ", ".join(f"{r} {e:.1g}" for r, e in errors[a].items()) for a in errors) + ")")
+    print(f"({time.perf_counter() - started:.0f} s; exported files' relative L2 to the Flax model (int8: to the float32 file): " + "; ".join(f"{a} " + ", ".join(f"{r} {e:.1g}" for r, e in errors[a].items()) for a in errors) + ")")
     if args.out:
         atomic_write_text(args.out, json.dumps({"machine": info, "check_relative_l2": errors, "rows": rows}, indent=1))
         print(f"wrote {args.out}")

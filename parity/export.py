@@ -3,6 +3,7 @@
     python -m parity.export workdir/model.pth model.onnx
     python -m parity.export model.msgpack model.stablehlo --with-preprocessing
     python -m parity.export mobilenetv2_100.pth model.tflite
+    python -m parity.export workdir/model.msgpack model_int8.onnx --int8 --calibration photos/ --eval photos/
 
 SRC is anything `parity.load` reads (.msgpack, .pth, .safetensors, .keras, a Hugging Face
 directory); the format follows from DST's extension. Every file takes a dynamic batch of square
@@ -17,6 +18,19 @@ images of the checkpoint's crop size (--resolution) and gives logits (batch, cla
 
 --with-preprocessing: the model takes uint8 RGB, 0..255, in the same layout, and normalises it as
 the checkpoint's preprocessing says ((x / 255 - mean) / std); resizing and cropping stay outside.
+
+--int8 --calibration DATA: static post-training quantization, calibrated on --calibration-images
+images of DATA (a folder of images, or a dataset train.main reads: 'digits', a TFDS name, DIR with
+train/ and val/, whose training split calibrates), each resized, centre-cropped and normalised as
+the checkpoint's preprocessing says.
+    .onnx       onnxruntime's tools: quant_pre_process, then quantize_static in QDQ format,
+                per-channel symmetric int8 weights, uint8 activations, MinMax calibration
+    .tflite     full-integer, through litert-torch's PT2E quantizer: per-channel symmetric int8
+                weights, int8 activations (histogram calibration), int8 input and output
+The int8 file then runs in its runtime beside the float32 one on held-out images (--eval's
+evaluation split, else DATA's, else DATA's images the calibration did not take): their top-1
+agreement, the logits' relative L2 and, with --eval, both accuracies are reported, and a file
+whose agreement is below --min-agreement is not kept.
 
 Before anything is written the file runs in its runtime on a random batch, whole and one image,
 against the Flax model on the same (normalised) images: the relative L2 of the logits must be at
@@ -40,6 +54,7 @@ from typing import Callable
 import numpy as np
 
 from toolkit.cli import ArgumentParser, atomic_write, fail
+from parity import int8
 from parity.checkpoint import Checkpoint, describe, load, load_torch
 from parity.io import WeightsFileError
 from parity.layouts import ConversionError, Preprocessing
@@ -68,6 +83,10 @@ class Format:
     modules: tuple[str, ...]
     export: Callable[[Checkpoint, int, bool], bytes]
     load: Callable[[bytes], Callable[[np.ndarray], np.ndarray]]  # file -> (images -> logits)
+    # (checkpoint, resolution, with_preprocessing, float32 file, calibration images in its layout)
+    # -> int8 file; None where the format has no int8 path
+    int8: Callable[[Checkpoint, int, bool, bytes, np.ndarray], bytes] | None = None
+    int8_takes: str = ""  # what the int8 file takes and gives, as the command says
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -162,6 +181,28 @@ def tflite_bytes(checkpoint: Checkpoint, resolution: int, with_preprocessing: bo
         return bytes(model.model_content())
 
 
+def tflite_int8(checkpoint: Checkpoint, resolution: int, with_preprocessing: bool, data: bytes, calibration: np.ndarray) -> bytes:
+    """Full-integer post-training quantization through litert-torch's PT2E quantizer: int8
+    weights (symmetric, per channel) and activations (per tensor, calibrated by its default
+    histogram observer), int8 input and output too (`tflite_runner` quantizes the images with the
+    file's scale and zero point); traced at batch 1, as the float file."""
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    import litert_torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    example = (_torch_example(1, resolution, with_preprocessing),)
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    model = prepare_pt2e(torch.export.export(_torch_model(checkpoint, with_preprocessing), example).module(), quantizer)
+    with torch.no_grad():
+        for image in calibration:  # one at a time: the program is traced at batch 1
+            model(torch.from_numpy(image[None]))
+    model = convert_pt2e(model, fold_quantize=False)
+    return bytes(litert_torch.convert(model, example, quant_config=QuantConfig(pt2e_quantizer=quantizer)).model_content())
+
+
 def tflite_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
     from ai_edge_litert.interpreter import Interpreter
 
@@ -172,12 +213,29 @@ def tflite_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
         if tuple(interpreter.get_input_details()[0]["shape"]) != images.shape:
             interpreter.resize_tensor_input(image["index"], list(images.shape))
             interpreter.allocate_tensors()
-        interpreter.set_tensor(image["index"], np.ascontiguousarray(images))
+        interpreter.set_tensor(image["index"], tflite_input(images, image))
         interpreter.invoke()
-        return interpreter.get_tensor(logits["index"]).copy()
+        return tflite_output(interpreter.get_tensor(logits["index"]), logits)
 
     interpreter.allocate_tensors()
     return run
+
+
+def tflite_input(x: np.ndarray, tensor: dict) -> np.ndarray:
+    """`x` as the interpreter's input `tensor` takes it: as it is, or (a full-integer model's
+    int8 input) x / scale + zero point, rounded and clipped, as LiteRT's guide does."""
+    if tensor["dtype"] == x.dtype or np.issubdtype(tensor["dtype"], np.floating):
+        return np.ascontiguousarray(x, tensor["dtype"])
+    scale, zero_point = tensor["quantization"]
+    info = np.iinfo(tensor["dtype"])
+    return np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(tensor["dtype"])
+
+
+def tflite_output(y: np.ndarray, tensor: dict) -> np.ndarray:
+    if np.issubdtype(y.dtype, np.floating):
+        return y.copy()
+    scale, zero_point = tensor["quantization"]
+    return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
 # ---------------------------------------------------------------- the JAX side
@@ -230,9 +288,21 @@ def stablehlo_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
 
 
 FORMATS = {
-    ".onnx": Format("ONNX", "NCHW", "onnxruntime", "deploy", ("onnx", "onnxscript", "onnxruntime"), onnx_bytes, onnx_runner),
+    ".onnx": Format(
+        "ONNX", "NCHW", "onnxruntime", "deploy", ("onnx", "onnxscript", "onnxruntime"), onnx_bytes, onnx_runner, int8.onnx_int8, "the float32 file's input, float32 logits"
+    ),
     ".stablehlo": Format("StableHLO", "NHWC", "jax.export", "deploy", (), stablehlo_bytes, stablehlo_runner),
-    ".tflite": Format("TFLite", "NCHW", "LiteRT", "tflite", ("litert_torch", "ai_edge_litert"), tflite_bytes, tflite_runner),
+    ".tflite": Format(
+        "TFLite",
+        "NCHW",
+        "LiteRT",
+        "tflite",
+        ("litert_torch", "ai_edge_litert"),
+        tflite_bytes,
+        tflite_runner,
+        tflite_int8,
+        "int8 input and logits, quantized with the scale and zero point the file gives (parity.export.tflite_input, tflite_output)",
+    ),
 }
 
 
@@ -279,7 +349,14 @@ def export(
     and nothing is written."""
     fmt = format_of(path)
     check_installed(fmt)
-    resolution = resolution or checkpoint.preprocessing.crop_size
+    data, error = checked_float32(fmt, checkpoint, path, resolution or checkpoint.preprocessing.crop_size, with_preprocessing, tolerance)
+    atomic_write(path, lambda f: f.write(data))
+    return error
+
+
+def checked_float32(fmt: Format, checkpoint: Checkpoint, path, resolution: int, with_preprocessing: bool, tolerance: float) -> tuple[bytes, float]:
+    """The float32 file in `fmt` and its relative L2 to the Flax model, once it is within
+    `tolerance`; ExportError otherwise."""
     try:
         data = fmt.export(checkpoint, resolution, with_preprocessing)
     except ExportError:
@@ -295,8 +372,55 @@ def export(
         raise ExportError(
             f"{path}: {fmt.runtime}'s logits are {error:.3g} from the Flax model's (relative L2), above the bound {tolerance:g}: nothing written"
         )
-    atomic_write(path, lambda f: f.write(data))
-    return error
+    return data, error
+
+
+def check_int8(fmt: Format, path) -> None:
+    """ExportError where `fmt` has no int8 path, or its runtime is not installed."""
+    check_installed(fmt)
+    if fmt.int8 is None:
+        available = ", ".join(s for s, f in FORMATS.items() if f.int8 is not None)
+        raise ExportError(f"{path}: --int8 is not available for {fmt.name}: it writes {available} (quantized through its runtime's own tools)")
+
+
+def export_int8(
+    checkpoint: Checkpoint,
+    path: str | os.PathLike,
+    images: int8.Images,
+    resolution: int | None = None,
+    with_preprocessing: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    min_agreement: float = int8.DEFAULT_MIN_AGREEMENT,
+) -> tuple[float, int8.Verification]:
+    """Write `checkpoint` to `path` quantized to int8, calibrated on `images.calibration`, once the
+    float32 file passed `export`'s check and the int8 file's top-1 class is the float32 file's on
+    at least `min_agreement` of `images.held_out` (both in the runtime); returns the float32 file's
+    relative L2 to the Flax model and the int8 file's verification. ExportError otherwise, and
+    nothing is written."""
+    fmt = format_of(path)
+    check_int8(fmt, path)
+    resolution = resolution or checkpoint.preprocessing.crop_size
+    data, error = checked_float32(fmt, checkpoint, path, resolution, with_preprocessing, tolerance)
+
+    def prepare(images_nhwc: np.ndarray) -> np.ndarray:
+        return int8.model_input(images_nhwc, checkpoint.preprocessing, with_preprocessing, fmt.layout)
+
+    try:
+        with _quiet():  # the quantizer logs each step
+            quantized = fmt.int8(checkpoint, resolution, with_preprocessing, data, prepare(images.calibration))
+    except Exception as e:
+        raise ExportError(f"{path}: the int8 quantization failed: {_first_line(e)}") from e
+    try:
+        verification = int8.verify(fmt.load(data), fmt.load(quantized), prepare(images.held_out), images.labels)
+    except Exception as e:
+        raise ExportError(f"{path}: the int8 file did not run in {fmt.runtime}: {_first_line(e)}") from e
+    if not verification.agreement >= min_agreement:
+        raise ExportError(
+            f"{path}: the int8 model's top-1 class is the float32 model's on {verification.agreement:.1%} of {verification.images} held-out images "
+            f"({images.held_out_from}), below --min-agreement {min_agreement:g}: nothing written; calibrate on more images like those it will see"
+        )
+    atomic_write(path, lambda f: f.write(quantized))
+    return error, verification
 
 
 def signature(fmt: Format, checkpoint: Checkpoint, resolution: int, with_preprocessing: bool) -> str:
@@ -345,18 +469,63 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--resolution", type=int, help="input height and width (default: the checkpoint's crop size, 224 for most)")
     parser.add_argument("--with-preprocessing", action="store_true", help="take uint8 RGB (0..255) and normalise inside the model")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative L2 between the runtime's and the Flax model's logits")
+    quantized = parser.add_argument_group("int8 (.onnx, .tflite)")
+    quantized.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantize to int8, statically: .onnx through onnxruntime's quant_pre_process and quantize_static (QDQ format, per-channel symmetric int8 weights, "
+        "uint8 activations, MinMax calibration); .tflite full-integer through litert-torch's PT2E quantizer",
+    )
+    quantized.add_argument("--calibration", metavar="DATA", help="images to calibrate on: a folder of images, or a dataset train.main reads (its training split)")
+    quantized.add_argument(
+        "--calibration-images",
+        type=int,
+        default=int8.DEFAULT_CALIBRATION_IMAGES,
+        metavar="N",
+        help=f"how many of DATA's images calibrate (default {int8.DEFAULT_CALIBRATION_IMAGES}: MinMax ranges settle within a few hundred)",
+    )
+    quantized.add_argument("--eval", metavar="DATASET", help="labelled held-out images, the evaluation split of a dataset train.eval reads: both models' accuracy on it is reported")
+    quantized.add_argument(
+        "--min-agreement",
+        type=float,
+        default=int8.DEFAULT_MIN_AGREEMENT,
+        help=f"least share of held-out images on which the int8 model's top-1 class is the float32 model's (default {int8.DEFAULT_MIN_AGREEMENT:g}: "
+        "a sound quantization changes only near-tied predictions, a broken one many)",
+    )
+    quantized.add_argument("--data-dir", help="TFDS data directory, where DATA or DATASET is a TFDS name")
     return parser.parse_args(argv)
+
+
+def int8_flag_problem(args) -> str | None:
+    """What is wrong with the int8 flags on their own."""
+    given = [flag for flag, value in (("--calibration", args.calibration), ("--eval", args.eval)) if value is not None]
+    if not args.int8:
+        return f"{given[0]} is for --int8: add --int8, or leave it out" if given else None
+    if args.calibration is None:
+        return "--int8 needs --calibration DATA: images like those the model will see (a folder of images, or the dataset it was trained on)"
+    if args.calibration_images < 1:
+        return f"--calibration-images {args.calibration_images}: expected at least 1"
+    if not 0 <= args.min_agreement <= 1:
+        return f"--min-agreement {args.min_agreement:g}: expected a share between 0 and 1"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.resolution is not None and args.resolution < MIN_RESOLUTION:
         fail(f"--resolution {args.resolution} is below {MIN_RESOLUTION}, the networks' total stride: use at least {MIN_RESOLUTION}")
+    problem = int8_flag_problem(args)
+    if problem:
+        fail(problem)
+    verification = None
     try:
         fmt = format_of(args.dst)
         if not Path(args.dst).resolve().parent.is_dir():
             raise ExportError(f"cannot write {args.dst}: directory {Path(args.dst).parent} does not exist")
-        check_installed(fmt)
+        if args.int8:
+            check_int8(fmt, args.dst)
+        else:
+            check_installed(fmt)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -366,13 +535,23 @@ def main(argv: list[str] | None = None) -> int:
         for w in caught:
             print(f"note: {args.src}: {w.message}")
         resolution = args.resolution or checkpoint.preprocessing.crop_size
-        error = export(checkpoint, args.dst, resolution, args.with_preprocessing, args.tolerance)
-    except (ExportError, WeightsFileError, ConversionError, OSError) as e:
+        if args.int8:
+            images = int8.load_images(args.calibration, checkpoint.preprocessing, resolution, args.calibration_images, args.eval, args.data_dir)
+            error, verification = export_int8(checkpoint, args.dst, images, resolution, args.with_preprocessing, args.tolerance, args.min_agreement)
+        else:
+            error = export(checkpoint, args.dst, resolution, args.with_preprocessing, args.tolerance)
+    except (ExportError, WeightsFileError, ConversionError, OSError, ValueError) as e:  # ValueError: train.data's DataError, int8's CalibrationError
         fail(str(e))
     print(
         f"wrote {args.dst}: {describe(checkpoint.architecture)}; takes {signature(fmt, checkpoint, resolution, args.with_preprocessing)}; "
         f"{fmt.runtime} vs Flax: relative L2 {error:.2g} at batch {CHECK_BATCH} and 1 (bound {args.tolerance:g})"
+        + ("" if verification is None else "; the float32 model, before int8 quantization")
     )
+    if verification is not None:
+        print(
+            f"int8: takes {fmt.int8_takes}; calibrated on {len(images.calibration)} images of {args.calibration}; against the float32 model in {fmt.runtime}, "
+            f"{verification.summary()} ({images.held_out_from}; bound {args.min_agreement:g})"
+        )
     return 0
 
 

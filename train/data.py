@@ -40,6 +40,9 @@ Interface (used by `train/` for both frameworks; the torch path transposes to NC
         0 padding); the split is padded to a whole number of global batches so every
         example counts exactly once and every batch has the same shape (a folder's:
         recipe.eval_crop a side).
+    eval_examples(name, split, *, resolution, data_dir=None, recipe=None) -> grain.MapDataset
+        Either split ("train" or "eval") as evaluation prepares it, {"image": uint8, "label"},
+        unnormalised and unbatched (a quantized export's calibration and check read it).
 
 Datasets:
 - "digits": `sklearn.datasets.load_digits` (1,797 8x8 grey images, 0..16), split 80/20
@@ -90,7 +93,7 @@ PAD_DIVISOR = 8
 # Decoded batches each worker process keeps ready.
 WORKER_BUFFER = 2
 
-__all__ = ["DataError", "DatasetInfo", "dataset_info", "recipe", "steps_per_epoch", "train_batches", "eval_batches"]
+__all__ = ["DataError", "DatasetInfo", "dataset_info", "recipe", "steps_per_epoch", "train_batches", "eval_batches", "eval_examples"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +229,16 @@ def eval_batches(
         ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([blank]).repeat(padding)])
     ds = ds.batch(local_batch)[process_index::process_count]
     return _iterate(ds.map(functools.partial(_to_model_input, mean=recipe.mean, std=recipe.std)), name, workers, threads)
+
+
+def eval_examples(
+    name: str, split: str, *, resolution: int, data_dir: str | None = None, recipe: augment.Recipe | None = None
+) -> grain.MapDataset:
+    """The examples of `split` ("train" or "eval"), {"image": uint8 [side, side, 3], "label"}, each
+    prepared as evaluation prepares it (a folder's resize and centre crop, no augmentation) and
+    not yet normalised: what a calibration of a quantized model, or its check, reads."""
+    split_ = _open_split(name, split, _with_size(recipe, resolution), data_dir)
+    return split_.examples.map(split_.eval_transform)
 
 
 def _with_size(recipe_: augment.Recipe | None, resolution: int) -> augment.Recipe:

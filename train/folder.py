@@ -88,12 +88,7 @@ def _images(directory: str, class_names: list[str], labels: dict[str, int]) -> l
     images = []
     for name in class_names:
         class_dir = os.path.join(directory, name)
-        found = [
-            os.path.join(folder, file)
-            for folder, _, files in sorted(os.walk(class_dir, followlinks=True))
-            for file in sorted(files)
-            if file.lower().endswith(IMG_EXTENSIONS)
-        ]
+        found = image_files(class_dir)
         if not found:
             raise DataError(
                 f"class folder {class_dir} has no images: expected files ending in {' '.join(IMG_EXTENSIONS)} "
@@ -101,6 +96,17 @@ def _images(directory: str, class_names: list[str], labels: dict[str, int]) -> l
             )
         images += [(path, labels[name]) for path in found]
     return images
+
+
+def image_files(directory: str) -> list[str]:
+    """The images under `directory`, subfolders followed, in sorted order (as ImageFolder walks a
+    class folder)."""
+    return [
+        os.path.join(folder, file)
+        for folder, _, files in sorted(os.walk(directory, followlinks=True))
+        for file in sorted(files)
+        if file.lower().endswith(IMG_EXTENSIONS)
+    ]
 
 
 def check_images(paths: list[str], threads: int | None = None) -> None:
