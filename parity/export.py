@@ -53,17 +53,14 @@ from typing import Callable
 
 import numpy as np
 
-from toolkit.cli import ArgumentParser, atomic_write, fail
+from mobilenet_arch import MIN_RESOLUTION
 from parity import int8
 from parity.checkpoint import Checkpoint, describe, load, load_torch
 from parity.io import WeightsFileError
 from parity.layouts import ConversionError, Preprocessing
-from parity.models import flax_logits, relative_l2
+from parity.models import DEFAULT_TOLERANCE, flax_logits, relative_l2
+from toolkit.cli import ArgumentParser, atomic_write, fail, first_line
 
-# The runtimes' logits and the Flax model's differ by float32 rounding only (about 1e-6 relative
-# L2 measured for ONNX, StableHLO and TFLite: tests/test_export.py), as do parity.convert's.
-DEFAULT_TOLERANCE = 1e-5
-MIN_RESOLUTION = 32  # the networks' total stride: smaller inputs end as 1x1 maps of padding
 CHECK_BATCH = 3  # the check runs this batch, then its first image alone: a dynamic batch, both ways
 # The one custom call a portable StableHLO module may hold: jax.export's own check of the symbolic
 # batch at call time. Anything else would be a kernel that exists only where it was built.
@@ -334,7 +331,8 @@ def check(fmt: Format, data: bytes, checkpoint: Checkpoint, resolution: int, wit
     reference = flax_logits(checkpoint.model, checkpoint.variables, normalise(images, checkpoint.preprocessing) if with_preprocessing else images)
     run = fmt.load(data)
     inputs = images if fmt.layout == "NHWC" else np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    return max(relative_l2(run(inputs[:n]), reference[:n]) for n in (CHECK_BATCH, 1))
+    # np.max, not max: a NaN in either run must carry through (max(0.1, nan) is 0.1)
+    return float(np.max([relative_l2(run(inputs[:n]), reference[:n]) for n in (CHECK_BATCH, 1)]))
 
 
 def export(
@@ -362,12 +360,12 @@ def checked_float32(fmt: Format, checkpoint: Checkpoint, path, resolution: int, 
     except ExportError:
         raise
     except Exception as e:  # the exporters raise their own types, with pages of context
-        raise ExportError(f"{path}: the {fmt.name} export failed: {_first_line(e)}") from e
+        raise ExportError(f"{path}: the {fmt.name} export failed: {first_line(e)}") from e
     try:
         with _quiet():  # LiteRT's interpreter announces its CPU delegate on stdout
             error = check(fmt, data, checkpoint, resolution, with_preprocessing)
     except Exception as e:
-        raise ExportError(f"{path}: the {fmt.name} file did not run in {fmt.runtime}: {_first_line(e)}") from e
+        raise ExportError(f"{path}: the {fmt.name} file did not run in {fmt.runtime}: {first_line(e)}") from e
     if not error <= tolerance:  # a NaN fails too
         raise ExportError(
             f"{path}: {fmt.runtime}'s logits are {error:.3g} from the Flax model's (relative L2), above the bound {tolerance:g}: nothing written"
@@ -409,11 +407,11 @@ def export_int8(
         with _quiet():  # the quantizer logs each step
             quantized = fmt.int8(checkpoint, resolution, with_preprocessing, data, prepare(images.calibration))
     except Exception as e:
-        raise ExportError(f"{path}: the int8 quantization failed: {_first_line(e)}") from e
+        raise ExportError(f"{path}: the int8 quantization failed: {first_line(e)}") from e
     try:
         verification = int8.verify(fmt.load(data), fmt.load(quantized), prepare(images.held_out), images.labels)
     except Exception as e:
-        raise ExportError(f"{path}: the int8 file did not run in {fmt.runtime}: {_first_line(e)}") from e
+        raise ExportError(f"{path}: the int8 file did not run in {fmt.runtime}: {first_line(e)}") from e
     if not verification.agreement >= min_agreement:
         raise ExportError(
             f"{path}: the int8 model's top-1 class is the float32 model's on {verification.agreement:.1%} of {verification.images} held-out images "
@@ -451,11 +449,6 @@ def _quiet():
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 # ---------------------------------------------------------------- command line

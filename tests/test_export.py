@@ -223,6 +223,20 @@ def test_a_runtime_that_returns_nan_fails_the_check_and_writes_nothing(weights, 
     assert not dst.exists() and not list(tmp_path.glob(".model.stablehlo*"))
 
 
+def test_a_runtime_that_returns_nan_for_one_image_alone_fails_the_check(weights, exported, tmp_path, capsys, monkeypatch):
+    # The check runs a batch, then its first image alone; a NaN in either run fails it (Python's
+    # max(0.1, nan) would be 0.1 and hide it).
+    fmt, data = export.FORMATS[".stablehlo"], exported("v1", ".stablehlo").read_bytes()
+
+    def load(data, run=fmt.load(data)):
+        return lambda x: run(x) * (np.nan if len(x) == 1 else 1.0)
+
+    monkeypatch.setitem(export.FORMATS, ".stablehlo", dataclasses.replace(fmt, export=lambda *_: data, load=load))
+    dst = tmp_path / "model.stablehlo"
+    _fails(capsys, [str(weights["v1"]), str(dst), "--resolution", str(RESOLUTION)], "nan", "nothing written")
+    assert not dst.exists()
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
