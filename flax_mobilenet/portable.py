@@ -78,10 +78,13 @@ def batch_norm_backward_input(g, x, terms, activation):
 
 
 def xla_depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """Depthwise 2-D convolution of NHWC `x` with a (k, k, 1, C) kernel, by XLA's grouped convolution."""
+    """Depthwise 2-D convolution of NHWC `x` with a (k, k, 1, C) kernel, by XLA's grouped convolution.
+    Mixed dtypes compute in their promoted one, as the shifted form's multiply-adds do (XLA's
+    convolution takes one dtype)."""
+    dtype = jnp.promote_types(x.dtype, kernel.dtype)
     return lax.conv_general_dilated(
-        x,
-        kernel,
+        x.astype(dtype),
+        kernel.astype(dtype),
         window_strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),

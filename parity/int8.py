@@ -96,7 +96,7 @@ def load_images(
     the calibration did not take (at most HELD_OUT_IMAGES of either of the last two).
     """
     from train import data, folder
-    from train.config import dataset_problem, is_folder
+    from train.datasets import dataset_problem, is_folder
 
     for flag, source in (("--calibration", calibration), ("--eval", evaluation)):
         if source is not None and is_folder(source) and not os.path.isdir(source):

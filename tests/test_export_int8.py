@@ -15,7 +15,6 @@ import contextlib
 import importlib.util
 import io
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from parity import export, int8
 from parity.random_weights import random_torch_model
 from tests.cli_errors import assert_one_line_error
 from tests.test_train_finetune import pretrained  # noqa: F401 (a fixture)
-from tests.test_train_main import compile_cache, locked, session_dir, shared_run  # noqa: F401 (a fixture)
+from tests.test_train_main import built_once, compile_cache, shared_run  # noqa: F401 (a fixture)
 
 PHOTO_CLASSES = ("left", "right")
 PHOTO_TRAIN, PHOTO_EVAL = 60, 100  # a class
@@ -43,13 +42,7 @@ ACCURACY_POINTS = 0.01
 
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> Path:
-    root = session_dir(tmp_path_factory) / "photo-folder"
-    with locked(root.with_suffix(".lock")):
-        if not root.with_suffix(".complete").exists():
-            shutil.rmtree(root, ignore_errors=True)
-            _write_photo_folder(root)
-            root.with_suffix(".complete").touch()
-    return root
+    return built_once(tmp_path_factory, "photo-folder", _write_photo_folder)
 
 
 def _write_photo_folder(root: Path) -> None:

@@ -4,7 +4,6 @@ rounding; round trips through every layout are bit-exact; bad input is named in 
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import flax_mobilenet
 import parity
 import torch_ref
 from tests.cli_errors import assert_one_line_error
-from tests.test_train_main import ROOT, compile_cache, environment, locked, run, session_dir, shared_run  # noqa: F401 (a fixture)
+from tests.test_train_main import ROOT, built_once, compile_cache, environment, run, shared_run  # noqa: F401 (a fixture)
 from train import lock
 
 # Digits 0-3 as 32x32 PNGs under class names that sort in another order than the digits (ImageFolder
@@ -51,13 +50,7 @@ CHANCE = 1 / len(CLASSES)
 def folder(tmp_path_factory) -> Path:
     # One folder for all of pytest's workers (pytest-xdist): the shared runs record its
     # path, and a run resumed with another --dataset is refused.
-    root = session_dir(tmp_path_factory) / "digit-folder"
-    with locked(root.with_suffix(".lock")):
-        if not root.with_suffix(".complete").exists():
-            shutil.rmtree(root, ignore_errors=True)
-            _write_digit_folder(root)
-            root.with_suffix(".complete").touch()
-    return root
+    return built_once(tmp_path_factory, "digit-folder", _write_digit_folder)
 
 
 def _write_digit_folder(root: Path) -> None:

@@ -50,6 +50,17 @@ def locked(path: Path):
         yield
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`session_dir/name`, made by `build(path)` by the first worker that asks and shared by all."""
+    root = session_dir(tmp_path_factory) / name
+    with locked(root.with_suffix(".lock")):
+        if not root.with_suffix(".complete").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            build(root)
+            root.with_suffix(".complete").touch()
+    return root
+
+
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory) -> Path:
     return session_dir(tmp_path_factory) / "jax-compile-cache"
