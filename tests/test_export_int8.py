@@ -27,7 +27,8 @@ from parity import export, int8
 from parity.random_weights import random_torch_model
 from tests.cli_errors import assert_one_line_error
 from tests.test_train_finetune import pretrained  # noqa: F401 (a fixture)
-from tests.test_train_main import built_once, compile_cache, shared_run  # noqa: F401 (a fixture)
+from tests.shared import built_once
+from tests.test_train_main import compile_cache, shared_run  # noqa: F401 (a fixture)
 
 PHOTO_CLASSES = ("left", "right")
 PHOTO_TRAIN, PHOTO_EVAL = 60, 100  # a class

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.shared import built_once
+
 PLATFORMS = ("cuda", "rocm", "tpu")
 DTYPES = ("float32", "bfloat16")
 DEVICES = 8
@@ -91,14 +93,20 @@ print("RESULT" + json.dumps(result))
 """
 
 
-@pytest.fixture(scope="module")
-def lowered() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", SCRIPT, *PLATFORMS], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.split("RESULT", 1)[1])
+@pytest.fixture(scope="session")
+def lowered(tmp_path_factory) -> dict:
+    # One lowering of every step for the whole session: with pytest-xdist each worker that runs
+    # a test of this file would otherwise pay for its own (about two minutes each here).
+    def lower(folder: Path) -> None:
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run([sys.executable, "-c", SCRIPT, *PLATFORMS], env=env, cwd=root,
+                             capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        folder.mkdir()
+        (folder / "lowered.json").write_text(out.stdout.split("RESULT", 1)[1])
+
+    return json.loads((built_once(tmp_path_factory, "lowered-steps", lower) / "lowered.json").read_text())
 
 
 CASES = [(arch, dtype, layout, platform, step) for arch in ("v1", "v2") for dtype in DTYPES

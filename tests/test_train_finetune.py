@@ -26,7 +26,8 @@ import flax_mobilenet
 import parity
 import torch_ref
 from tests.cli_errors import assert_one_line_error
-from tests.test_train_main import ROOT, built_once, compile_cache, environment, run, shared_run  # noqa: F401 (a fixture)
+from tests.shared import built_once
+from tests.test_train_main import ROOT, compile_cache, environment, run, shared_run  # noqa: F401 (a fixture)
 from train import lock
 
 # Digits 0-3 as 32x32 PNGs under class names that sort in another order than the digits (ImageFolder

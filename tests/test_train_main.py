@@ -7,8 +7,6 @@ once per device layout rather than once per process.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -28,6 +26,7 @@ from PIL import Image
 
 import parity
 from mobilenet_arch import mobilenet_v1
+from tests.shared import locked, session_dir
 from tests.cli_errors import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,30 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = "--arch v1 --width 0.25 --batch-size 16 --epochs 1 --lr 0.01 --warmup-epochs 0 --log-every 1 --no-progress".split()
 # The PyTorch path, with dropout so that resuming it must also restore the dropout masks.
 TORCH = "--framework torch --dropout 0.2".split()
-
-
-def session_dir(tmp_path_factory) -> Path:
-    """A directory shared by every test of this pytest session, pytest-xdist workers included."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
-
-
-@contextlib.contextmanager
-def locked(path: Path):
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def built_once(tmp_path_factory, name: str, build) -> Path:
-    """`session_dir/name`, made by `build(path)` by the first worker that asks and shared by all."""
-    root = session_dir(tmp_path_factory) / name
-    with locked(root.with_suffix(".lock")):
-        if not root.with_suffix(".complete").exists():
-            shutil.rmtree(root, ignore_errors=True)
-            build(root)
-            root.with_suffix(".complete").touch()
-    return root
 
 
 @pytest.fixture(scope="session")
