@@ -388,3 +388,18 @@ def test_on_tied_accuracies_the_earlier_best_is_kept_and_its_weights_are_exporte
     assert all(np.array_equal(a, b) for a, b in zip(best, first_epoch, strict=True))
     # The premise: the second epoch moved the weights, so exporting again at the tie would show.
     assert not all(np.array_equal(a, b) for a, b in zip(best, last, strict=True))
+
+
+# Runs train.main and interrupts itself (SIGINT, as Ctrl-C does) as step $INTERRUPT_AT_STEP begins.
+INTERRUPT_AT_STEP = KILL_DURING_STEP.replace("KILL_DURING_STEP", "INTERRUPT_AT_STEP").replace("signal.SIGKILL", "signal.SIGINT")
+
+
+def test_ctrl_c_ends_in_one_line_saying_what_is_kept_and_the_rerun_says_it_resumes(tmp_path, compile_cache):
+    flags = [*TINY, *TORCH, "--max-steps", "8", "--checkpoint-every", "2", "--workdir", str(tmp_path)]
+    interrupted = run(["-c", INTERRUPT_AT_STEP, *flags], compile_cache, env={"INTERRUPT_AT_STEP": "6"}, check=False)
+    assert interrupted.returncode == 130, interrupted.stderr[-3000:]
+    assert "Traceback" not in interrupted.stderr
+    last = interrupted.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted.") and "checkpoint.pth" in last and "resumes" in last, last
+    resumed = run(["-m", "train.main", *flags], compile_cache)
+    assert "resuming from the checkpoint of step 4 (of 8)" in resumed.stdout

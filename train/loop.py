@@ -74,6 +74,8 @@ def run(config, run_plan: Plan, workdir: Path, runner) -> dict:
         if chief:
             print(f"{workdir}: already trained to step {start}; exporting the weights again", flush=True)
         return {}
+    if start and chief:
+        print(f"{workdir}: resuming from the checkpoint of step {start} (of {stop})", flush=True)
     bar = ProgressBar(config.epochs, enabled=config.progress and chief)
     losses = LossWindow(runner, config.batch_size, stop)
     log = MetricsLog(workdir, enabled=chief)

@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e))
     except loop.NonFiniteLoss as e:
         fail(f"{e}; stopped. {_last_checkpoint(config)}", status=1)
+    except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on, not a traceback
+        fail(f"interrupted. {_last_checkpoint(config)} The same command resumes from it.", status=130)
     if chief:
         print(summary(Path(config.workdir)))
     return 0

@@ -101,7 +101,7 @@ def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
     without the 1e-6, which rounds differently."""
 
     def clip(updates, params=None):
-        scale = jnp.minimum(max_norm / (optax.global_norm(updates) + 1e-6), 1.0)
+        scale = jnp.minimum(max_norm / (optax.tree.norm(updates) + 1e-6), 1.0)
         return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates)
 
     return optax.stateless(clip)
