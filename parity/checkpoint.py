@@ -69,8 +69,15 @@ def load(source: Any, ema: bool = False, **overrides) -> Checkpoint:
     asked = overrides.get("layout")
     if asked and read.layout not in (None, flax_layout.NAME) and asked != read.layout:
         raise ConversionError(f"these are {read.layout} weights, layout={asked!r} was asked for")
-    if read.layout or asked:
-        name, weights = read.layout or asked, read.weights
+    if read.layout:
+        name, weights = read.layout, read.weights
+    elif asked:
+        try:
+            name, weights = locate(read.weights)
+        except LayoutError:  # keys no layout recognises: as the caller says they are
+            name, weights = asked, read.weights
+        if name != asked:
+            raise ConversionError(f"these are {name} weights, layout={asked!r} was asked for")
     else:
         name, weights = locate(read.weights)
     record = layout(name)
@@ -84,6 +91,10 @@ def load(source: Any, ema: bool = False, **overrides) -> Checkpoint:
 
 
 def _read(source: Any, ema: bool) -> Source:
+    if ema and not (isinstance(source, Mapping) and not _is_variables(source)) and not (
+        isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in torchvision.TORCH_SUFFIXES
+    ):
+        raise ConversionError(f"{_name(source)} holds no EMA copy of the weights: ema=True (--ema) reads a PyTorch training checkpoint's (.pth)")
     if isinstance(source, str) and not Path(source).exists():
         from parity import hub
 
@@ -95,12 +106,20 @@ def _read(source: Any, ema: bool) -> Source:
     if isinstance(source, Checkpoint):
         return Source(flat_variables(source.variables), source.architecture, source.preprocessing, flax_layout.NAME)
     if isinstance(source, Mapping):
-        if "params" in source and "batch_stats" in source:
+        if _is_variables(source):
             return Source(flat_variables(source), None, None, flax_layout.NAME)
         from parity import io
 
         return Source(io.to_numpy(io.unwrap(source, "the dict given", ema)))
     return read_model(source)
+
+
+def _is_variables(source: Mapping) -> bool:
+    return "params" in source and "batch_stats" in source
+
+
+def _name(source: Any) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"a {type(source).__name__}"
 
 
 def _check_overrides(arch: mobilenet_arch.Architecture, overrides: Mapping[str, Any]) -> mobilenet_arch.Architecture:

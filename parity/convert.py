@@ -95,7 +95,8 @@ def write_verified(checkpoint: Checkpoint, dst: Path, layout: str, args) -> bool
     """Write `dst` beside itself first, run the library it is written for on that file, and move
     it into place only if its logits are the Flax model's."""
     x = random_batch(2, args.resolution, seed=1)
-    with tempfile.TemporaryDirectory(dir=dst.resolve().parent, prefix=f".{dst.name}.") as staging:
+    parent = dst.resolve().parent
+    with tempfile.TemporaryDirectory(dir=parent, prefix=f".{dst.name}.") as staging:
         staged = Path(staging) / dst.name
         save(checkpoint, staged, layout=layout)
         ran = LAYOUTS[layout].run_written(staged, checkpoint, x)
@@ -105,8 +106,10 @@ def write_verified(checkpoint: Checkpoint, dst: Path, layout: str, args) -> bool
             library, logits = ran
             if not report(f"{library} on the written {dst.name} vs Flax", logits, np.asarray(checkpoint.model.apply(checkpoint.variables, x, train=False)), x, args.tolerance):
                 return False
-        for entry in Path(staging).iterdir():  # the file, or the directory, and a .msgpack's description
-            target = dst.parent / entry.name
+        # The description (a .msgpack's .json) before the file it describes: a reader that finds the
+        # new file finds its description with it.
+        for entry in sorted(Path(staging).iterdir(), key=lambda p: p.name != f"{dst.name}.json"):
+            target = parent / entry.name
             if entry.is_dir() and target.is_dir():
                 for inner in entry.iterdir():
                     os.replace(inner, target / inner.name)

@@ -32,7 +32,9 @@ def resolve(name: str) -> tuple[Path, Preprocessing | None]:
     preprocessing where the path cannot say it (torchvision's weights enums)."""
     from parity.layouts.registry import LAYOUTS
 
-    if Path(name).suffix.lower() in {suffix for layout in LAYOUTS.values() for suffix in layout.reads}:
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.is_dir())
+    if looks_local or path.suffix.lower() in {suffix for layout in LAYOUTS.values() for suffix in layout.reads}:
         raise WeightsFileError(f"{name}: no such file or directory")
     if name.startswith(HF_HUB_PREFIX):
         return _hub(name[len(HF_HUB_PREFIX):], name), None
@@ -64,6 +66,8 @@ def _hub(repo: str, asked: str) -> Path:
         ) from None
     except HfHubHTTPError as e:
         raise WeightsFileError(f"{asked}: the Hugging Face Hub refused {repo} ({str(e).splitlines()[0]})") from None
+    except ValueError as e:  # huggingface_hub's HFValidationError: not a repository id
+        raise WeightsFileError(f"{asked}: no such file or directory, nor a valid Hub repository id ({str(e).splitlines()[0]})") from None
 
 
 def _timm_repository(name: str) -> str | None:

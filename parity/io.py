@@ -63,9 +63,10 @@ def load_torch_state_dict(path: str | os.PathLike, ema: bool = False) -> dict[st
     path = _existing(path, "torch")
     if path.suffix.lower() == ".safetensors":
         try:
-            return dict(safetensors.torch.load(path.read_bytes()))
+            loaded = dict(safetensors.torch.load(path.read_bytes()))
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise WeightsFileError(f"{path} is not a readable safetensors file (truncated or another format?): {first_line(e)}") from e
+        return unwrap(loaded, str(path), ema)
     try:
         # timm's and torchvision's training scripts save their argparse arguments beside the
         # weights; a Namespace only holds attributes, so unpickling one runs no code of the file's.
@@ -112,6 +113,8 @@ def unwrap(loaded: Any, where: str, ema: bool = False) -> dict[str, torch.Tensor
     if ema and not emas:
         raise WeightsFileError(f"{where} holds no EMA copy of the weights ({' or '.join(EMA_ENTRIES)}); entries: {', '.join(sorted(map(str, loaded))[:8])}")
     chosen = emas[0] if ema else plain[0] if plain else None
+    if chosen is None and emas:
+        raise WeightsFileError(f"{where} holds only an EMA copy of the weights, under {emas[0]!r}: ema=True (--ema) reads it")
     if chosen is None:
         found = ", ".join(sorted(map(str, loaded))[:8])
         raise WeightsFileError(f"{where} holds a dict with entries {found}: not a state dict of tensors, nor one under {', '.join(STATE_DICT_ENTRIES + EMA_ENTRIES)}")
@@ -124,7 +127,8 @@ def unwrap(loaded: Any, where: str, ema: bool = False) -> dict[str, torch.Tensor
 
 
 def _is_state_dict(value: Any) -> bool:
-    return isinstance(value, Mapping) and bool(value) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    """A non-empty dict of named arrays: torch tensors as saved, or numpy/JAX arrays as passed."""
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(k, str) and hasattr(v, "shape") and not isinstance(v, Mapping) for k, v in value.items())
 
 
 def save_torch_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -160,3 +160,43 @@ def test_a_text_file_named_pth_says_what_it_is_not(tmp_path, capsys):
     err = capsys.readouterr().err
     assert_one_line_error(err, "not a readable PyTorch checkpoint", "neither a zip archive")
     assert "pop from empty list" not in err
+
+
+class NamedLikeTransformers(torch.nn.Module):
+    """A user's attribute that happens to bear transformers' prefix."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.mobilenet_v2 = model
+
+
+def test_an_attribute_named_like_transformers_prefix_is_still_found_as_torchvision(tmp_path):
+    model = network(6)
+    ckpt, notes = load_noting(NamedLikeTransformers(model))
+    assert ckpt.layout == "torchvision" and gap(ckpt, model) < TOLERANCE and "'mobilenet_v2.'" in notes
+
+
+def test_a_dict_of_numpy_arrays_loads_as_a_state_dict():
+    model = network(7)
+    assert gap(parity.load({k: v.numpy() for k, v in model.state_dict().items()}), model) < TOLERANCE
+
+
+def test_ema_choices_that_cannot_be_met_say_so(tmp_path):
+    sd = network(8).state_dict()
+    torch.save({"model_ema": sd, "epoch": 3}, tmp_path / "ema_only.pth")
+    with pytest.raises(parity.WeightsFileError, match="holds only an EMA copy of the weights, under 'model_ema': ema=True"):
+        parity.load(tmp_path / "ema_only.pth")
+    parity.save_torch_state_dict(sd, tmp_path / "w.safetensors")
+    with pytest.raises(parity.WeightsFileError, match="plain state dict: it holds no EMA copy"):
+        parity.load(tmp_path / "w.safetensors", ema=True)
+    parity.save(parity.load(sd), tmp_path / "w.msgpack")
+    with pytest.raises(parity.ConversionError, match="holds no EMA copy"):
+        parity.load(tmp_path / "w.msgpack", ema=True)
+
+
+def test_a_named_layout_still_strips_a_prefix_and_is_checked_against_the_keys(tmp_path):
+    model = network(9)
+    ddp = {f"module.{k}": v for k, v in model.state_dict().items()}
+    assert gap(load_noting(ddp, layout="torchvision")[0], model) < TOLERANCE
+    with pytest.raises(parity.ConversionError, match="these are torchvision weights, layout='timm' was asked for"):
+        parity.load(ddp, layout="timm")

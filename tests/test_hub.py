@@ -103,11 +103,17 @@ def test_a_name_not_in_the_cache_offline_is_one_line(tmp_path):
     assert not (tmp_path / "out.msgpack").exists()
 
 
-def test_neither_a_path_nor_a_name_names_both_forms(hub_cache, tmp_path):
+def test_neither_a_path_nor_a_name_names_both_forms(hub_cache):
     with pytest.raises(parity.WeightsFileError, match="no such file or directory, nor a model name: expected a file, a directory, hf-hub:"):
-        parity.load(str(tmp_path / "mobilenet_v2_weights_that_are_not_here"))
+        parity.load("mobilenet_v2_weights_that_are_not_here")
 
 
 def test_a_missing_file_is_a_missing_file_not_a_hub_name(hub_cache):
     with pytest.raises(parity.WeightsFileError, match=r"^weights/model\.pth: no such file or directory$"):
         parity.load("weights/model.pth")
+
+
+@pytest.mark.parametrize("name", ["./missing_hf_dir", "~/missing_hf_dir"])
+def test_a_missing_local_directory_is_not_looked_up_on_the_hub(hub_cache, name):
+    with pytest.raises(parity.WeightsFileError, match="no such file or directory$"):
+        parity.load(name)

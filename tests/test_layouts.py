@@ -337,3 +337,11 @@ def test_a_written_file_its_library_disagrees_with_is_not_kept(tmp_path, capsys,
     assert convert.main([str(tmp_path / "src.pth"), str(tmp_path / "w.pth"), "--verify", "--resolution", "64"]) == 1
     assert "FAILED, nothing written" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.pth"]
+
+
+def test_a_hugging_face_directory_may_have_dots_in_its_name(tmp_path):
+    # Google's names: mobilenet_v2_1.0_224 (".0_224" is no file extension)
+    ckpt = parity.load(hf_model("V2", depth_multiplier=0.35))
+    parity.save(ckpt, tmp_path / "mobilenet_v2_0.35_96")
+    assert (tmp_path / "mobilenet_v2_0.35_96" / "config.json").is_file()
+    assert parity.load(tmp_path / "mobilenet_v2_0.35_96").layout == "hf"

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except loop.NonFiniteLoss as e:
         fail(f"{e}; stopped. {_last_checkpoint(config)}", status=1)
     except KeyboardInterrupt:  # Ctrl-C: what is kept and how to go on, not a traceback
-        fail(f"interrupted. {_last_checkpoint(config)} The same command resumes from it.", status=130)
+        kept = _last_checkpoint(config)
+        fail(f"interrupted. {kept} " + ("The same command starts again." if kept.startswith("No checkpoint") else "The same command resumes from it."), status=130)
     if chief:
         print(summary(Path(config.workdir)))
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,7 +51,8 @@ RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's nu
 
 
 def recognise(keys) -> bool:
-    return any(k.startswith(("mobilenet_v1.", "mobilenet_v2.")) for k in keys)
+    # The stems' own keys, not the bare prefix: a user's module may name an attribute mobilenet_v2.
+    return not {"mobilenet_v1.conv_stem.convolution.weight", "mobilenet_v2.conv_stem.first_conv.convolution.weight"}.isdisjoint(keys)
 
 
 def _v2(keys) -> bool:
@@ -243,8 +245,14 @@ def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
     return None
 
 
+def _extension(path: Path) -> bool:
+    """Whether the name ends in a file extension (letters), not a dotted part of a model's name
+    such as `mobilenet_v2_1.0_224`."""
+    return bool(re.fullmatch(r"\.[A-Za-z]+", path.suffix))
+
+
 def write(checkpoint, path: Path, num_batches_tracked: int = 0, extra=None) -> None:
-    if path.suffix:
+    if path.is_file() or (_extension(path) and not path.is_dir()):
         raise LayoutError(f"{path}: a Hugging Face checkpoint is a directory (config.json, model.safetensors, preprocessor_config.json)")
     write_directory(checkpoint.architecture, checkpoint.variables, path, checkpoint.preprocessing)
 
@@ -319,7 +327,7 @@ LAYOUT = Layout(
     preprocessing=preprocessing,
     cannot_hold=cannot_hold,
     write=write,
-    writes=lambda path: not path.suffix,
+    writes=lambda path: path.is_dir() or not _extension(path),
     reads=("/",),
     read=read_directory,
     of_model=of_model,

@@ -131,7 +131,7 @@ def read_file(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
     try:
-        if path.suffix == ".keras":
+        if path.suffix.lower() == ".keras":
             with zipfile.ZipFile(path) as z:
                 config = _config_of(json.loads(z.read("config.json")))
                 with h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
@@ -241,7 +241,7 @@ def write_file(arch: mobilenet_arch.Architecture, variables: Mapping[str, Any], 
     from toolkit.cli import atomic_write
     from parity.layouts import from_flax
 
-    if not (path.name.endswith(".weights.h5") or path.suffix == ".keras"):
+    if not (path.name.lower().endswith(".weights.h5") or path.suffix.lower() == ".keras"):
         raise LayoutError(f"{path}: Keras writes .keras or .weights.h5")
     model = build_model(arch)
     values = from_flax(variables, rules(arch))
@@ -249,7 +249,7 @@ def write_file(arch: mobilenet_arch.Architecture, variables: Mapping[str, Any], 
     for key, value in values.items():
         by_path[key].assign(value.astype(np.float32))
     # keras decides the format from the name, so it writes a temporary of the same kind, renamed whole
-    suffix = ".keras" if path.suffix == ".keras" else ".weights.h5"
+    suffix = ".keras" if path.suffix.lower() == ".keras" else ".weights.h5"
 
     def write(f):
         import tempfile
@@ -307,7 +307,7 @@ def run_written(path: Path, checkpoint, images: np.ndarray) -> tuple[str, np.nda
         import keras
     except ImportError:
         return None
-    if path.suffix == ".keras":
+    if path.suffix.lower() == ".keras":
         model = keras.saving.load_model(path)
     else:
         model = build_model(checkpoint.architecture)
