@@ -345,3 +345,16 @@ def test_a_hugging_face_directory_may_have_dots_in_its_name(tmp_path):
     parity.save(ckpt, tmp_path / "mobilenet_v2_0.35_96")
     assert (tmp_path / "mobilenet_v2_0.35_96" / "config.json").is_file()
     assert parity.load(tmp_path / "mobilenet_v2_0.35_96").layout == "hf"
+
+
+@pytest.mark.parametrize(
+    "name, layout",
+    [("w.pth", "torchvision"), ("w.safetensors", "torchvision"), ("m.keras", "keras"), ("m.weights.h5", "keras"),
+     ("m.msgpack", "flax"), ("hf_dir", "hf"), ("mobilenet_v2_1.0_224", "hf"), ("mobilenetv2_100.ra_in1k", "hf")],
+)
+def test_the_layout_a_file_name_asks_for(name, layout):
+    from pathlib import Path
+
+    from parity.layouts.registry import layout_for_path
+
+    assert layout_for_path(Path(name)) == layout

@@ -248,7 +248,7 @@ def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
 def _extension(path: Path) -> bool:
     """Whether the name ends in a file extension (letters), not a dotted part of a model's name
     such as `mobilenet_v2_1.0_224`."""
-    return bool(re.fullmatch(r"\.[A-Za-z]+", path.suffix))
+    return bool(re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]*", path.suffix))  # .h5, .pth; not .0_224 nor .ra_in1k
 
 
 def write(checkpoint, path: Path, num_batches_tracked: int = 0, extra=None) -> None:
