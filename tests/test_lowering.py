@@ -95,8 +95,8 @@ print("RESULT" + json.dumps(result))
 
 @pytest.fixture(scope="session")
 def lowered(tmp_path_factory) -> dict:
-    # One lowering of every step for the whole session: with pytest-xdist each worker that runs
-    # a test of this file would otherwise pay for its own (about two minutes each here).
+    # One lowering of every step per pytest run, shared by pytest-xdist's workers: each that runs a
+    # test of this file would otherwise lower every step again, the suite's costliest set-up.
     def lower(folder: Path) -> None:
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
         root = Path(__file__).resolve().parents[1]
