@@ -24,6 +24,16 @@ from flax_mobilenet.layers import BatchNorm, DepthwiseConv, PatchConv, Pointwise
 
 Dtype = Any
 
+DENSE_ACTIVATIONS = {
+    "relu": nn.relu,
+    "relu6": nn.relu6,
+    "gelu": functools.partial(nn.gelu, approximate=False),  # torch.nn.GELU's default, the exact erf form
+    "silu": nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": nn.sigmoid,
+}
+assert set(DENSE_ACTIVATIONS) == set(mobilenet_arch.DENSE_ACTIVATIONS)
+
 class ConvBN(nn.Module):
     """Convolution (no bias), BatchNorm, and the activation when the layer has one."""
 
@@ -96,9 +106,14 @@ class MobileNet(nn.Module):
             if index + 1 == self.frozen_blocks:
                 x = jax.lax.stop_gradient(x)
         x = x.mean(axis=(1, 2))
-        x = nn.Dropout(arch.dropout, deterministic=not train)(x)
-        if arch.num_classes:  # else a feature extractor: the pooled features
-            x = nn.Dense(arch.num_classes, dtype=self.dtype, kernel_init=classifier_init, name=arch.flax_classifier)(x)
+        # The head: no layers in a feature extractor (the pooled features are returned). The
+        # output activation (Keras's softmax) is not applied: the model returns logits, as the
+        # losses need; `parity` applies it where it compares with a source that returns it.
+        for layer, name in zip(arch.head.layers, arch.head.flax_names):
+            x = nn.Dropout(layer.dropout, deterministic=not train)(x)
+            x = nn.Dense(layer.units, dtype=self.dtype, kernel_init=classifier_init, name=name)(x)
+            if layer.activation:
+                x = DENSE_ACTIVATIONS[layer.activation](x)
         return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 

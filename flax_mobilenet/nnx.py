@@ -137,7 +137,7 @@ class MobileNet(nnx.Module):
 
     def _dropout_rngs(self, rngs) -> dict:
         """Linen's `rngs` for a training-mode call: a dropout key when the model has dropout."""
-        if self.architecture.dropout == 0:
+        if not any(layer.dropout for layer in self.architecture.head.layers):
             return {}
         rngs = self.rngs if rngs is None else rngs
         if rngs is None:

@@ -14,6 +14,7 @@ Each library's rule for turning a width multiplier into channels is a small func
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple, Optional, Sequence, Union
@@ -179,20 +180,150 @@ class Block:
         return math.prod(layer.stride for layer in self.layers)
 
 
+# What a dense layer of the head may apply after itself: both frameworks have each of these.
+DENSE_ACTIVATIONS: tuple[str, ...] = ("relu", "relu6", "gelu", "silu", "tanh", "sigmoid")
+# What the network returns after its last layer: logits, or Keras's default softmax probabilities.
+OUTPUTS: tuple[str, ...] = ("none", "softmax")
+
+
+@dataclass(frozen=True)
+class Dense:
+    """One dense layer of the head: dropout before it, `units` outputs, then `activation` (None:
+    linear, as the output layer is).
+
+    The names are those a source gave the layer, kept so that writing back to that library puts
+    it where its model has it; "" where no source named it (each layout then has its default)."""
+
+    units: int
+    dropout: float = 0.0
+    activation: Optional[str] = None
+    torch_name: str = ""  # state-dict prefix in a PyTorch model: "classifier.3", "fc", "head.1"
+    keras_name: str = ""  # layer name in a Keras model: "dense_1", "predictions"
+
+
+@dataclass(frozen=True)
+class Head:
+    """After the last block: global average pooling, then `layers` in order (none: the model
+    returns the pooled features), then the `output` activation ("none": logits; "softmax":
+    probabilities, as Keras's applications return)."""
+
+    layers: tuple[Dense, ...] = ()
+    output: str = "none"
+
+    @property
+    def num_classes(self) -> int:
+        return self.layers[-1].units if self.layers else 0
+
+    @property
+    def hidden(self) -> tuple[Dense, ...]:
+        return self.layers[:-1]
+
+    @property
+    def flax_names(self) -> tuple[str, ...]:
+        """The Flax module of each layer: `hidden_0`, `hidden_1`, ..., then `classifier`."""
+        return tuple(f"hidden_{i}" for i in range(len(self.layers) - 1)) + (("classifier",) if self.layers else ())
+
+    @property
+    def torch_names(self) -> tuple[str, ...]:
+        """Each layer's state-dict prefix: the source's names where it gave them all, else
+        torchvision's `classifier = Sequential(Dropout, Linear, activation, [Dropout,] Linear...)`
+        numbering (a single layer is `classifier.1`; the transfer-learning recipe's
+        `Dropout, Linear(256), ReLU, Linear(n)` is `classifier.1`, `classifier.3`)."""
+        if self.layers and all(layer.torch_name for layer in self.layers):
+            return tuple(layer.torch_name for layer in self.layers)
+        return tuple(name for name, layer in sequential_modules(self) if layer is not None)
+
+    def describe(self) -> str:
+        """'dropout 0.5 -> dense 256 (relu) -> dense 4', 'no classifier (pooled features)'."""
+        if not self.layers:
+            return "no classifier (pooled features)"
+        parts = []
+        for layer in self.layers:
+            if layer.dropout:
+                parts.append(f"dropout {layer.dropout:g}")
+            parts.append(f"dense {layer.units}" + (f" ({layer.activation})" if layer.activation else ""))
+        out = " -> ".join(parts)
+        return out + (f" ({self.output})" if self.output != "none" else "")
+
+
+def sequential_modules(head: Head) -> list[tuple[str, Optional[Dense]]]:
+    """torchvision's numbering of the head as one `classifier` Sequential: (name, layer) for each
+    Linear, (name, None) for the Dropout and activation modules between them. A Dropout precedes
+    the first Linear always (torchvision's `Dropout(p=0.2), Linear`), the others where they drop."""
+    out: list[tuple[str, Optional[Dense]]] = []
+    for i, layer in enumerate(head.layers):
+        if i == 0 or layer.dropout:
+            out.append((f"classifier.{len(out)}", None))
+        out.append((f"classifier.{len(out)}", layer))
+        if layer.activation:
+            out.append((f"classifier.{len(out)}", None))
+    return out
+
+
+def make_head(
+    num_classes: int,
+    dropout: float = 0.0,
+    hidden: Sequence[int] = (),
+    hidden_activation: str = "relu",
+    output: str = "none",
+) -> Head:
+    """The head of `hidden` dense layers (each with `hidden_activation`) and a linear output layer
+    of `num_classes` (0: no head), `dropout` before the first layer: torchvision's classifier with
+    no `hidden`, the transfer-learning recipe's `Dropout, Linear(256), ReLU, Linear(n)` with
+    `hidden=(256,)`."""
+    if not num_classes:
+        if hidden:
+            raise ValueError(f"hidden layers {tuple(hidden)} need an output layer: num_classes must be at least 1")
+        return Head((), output)
+    units = [*hidden, num_classes]
+    layers = tuple(
+        Dense(int(n), dropout if i == 0 else 0.0, hidden_activation if i < len(units) - 1 else None) for i, n in enumerate(units)
+    )
+    return check_head(Head(layers, output))
+
+
+def check_head(head: Head) -> Head:
+    """`head`, or a ValueError saying what is wrong with it."""
+    if head.output not in OUTPUTS:
+        raise ValueError(f"the head's output must be one of {', '.join(OUTPUTS)}, got {head.output!r}")
+    for layer in head.layers:
+        if not (isinstance(layer.units, int) and layer.units >= 1):
+            raise ValueError(f"a dense layer's units must be a positive integer, got {layer.units!r}")
+        if not 0.0 <= layer.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {layer.dropout}")
+        if layer.activation is not None and layer.activation not in DENSE_ACTIVATIONS:
+            raise ValueError(f"a dense layer's activation must be one of {', '.join(DENSE_ACTIVATIONS)} or None, got {layer.activation!r}")
+    return head
+
+
 @dataclass(frozen=True)
 class Architecture:
     arch: Arch
     width_mult: float  # a label: the builders from channels take stem / 32 unless told
     blocks: tuple[Block, ...]
-    num_features: int  # channels entering the classifier
-    num_classes: int  # 0: no classifier, the model returns the pooled features (timm's num_classes=0)
-    dropout: float
+    num_features: int  # channels entering the head
+    head: Head
     activation: Literal["relu6", "relu"]
-
-    # The classifier is `Sequential(Dropout, Linear)` in torchvision, hence the `.1`.
-    torch_classifier: str = "classifier.1"
-    flax_classifier: str = "classifier"
     bn_epsilon: float = BN_EPSILON
+
+    @property
+    def num_classes(self) -> int:
+        """The output layer's units; 0: no head, the model returns the pooled features (timm's num_classes=0)."""
+        return self.head.num_classes
+
+    @property
+    def dropout(self) -> float:
+        """The head's dropout: the first that drops (the one before torchvision's classifier)."""
+        return next((layer.dropout for layer in self.head.layers if layer.dropout), 0.0)
+
+    @property
+    def flax_classifier(self) -> str:
+        return "classifier"
+
+    @property
+    def torch_classifier(self) -> str:
+        """The output layer's state-dict prefix (torchvision's `classifier.1`)."""
+        return self.head.torch_names[-1] if self.head.layers else "classifier.1"
 
     @property
     def stage_depths(self) -> tuple[int, ...]:
@@ -205,12 +336,39 @@ class Architecture:
         return f"Architecture({describe(self)})"
 
 
+def with_head(arch: Architecture, head: Head) -> Architecture:
+    return dataclasses.replace(arch, head=check_head(head))
+
+
+def with_dropout(arch: Architecture, dropout: float) -> Architecture:
+    """`arch` with `dropout` where its head drops (before the first layer if nowhere)."""
+    layers = list(arch.head.layers)
+    if not layers:
+        return arch
+    at = next((i for i, layer in enumerate(layers) if layer.dropout), 0)
+    layers[at] = dataclasses.replace(layers[at], dropout=dropout)
+    return with_head(arch, dataclasses.replace(arch.head, layers=tuple(layers)))
+
+
+def with_classes(arch: Architecture, num_classes: int) -> Architecture:
+    """`arch` with an output layer of `num_classes` in place of its own (the hidden layers kept,
+    the source's name for the output layer dropped with it); 0: no head at all."""
+    if not num_classes:
+        return with_head(arch, Head((), arch.head.output))
+    if not arch.head.layers:
+        return with_head(arch, make_head(num_classes, output=arch.head.output))
+    last = arch.head.layers[-1]
+    if last.units == num_classes:
+        return arch
+    return with_head(arch, dataclasses.replace(arch.head, layers=arch.head.hidden + (Dense(num_classes, last.dropout, last.activation),)))
+
+
 def describe(arch: "Architecture") -> str:
     """The architecture in one line: version, width, depth where not the paper's, classes,
     padding in words, BatchNorm epsilon."""
     depth = "" if arch.arch == "v1" or arch.stage_depths == V2_STAGE_DEPTHS else f", depth {list(arch.stage_depths)}"
     return (
-        f"MobileNet{arch.arch.upper()} width {arch.width_mult:g}{depth}, {arch.num_classes} classes, "
+        f"MobileNet{arch.arch.upper()} width {arch.width_mult:g}{depth}, head {arch.head.describe()}, "
         f"{padding_in_words(arch)}, BatchNorm epsilon {arch.bn_epsilon:g}"
     )
 
@@ -305,11 +463,14 @@ def mobilenet_v1_from_channels(
     padding: PaddingRule = "symmetric",
     bn_epsilon: float = BN_EPSILON,
     width_mult: float | None = None,
+    **head_kw,
 ) -> Architecture:
     """MobileNetV1 with `stem` channels after the stem and `outs[i]` after block i + 1's pointwise
     layer (13 blocks, strides from Table 1); `head`: a 1x1 convolution with BN and activation
-    before pooling (timm's mobilenetv1_100h)."""
-    _check(num_classes, dropout, activation, bn_epsilon)
+    before pooling (timm's mobilenetv1_100h). `head_kw`: `_head`'s (hidden, hidden_activation,
+    output, or a whole `classifier` Head)."""
+    _check(activation, bn_epsilon)
+    classifier = _head(num_classes, dropout, **head_kw)
     outs = tuple(outs)
     if len(outs) != len(V1_BLOCKS):
         raise ValueError(
@@ -332,7 +493,7 @@ def mobilenet_v1_from_channels(
         blocks.append(_conv_bn_block(len(blocks), "head", cin, head, 1, 1, pad, stage=len(V1_STAGE_DEPTHS)))
         cin = head
     width = stem / V1_STEM_CHANNELS if width_mult is None else width_mult
-    return Architecture("v1", width, tuple(blocks), cin, num_classes, dropout, activation, bn_epsilon=bn_epsilon)
+    return Architecture("v1", width, tuple(blocks), cin, classifier, activation, bn_epsilon=bn_epsilon)
 
 
 def mobilenet_v2_from_blocks(
@@ -347,14 +508,17 @@ def mobilenet_v2_from_blocks(
     bn_epsilon: float = BN_EPSILON,
     stem_residual: bool = True,
     width_mult: float | None = None,
+    **head_kw,
 ) -> Architecture:
     """MobileNetV2 from its channels: `stem`, then per inverted residual (expanded channels or
     None for none, output channels, stride, stage, repeat), then the `head` 1x1 convolution.
 
     A block adds its input when its stride is 1 and its channels are unchanged (Sandler et al.,
     Section 3.3); `stem_residual=False` denies it to the first block, as Hugging Face's stem does.
+    `head_kw`: `_head`'s (hidden, hidden_activation, output, or a whole `classifier` Head).
     """
-    _check(num_classes, dropout, activation, bn_epsilon)
+    _check(activation, bn_epsilon)
+    classifier = _head(num_classes, dropout, **head_kw)
     specs = [tuple(b) for b in blocks]
     if not specs or any(len(b) != 5 for b in specs):
         raise ValueError(
@@ -375,7 +539,7 @@ def mobilenet_v2_from_blocks(
     last_stage = max(stage for *_, stage, _ in specs)
     features.append(_conv_bn_block(len(features), "head", cin, head, 1, 1, pad, stage=last_stage + 1))
     width = stem / V2_STEM_CHANNELS if width_mult is None else width_mult
-    return Architecture("v2", width, tuple(features), head, num_classes, dropout, activation, bn_epsilon=bn_epsilon)
+    return Architecture("v2", width, tuple(features), head, classifier, activation, bn_epsilon=bn_epsilon)
 
 
 # ---------------------------------------------------------------- each library's channel rules
@@ -493,16 +657,19 @@ def mobilenet_v1(
     fix_stem_head: bool = False,
     padding: PaddingRule = "symmetric",
     bn_epsilon: float = BN_EPSILON,
+    **head_kw,
 ) -> Architecture:
     """MobileNetV1 with width multiplier alpha = `width_mult`, channels by `mobilenet_v1_channels`.
 
     The resolution multiplier rho is the input size: the network is fully convolutional up to the
-    global average pool and takes any input size (224 * rho in the paper).
+    global average pool and takes any input size (224 * rho in the paper). `head_kw`: the
+    classifier's further layers (`hidden=(256,)`, `hidden_activation`, `output="softmax"`, or a
+    whole `classifier=Head(...)`).
     """
     stem, outs, head_channels = mobilenet_v1_channels(width_mult, head=head, fix_stem_head=fix_stem_head)
     return mobilenet_v1_from_channels(
         stem, outs, num_classes, head=head_channels, dropout=dropout, activation=activation,
-        padding=padding, bn_epsilon=bn_epsilon, width_mult=width_mult,
+        padding=padding, bn_epsilon=bn_epsilon, width_mult=width_mult, **head_kw,
     )
 
 
@@ -515,12 +682,14 @@ def mobilenet_v2(
     fix_stem_head: bool = False,
     padding: PaddingRule = "symmetric",
     bn_epsilon: float = BN_EPSILON,
+    **head_kw,
 ) -> Architecture:
     """torchvision's `mobilenet_v2(width_mult=...)`, layer for layer and key for key; with
-    `depth_mult` and `fix_stem_head`, timm's (mobilenetv2_110d: width 1.1, depth 1.2, fixed)."""
+    `depth_mult` and `fix_stem_head`, timm's (mobilenetv2_110d: width 1.1, depth 1.2, fixed).
+    `head_kw`: the classifier's further layers, as `mobilenet_v1`'s."""
     stem, blocks, head = mobilenet_v2_channels(width_mult, depth_mult=depth_mult, fix_stem_head=fix_stem_head)
     return mobilenet_v2_from_blocks(
-        stem, blocks, head, num_classes, dropout=dropout, padding=padding, bn_epsilon=bn_epsilon, width_mult=width_mult
+        stem, blocks, head, num_classes, dropout=dropout, padding=padding, bn_epsilon=bn_epsilon, width_mult=width_mult, **head_kw
     )
 
 
@@ -543,11 +712,26 @@ def _check_channels(*channels: int) -> None:
         raise ValueError(f"channel counts must be positive integers, got {bad[0]!r}")
 
 
-def _check(num_classes: int, dropout: float, activation: str, bn_epsilon: float) -> None:
+def _head(
+    num_classes: int,
+    dropout: float,
+    *,
+    hidden: Sequence[int] = (),
+    hidden_activation: str = "relu",
+    output: str = "none",
+    classifier: Head | None = None,
+) -> Head:
+    """The head the builders' keywords describe: `classifier` as given, or `make_head`'s."""
+    if classifier is not None:
+        return check_head(classifier)
     if num_classes < 0:
         raise ValueError(f"num_classes must be at least 0 (0: no classifier, the pooled features), got {num_classes}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return make_head(num_classes, dropout, hidden, hidden_activation, output)
+
+
+def _check(activation: str, bn_epsilon: float) -> None:
     if activation not in ("relu6", "relu"):
         raise ValueError(f"activation must be 'relu6' or 'relu', got {activation!r}")
     if not bn_epsilon > 0:
@@ -577,13 +761,19 @@ MIN_RESOLUTION = max(total_stride(mobilenet_v1()), total_stride(mobilenet_v2()))
 
 
 def parameter_count(arch: Architecture) -> int:
-    """Learned parameters: convolution weights, BN scale and bias, classifier weight and bias."""
+    """Learned parameters: convolution weights, BN scale and bias, the head's weights and biases."""
     total = 0
     for block in arch.blocks:
         for layer in block.layers:
             total += layer.out_channels * (layer.in_channels // layer.groups) * layer.kernel_size**2
             total += 2 * layer.out_channels
-    return total + arch.num_features * arch.num_classes + arch.num_classes
+    return total + sum((fan_in + 1) * units for fan_in, units in dense_shapes(arch))
+
+
+def dense_shapes(arch: Architecture) -> list[tuple[int, int]]:
+    """(inputs, outputs) of each dense layer of the head."""
+    ins = [arch.num_features] + [layer.units for layer in arch.head.hidden]
+    return [(fan_in, layer.units) for fan_in, layer in zip(ins, arch.head.layers)]
 
 
 def layer_table(arch: Architecture, resolution: int = 224) -> list[dict]:
@@ -623,15 +813,16 @@ def layer_table(arch: Architecture, resolution: int = 224) -> list[dict]:
             "mult_adds": 0,
         }
     )
-    rows.append(
-        {
-            "block": arch.flax_classifier,
-            "role": "classifier",
-            "type": "FC / s1",
-            "filter": (arch.num_features, arch.num_classes),
-            "input": (1, 1, arch.num_features),
-            "params": arch.num_features * arch.num_classes + arch.num_classes,
-            "mult_adds": arch.num_features * arch.num_classes,
-        }
-    )
+    for name, (fan_in, units) in zip(arch.head.flax_names, dense_shapes(arch)):
+        rows.append(
+            {
+                "block": name,
+                "role": "classifier" if name == "classifier" else "hidden",
+                "type": "FC / s1",
+                "filter": (fan_in, units),
+                "input": (1, 1, fan_in),
+                "params": fan_in * units + units,
+                "mult_adds": fan_in * units,
+            }
+        )
     return rows

@@ -303,7 +303,7 @@ def test_checkpoint_and_architecture_print_in_one_short_line():
     ckpt = parity.load(hf_model("V2", depth_multiplier=0.35))
     for text in (repr(ckpt), repr(ckpt.architecture), str(ckpt.architecture)):
         assert "\n" not in text and len(text) < 300, text
-    assert "MobileNetV2 width 0.35" in repr(ckpt) and "1001 classes" in repr(ckpt)
+    assert "MobileNetV2 width 0.35" in repr(ckpt) and "dense 1001" in repr(ckpt)
     assert "TensorFlow padding" in repr(ckpt) and "epsilon 0.001" in repr(ckpt) and "from hf" in repr(ckpt)
 
 

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+import mobilenet_arch
 import pytest
 import torch
 from PIL import Image
@@ -252,7 +254,7 @@ def test_predict_refuses_a_missing_image_before_loading_anything(compile_cache):
 
 def test_num_classes_0_is_a_feature_extractor_returning_the_pooled_features(pretrained):
     checkpoint = parity.load(pretrained / "model.pth")
-    features_arch = dataclasses.replace(checkpoint.architecture, num_classes=0)
+    features_arch = mobilenet_arch.with_classes(checkpoint.architecture, 0)
     params = {k: v for k, v in checkpoint.variables["params"].items() if k != "classifier"}
     variables = {"params": params, "batch_stats": checkpoint.variables["batch_stats"]}
     images = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)

@@ -7,7 +7,8 @@ MobileNetV1 follows the same layout:
     features.0.{0,1}                   stem: Conv2d 3x3 s2, BatchNorm2d (ReLU6 at .2 has no weights)
     features.{1..13}.conv.0.{0,1}      depthwise 3x3 Conv2d, BatchNorm2d
     features.{1..13}.conv.1.{0,1}      pointwise 1x1 Conv2d, BatchNorm2d
-    classifier.1                       Linear (classifier.0 is Dropout)
+    classifier.1                       Linear (classifier.0 is Dropout); a head with hidden
+                                       layers numbers on (Dropout, Linear, ReLU, Linear: .1, .3)
 
 Imports neither torchvision nor jax.
 """
@@ -113,10 +114,7 @@ class MobileNet(nn.Module):
         self.features = nn.Sequential(
             *[_block(b, architecture.activation, architecture.bn_epsilon) for b in architecture.blocks]
         )
-        # No classes: a feature extractor, whose classifier holds no tensors and passes the pooled
-        # features on.
-        head = nn.Linear(architecture.num_features, architecture.num_classes) if architecture.num_classes else nn.Identity()
-        self.classifier = nn.Sequential(nn.Dropout(p=architecture.dropout), head)
+        self.head_layers = _build_head(self, architecture)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
@@ -130,7 +128,55 @@ class MobileNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
-        return self.classifier(torch.flatten(x, 1))
+        x = torch.flatten(x, 1)
+        if self.head_layers is None:  # torchvision's own numbering: the Sequential runs itself
+            return self.classifier(x)
+        for layer, linear in zip(self.architecture.head.layers, self.head_layers):
+            x = nn.functional.dropout(x, layer.dropout, self.training)
+            x = linear(x)
+            if layer.activation:
+                x = DENSE_ACTIVATIONS[layer.activation]()(x)
+        return x
+
+
+DENSE_ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+
+def _build_head(model: nn.Module, architecture: mobilenet_arch.Architecture) -> list[nn.Linear] | None:
+    """The head's modules under the names its description gives (`Head.torch_names`).
+
+    torchvision's numbering is one `classifier` Sequential of Dropout, Linear and activation
+    modules, as torchvision and the transfer-learning recipe build it; None is returned and the
+    Sequential runs. Any other names (a source's `fc`, `head.1`) get their Linear layers at those
+    paths, in plain containers, and the returned list runs them in order. No layers: a feature
+    extractor, whose classifier holds no tensors and passes the pooled features on.
+    """
+    head = architecture.head
+    ins = [architecture.num_features] + [layer.units for layer in head.hidden]
+    linears = [nn.Linear(fan_in, layer.units) for fan_in, layer in zip(ins, head.layers)]
+    if not head.layers:
+        model.classifier = nn.Sequential(nn.Dropout(p=0.0), nn.Identity())
+        return None
+    sequential = mobilenet_arch.sequential_modules(head)
+    if head.torch_names == tuple(name for name, layer in sequential if layer is not None):
+        modules = []  # in `sequential_modules`' order
+        for i, (layer, linear) in enumerate(zip(head.layers, linears)):
+            if i == 0 or layer.dropout:
+                modules.append(nn.Dropout(p=layer.dropout))
+            modules.append(linear)
+            if layer.activation:
+                modules.append(DENSE_ACTIVATIONS[layer.activation]())
+        model.classifier = nn.Sequential(*modules)
+        return None
+    for name, linear in zip(head.torch_names, linears):
+        parent = model
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, linear)
+    return linears
 
 
 class MobileNetV1(MobileNet):

@@ -102,7 +102,8 @@ def _architecture(config, num_classes: int, init) -> mobilenet_arch.Architecture
     dropout = {} if config.dropout is None else {"dropout": config.dropout}
     if init is None:
         return mobilenet_arch.architecture(config.arch, config.width, num_classes, **dropout)
-    return dataclasses.replace(init.architecture, num_classes=num_classes, **dropout)
+    arch = mobilenet_arch.with_classes(init.architecture, num_classes)
+    return arch if config.dropout is None else mobilenet_arch.with_dropout(arch, config.dropout)
 
 
 def _preprocessing(config, info, resolution: int, recipe):

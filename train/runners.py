@@ -20,6 +20,8 @@ from typing import Iterable, Mapping, Protocol
 
 import numpy as np
 
+import mobilenet_arch
+
 from train import metrics
 from train.plan import Plan
 
@@ -216,8 +218,10 @@ def pretrained_variables(run_plan: Plan, key) -> dict | None:
     architecture = run_plan.architecture
     variables = jax.tree.map(np.asarray, run_plan.init.variables)
     if run_plan.init.architecture.num_classes != architecture.num_classes:
+        # Only the output layer is new: the hidden layers of the checkpoint's head are kept.
+        fan_in = mobilenet_arch.dense_shapes(architecture)[-1][0]
         head = nn.Dense(architecture.num_classes, kernel_init=classifier_init)
-        params = head.init(key, np.zeros((1, architecture.num_features), np.float32))["params"]
+        params = head.init(key, np.zeros((1, fan_in), np.float32))["params"]
         variables["params"][architecture.flax_classifier] = jax.device_get(params)
     return variables
 

@@ -53,8 +53,9 @@ def parameter_blocks(architecture: mobilenet_arch.Architecture) -> dict[str, tup
         for layer in block.layers:
             out[f"{layer.torch_conv}.weight"] = (index, layer.depthwise)
             out[f"{layer.torch_bn}.weight"] = out[f"{layer.torch_bn}.bias"] = (index, False)
-    for leaf in ("weight", "bias"):
-        out[f"{architecture.torch_classifier}.{leaf}"] = (None, False)
+    for name in architecture.head.torch_names:
+        for leaf in ("weight", "bias"):
+            out[f"{name}.{leaf}"] = (None, False)
     return out
 
 

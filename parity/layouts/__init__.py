@@ -115,8 +115,66 @@ def classes(weights: Mapping[str, Any], key: str, axis: int = 0) -> int:
     return shape(weights, key)[axis] if key in weights else 0
 
 
+def head_rules(arch: mobilenet_arch.Architecture, names, transform: str, kernel: str = "weight", bias: str = "bias", sep: str = ".") -> list[Rule]:
+    """Two rules per dense layer of the head, `names` its prefixes in the layout (none for a
+    feature extractor)."""
+    out = []
+    for name, flax_name in zip(names, arch.head.flax_names):
+        out.append(Rule(f"{name}{sep}{kernel}", ("params", flax_name, "kernel"), transform))
+        out.append(Rule(f"{name}{sep}{bias}", ("params", flax_name, "bias"), "same"))
+    return out
+
+
+def torch_head(
+    weights: Mapping[str, Any],
+    num_features: int,
+    backbone: Callable[[str], bool],
+    single: str,
+    activation: str | None = "relu",
+    dropout: float = 0.0,
+) -> mobilenet_arch.Head:
+    """The head of a PyTorch state dict, read by shapes: the linear layers (a 2-D `X.weight` and a
+    1-D `X.bias` outside the backbone) chained from the backbone's `num_features`, each one's inputs
+    the previous one's outputs, whatever they are named (torchvision's `classifier.1`, the
+    recipe's `classifier.1` and `.3`, `fc`, `head.0`). A state dict holds no activations: between
+    layers `activation` is assumed (ReLU, the recipe's and the common choice); `dropout` goes before
+    the first. A lone layer named `single` is the library's own classifier. No layers: no head.
+    Any 2-D/1-D pair that does not chain is a LayoutError naming it."""
+    linear = {
+        k[: -len(".weight")]: tuple(np.shape(v))
+        for k, v in weights.items()
+        if k.endswith(".weight") and not backbone(k) and len(np.shape(v)) == 2 and k[: -len("weight")] + "bias" in weights
+    }
+    chain, fan_in = [], num_features
+    while linear:
+        nexts = sorted((name for name, (_, i) in linear.items() if i == fan_in), key=_natural)
+        if not nexts:
+            break
+        name = nexts[0]
+        chain.append((name, linear.pop(name)[0]))
+        fan_in = chain[-1][1]
+    if linear:
+        name, (out, i) = next(iter(linear.items()))
+        after = f"the layer before it ({chain[-1][0]}) has {chain[-1][1]} outputs" if chain else f"the backbone gives {num_features} features"
+        raise LayoutError(f"{name}: a linear layer of {i} inputs that does not follow on from the others ({after}): not a MobileNet's head")
+    if not chain:
+        return mobilenet_arch.Head()
+    layers = tuple(
+        mobilenet_arch.Dense(units, dropout if i == 0 else 0.0, activation if i < len(chain) - 1 else None, torch_name=name)
+        for i, (name, units) in enumerate(chain)
+    )
+    if len(layers) == 1 and layers[0].torch_name == single:
+        layers = (dataclasses.replace(layers[0], torch_name=""),)  # the library's own name: its default
+    return mobilenet_arch.check_head(mobilenet_arch.Head(layers))
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
+
+
 def classifier_rules(arch: mobilenet_arch.Architecture, kernel: str, bias: str, transform: str) -> list[Rule]:
-    """The classifier's two rules, none for a feature extractor."""
+    """The output layer's two rules in a layout that holds a single-layer head, none for a
+    feature extractor."""
     if not arch.num_classes:
         return []
     return [
@@ -180,13 +238,19 @@ def rebuilt(arch: mobilenet_arch.Architecture, padding=None, bn_epsilon=None, dr
     if bn_epsilon is not None:
         arch = dataclasses.replace(arch, bn_epsilon=bn_epsilon)
     if dropout is not None:
-        arch = dataclasses.replace(arch, dropout=dropout)
+        arch = mobilenet_arch.with_dropout(arch, dropout)
     return arch
 
 
 def same_architecture(a: mobilenet_arch.Architecture, b: mobilenet_arch.Architecture) -> bool:
-    """The same network, whatever width it is labelled with and whatever its (training-only) dropout."""
-    return dataclasses.replace(a, width_mult=0.0, dropout=0.0) == dataclasses.replace(b, width_mult=0.0, dropout=0.0)
+    """The same network, whatever width it is labelled with, whatever its (training-only) dropout
+    and its output activation, and whatever the sources named its head's layers."""
+    return _comparable(a) == _comparable(b)
+
+
+def _comparable(arch: mobilenet_arch.Architecture) -> mobilenet_arch.Architecture:
+    layers = tuple(mobilenet_arch.Dense(layer.units, 0.0, layer.activation) for layer in arch.head.layers)
+    return dataclasses.replace(arch, width_mult=0.0, head=mobilenet_arch.Head(layers))
 
 
 # ---------------------------------------------------------------- the layout record

@@ -49,9 +49,10 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
     """Identity rules: the key is the Flax path itself."""
     out = layer_rules(arch, lambda i, block, layer: (f"params/{block.name}/{layer.role}/conv/kernel", ""), conv="same", depthwise="same")
     out = [Rule("/".join(r.flax_path), r.flax_path, "same") for r in out]
-    for leaf in ("kernel", "bias") if arch.num_classes else ():
-        path = ("params", arch.flax_classifier, leaf)
-        out.append(Rule("/".join(path), path, "same"))
+    for name in arch.head.flax_names:
+        for leaf in ("kernel", "bias"):
+            path = ("params", name, leaf)
+            out.append(Rule("/".join(path), path, "same"))
     return out
 
 
@@ -82,8 +83,12 @@ def architecture(weights: Mapping[str, Any], config: mobilenet_arch.Architecture
             raise LayoutError(f"Flax variables: {name} has layers {sorted(roles)}, not a MobileNet block")
     if stem is None:
         raise LayoutError("Flax variables without a stem (features_0/stem)")
-    num_classes = int(np.shape(params["classifier"]["kernel"])[-1]) if "classifier" in params else 0  # else a feature extractor
-    arch = _torchvision.build(stem, blocks, head, num_classes, **kw)
+    # hidden_0, hidden_1, ..., classifier; none in a feature extractor. Activations are not in the
+    # variables: ReLU between dense layers, as the description would say (files without one are
+    # this project's own, whose hidden layers are ReLU).
+    hidden = [int(np.shape(params[f"hidden_{i}"]["kernel"])[-1]) for i in range(len(params)) if f"hidden_{i}" in params]
+    num_classes = int(np.shape(params["classifier"]["kernel"])[-1]) if "classifier" in params else 0
+    arch = _torchvision.build(stem, blocks, head, num_classes, hidden=tuple(hidden), **kw)
     width = _torchvision.infer_width(arch)
     return arch if width is None else dataclasses.replace(arch, width_mult=width)
 
@@ -148,7 +153,13 @@ def architecture_from_json(d: Mapping[str, Any]) -> mobilenet_arch.Architecture:
         mobilenet_arch.Block(**{**b, "layers": tuple(mobilenet_arch.ConvBN(**{**l, "pad": pad(l["pad"])}) for l in b["layers"])})
         for b in d["blocks"]
     )
-    return mobilenet_arch.Architecture(**{**d, "blocks": blocks})
+    d = dict(d)
+    if "head" in d:
+        head = mobilenet_arch.Head(tuple(mobilenet_arch.Dense(**layer) for layer in d["head"]["layers"]), d["head"]["output"])
+    else:  # a description written before heads were data: torchvision's Dropout, Linear
+        head = mobilenet_arch.make_head(d.pop("num_classes"), d.pop("dropout"))
+        d.pop("torch_classifier", None), d.pop("flax_classifier", None)
+    return mobilenet_arch.Architecture(**{**d, "blocks": blocks, "head": mobilenet_arch.check_head(head)})
 
 
 def description_json(arch: mobilenet_arch.Architecture, preprocessing: Preprocessing, extra: Mapping[str, Any] | None = None) -> str:

@@ -28,7 +28,8 @@ from parity.layouts import (
     Rule,
     Source,
     classes,
-    classifier_rules,
+    head_rules,
+    torch_head,
     from_flax,
     layer_rules,
     shape,
@@ -48,7 +49,7 @@ def recognise(keys) -> bool:
 
 def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
     out = layer_rules(arch, lambda i, block, layer: (f"{layer.torch_conv}.weight", layer.torch_bn))
-    return out + classifier_rules(arch, f"{arch.torch_classifier}.weight", f"{arch.torch_classifier}.bias", "dense")
+    return out + head_rules(arch, arch.head.torch_names, "dense")
 
 
 def preprocessing(config: Preprocessing | None = None, arch=None) -> Preprocessing:
@@ -138,8 +139,24 @@ def architecture(weights: Mapping[str, Any], config=None, **kw) -> mobilenet_arc
         return key if key in weights and len(shape(weights, key)) == 4 else None
 
     stem, blocks, head = parse_blocks(weights, conv_key, lambda key: shape(weights, key)[0])
-    arch = build(stem, blocks, head, classes(weights, f"{CLASSIFIER}.weight"), **kw)
-    return _with_width(arch)
+    arch = build(stem, blocks, head, 0, **{k: v for k, v in kw.items() if k not in HEAD_OVERRIDES})
+    return _with_width(mobilenet_arch.with_head(arch, read_head(weights, arch, config, **kw)))
+
+
+# What `parity.load` may say of a head a state dict cannot: the activation between its layers.
+HEAD_OVERRIDES = ("head_activation",)
+
+
+def read_head(weights: Mapping[str, Any], arch: mobilenet_arch.Architecture, config=None, **kw) -> mobilenet_arch.Head:
+    """The head after `arch`'s backbone: a live module's own where `config` has it, else by shapes
+    (`torch_head`), the dropout torchvision's (0.2 before the first layer) unless `kw` says."""
+    if isinstance(config, mobilenet_arch.Head):
+        return config
+    default = mobilenet_arch.V2_DROPOUT if arch.arch == "v2" else 0.0
+    return torch_head(
+        weights, arch.num_features, lambda k: k.startswith("features."), CLASSIFIER,
+        activation=kw.get("head_activation", "relu"), dropout=kw.get("dropout", default),
+    )
 
 
 def _with_width(arch: mobilenet_arch.Architecture) -> mobilenet_arch.Architecture:
@@ -166,9 +183,9 @@ def expected_shapes(arch: mobilenet_arch.Architecture) -> dict[str, tuple[int, .
             shapes[f"{layer.torch_conv}.weight"] = (layer.out_channels, layer.in_channels // layer.groups, k, k)
             for name in ("weight", "bias", "running_mean", "running_var"):
                 shapes[f"{layer.torch_bn}.{name}"] = (layer.out_channels,)
-    if arch.num_classes:
-        shapes[f"{arch.torch_classifier}.weight"] = (arch.num_classes, arch.num_features)
-        shapes[f"{arch.torch_classifier}.bias"] = (arch.num_classes,)
+    for name, (fan_in, units) in zip(arch.head.torch_names, mobilenet_arch.dense_shapes(arch)):
+        shapes[f"{name}.weight"] = (units, fan_in)
+        shapes[f"{name}.bias"] = (units,)
     return shapes
 
 
@@ -186,7 +203,7 @@ def infer_width(arch: mobilenet_arch.Architecture) -> float | None:
         if width <= 0 or has_head:
             continue
         try:
-            candidate = mobilenet_arch.architecture(arch.arch, width, arch.num_classes)
+            candidate = mobilenet_arch.with_head(mobilenet_arch.architecture(arch.arch, width), arch.head)
         except ValueError:
             continue
         if expected_shapes(candidate) == want:
