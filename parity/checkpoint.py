@@ -35,14 +35,30 @@ class Checkpoint:
     architecture: mobilenet_arch.Architecture
     preprocessing: Preprocessing
     layout: str  # where the weights came from: torchvision, timm, hf, keras or flax
+    labels: tuple[str, ...] | None = None  # the class names, one per output, where known
 
     def __repr__(self) -> str:
         # One line; the variables' own repr runs to hundreds of kilobytes.
-        pre = self.preprocessing
-        return (
-            f"Checkpoint({describe(self.architecture)}, from {self.layout}; images: shorter side {pre.resize_size}, "
-            f"centre crop {pre.crop_size}, {pre.interpolation}, mean {tuple(pre.mean)}, std {tuple(pre.std)})"
-        )
+        labels = f", {len(self.labels)} labels" if self.labels else ""
+        return f"Checkpoint({describe(self.architecture)}{labels}, from {self.layout}; images: {self.preprocessing.describe()})"
+
+    def logits(self, images) -> np.ndarray:
+        """The model's logits (the pooled features without a head) for NHWC images prepared as
+        `preprocessing` says."""
+        return np.asarray(self.model.apply(self.variables, images, train=False))
+
+    def outputs(self, images) -> np.ndarray:
+        """What the source returns for these images: the logits, or the probabilities where its
+        output activation is softmax (Keras's applications). `model.apply` always returns logits."""
+        return output_activation(self.architecture, self.logits(images))
+
+
+def output_activation(arch: mobilenet_arch.Architecture, logits: np.ndarray) -> np.ndarray:
+    """`logits` through the head's output activation: softmax over the last axis, or unchanged."""
+    if arch.head.output != "softmax" or not arch.num_classes:
+        return logits
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 # ---------------------------------------------------------------- reading

@@ -43,20 +43,35 @@ class LayoutError(ConversionError):
     """Weights whose layout is not one this package reads, or that a layout cannot hold."""
 
 
+# How an image is brought to the model's size: "shorter" resizes the shorter side to
+# `resize_size` and centre-crops `crop_size` (torchvision's and timm's evaluation); "whole" resizes
+# the whole image to `crop_size` x `crop_size`, no crop (Keras's `image_dataset_from_directory`
+# and `load_img(target_size=...)`, a fixed-input Keras model's publisher).
+RESIZE_MODES: tuple[str, ...] = ("shorter", "whole")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """What the weights expect of an RGB image scaled to 0..1: resize the shorter side to
-    `resize_size` with `interpolation`, centre-crop `crop_size`, then `(x - mean) / std`."""
+    """What the weights expect of an RGB image scaled to 0..1: resized as `resize` says with
+    `interpolation` to the model's `crop_size`, then `(x - mean) / std`."""
 
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     resize_size: int = 256
     crop_size: int = 224
     interpolation: str = "bilinear"
+    resize: str = "shorter"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
-        return cls(tuple(d["mean"]), tuple(d["std"]), int(d["resize_size"]), int(d["crop_size"]), str(d["interpolation"]))
+        return cls(
+            tuple(d["mean"]), tuple(d["std"]), int(d["resize_size"]), int(d["crop_size"]), str(d["interpolation"]),
+            str(d.get("resize", "shorter")),  # descriptions written before "whole" existed
+        )
+
+    def describe(self) -> str:
+        size = f"shorter side {self.resize_size}, centre crop {self.crop_size}" if self.resize == "shorter" else f"whole image to {self.crop_size}x{self.crop_size}"
+        return f"{size}, {self.interpolation}, mean {tuple(self.mean)}, std {tuple(self.std)}"
 
 
 @dataclass(frozen=True)
