@@ -1,7 +1,7 @@
 """The Flax model and torch_ref follow what the description says beyond torchvision's MobileNets:
 TensorFlow SAME padding (one-sided at stride 2, different at odd and even sizes, per axis),
 Keras's fixed padding, BatchNorm epsilon 1e-3, timm's depth multiplier with fixed stem and head,
-V1's head convolution, Hugging Face's stem without residual.
+V1's head convolution, Hugging Face's stem without residual, heads of several dense layers.
 
 Each PyTorch model has random weights, BatchNorm statistics measured on a random batch and then
 perturbed, and a random classifier bias (as in test_parity_outputs.py), so that padding on the
@@ -60,6 +60,14 @@ ARCHITECTURES = {
     "timm_v2_depth": mobilenet_arch.mobilenet_v2(0.5, 10, depth_mult=1.4, fix_stem_head=True),
     "timm_v1_head": mobilenet_arch.mobilenet_v1(0.25, 10, head=True),
     "keras_v1": keras_v1(),
+    # Heads beyond torchvision's one layer: the transfer-learning recipe's (torchvision's Sequential
+    # numbering), and one under names of the user's own module, with other activations.
+    "recipe_v2": mobilenet_arch.mobilenet_v2(0.35, 10, 0.5, hidden=(32,)),
+    "named_head_v1": mobilenet_arch.mobilenet_v1(0.25, classifier=mobilenet_arch.Head((
+        mobilenet_arch.Dense(48, 0.1, "gelu", torch_name="head.0"),
+        mobilenet_arch.Dense(24, 0.0, "tanh", torch_name="head.2"),
+        mobilenet_arch.Dense(10, 0.0, None, torch_name="fc"),
+    ))),
 }
 
 # 33 and 67 are odd (SAME pads (1, 1) at a stride-2 3x3 there, (0, 1) at even sizes), 64 is even,
@@ -70,6 +78,7 @@ CASES = [
     ("timm_v2_depth", (64, 64)), ("timm_v2_depth", (67, 67)),
     ("timm_v1_head", (64, 64)), ("timm_v1_head", (67, 67)),
     ("keras_v1", (67, 67)), ("keras_v1", (33, 64)),
+    ("recipe_v2", (64, 64)), ("named_head_v1", (64, 64)),
 ]
 SEED = 10
 
@@ -79,9 +88,10 @@ def random_reference(architecture: mobilenet_arch.Architecture, seed: int = SEED
     torch.manual_seed(seed)
     model = torch_ref.MobileNet(architecture)
     randomize_batchnorm(model, seed + 1)
-    bias = model.get_submodule(architecture.torch_classifier).bias
-    with torch.no_grad():
-        bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed + 2)) * 0.01)
+    for name in architecture.head.torch_names:  # zero at initialisation: a bias read from the wrong layer would pass
+        bias = model.get_submodule(name).bias
+        with torch.no_grad():
+            bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(seed + 2)) * 0.01)
     return model.eval()
 
 
