@@ -159,6 +159,7 @@ def recipe(config, resolution: int, preprocessing=None) -> augment.Recipe:
         mean=tuple(mean),
         std=tuple(std),
         interpolation=interpolation,
+        eval_resize_mode=base.resize if base else "shorter",
         **{name: tuple(value) if isinstance(value, list) else value for name, value in flags.items()},
     )
 
