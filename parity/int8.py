@@ -13,8 +13,8 @@ TFLite's full-integer path goes through litert-torch, beside the float32 TFLite 
 (`parity.export.tflite_int8`).
 
 The images come from the training pipeline (`train.data`, `train.folder`): resized and centre
-cropped as evaluation does (`train.data.recipe` of the checkpoint's preprocessing, through
-`parity.preprocess`), normalised by `parity.preprocess.normalise`. No second image pipeline.
+cropped as evaluation does (`train.data.recipe` of the checkpoint's preprocessing), normalised by
+`train.augment.normalize` with its mean and standard deviation. No second image pipeline.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import numpy as np
 
 from parity.layouts import Preprocessing
 from parity.models import relative_l2
-from parity.preprocess import normalise
 
 # Images the calibration reads by default. MinMax ranges settle within a few hundred images (the
 # TFLite and onnxruntime guides ask for roughly 100 to 500 representative samples); more only
@@ -146,8 +145,10 @@ def _take(examples, indices) -> tuple[np.ndarray, np.ndarray]:
 
 def model_input(images: np.ndarray, preprocessing: Preprocessing, with_preprocessing: bool, layout: str) -> np.ndarray:
     """The images as the exported file takes them: uint8 where it normalises them itself, else
-    normalised as `Checkpoint.preprocess` normalises them; NCHW or NHWC."""
-    x = images if with_preprocessing else normalise(images, preprocessing)
+    normalised as the training pipeline normalises them; NCHW or NHWC."""
+    from train import augment
+
+    x = images if with_preprocessing else augment.normalize(images, preprocessing.mean, preprocessing.std)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if layout == "NCHW" else x)
 
 

@@ -1,6 +1,6 @@
-"""Images prepared as a checkpoint's `Preprocessing` says: the one implementation that
-`Checkpoint.preprocess`, train.predict, train.eval's folders, the image-folder pipeline's
-evaluation and parity.export's calibration use.
+"""Images prepared as a checkpoint's `Preprocessing` says: `Checkpoint.preprocess` (which
+train.predict uses), and the resize and crop of the image-folder pipeline's evaluation (train.eval
+on a folder, parity.export's calibration).
 
     batch = ckpt.preprocess(["cat.jpg", "dog.png"])   # float32 NHWC, ready for ckpt.logits(batch)
 
@@ -12,7 +12,8 @@ PIL's `resize`; Keras's `load_img(target_size=...)` is too):
 
     resize="shorter"  the shorter side to `resize_size`, the longer rounded down, then the centre
                       `crop_size` square: torchvision's `Resize(resize_size)`, `CenterCrop(crop_size)`
-                      (timm's evaluation transform is the same two steps)
+                      (timm's evaluation transform is the same two steps); with crop_offset="floor"
+                      the crop's corner is rounded down, as transformers' image processors place it
     resize="whole"    the whole image to `crop_size` x `crop_size`, no crop: Keras's convention
 
 and normalised: x / 255, then (x - mean) / std, computed as x * (1 / (255 std)) - mean / std in
@@ -36,6 +37,7 @@ RESAMPLING = {
     "bicubic": Image.Resampling.BICUBIC,
 }
 RESIZES = ("shorter", "whole")
+CROP_OFFSETS = ("round", "floor")
 
 
 class ImageError(ValueError):
@@ -95,10 +97,14 @@ def resized_size(width: int, height: int, preprocessing: Preprocessing) -> tuple
     return int(shorter * width / height), shorter
 
 
-def center_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the centred size x size square: torchvision's `CenterCrop`
-    offsets, for an image at least `size` a side (a resize to at least the crop)."""
-    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+def center_box(width: int, height: int, size: int, offset: str = "round") -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the centred size x size square of an image at least `size`
+    a side (a resize to at least the crop): (width - size) / 2 rounded as torchvision's
+    `CenterCrop` rounds it (Python's round), or rounded down as transformers' `center_crop`."""
+    if offset == "floor":
+        left, top = (width - size) // 2, (height - size) // 2
+    else:
+        left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
     return left, top, left + size, top + size
 
 
@@ -111,7 +117,7 @@ def resize_and_crop(image: Image.Image, preprocessing: Preprocessing, size: tupl
     resized = resized_size(width, height, preprocessing)
     image = image.resize(resized, RESAMPLING[preprocessing.interpolation], box=box)
     if preprocessing.resize == "shorter":
-        image = image.crop(center_box(*resized, preprocessing.crop_size))
+        image = image.crop(center_box(*resized, preprocessing.crop_size, preprocessing.crop_offset))
     return np.asarray(image)
 
 
@@ -132,3 +138,5 @@ def _check(preprocessing: Preprocessing) -> None:
         raise ImageError(f"interpolation {preprocessing.interpolation!r}: expected one of {', '.join(RESAMPLING)}; pass preprocessing=Preprocessing(..., interpolation=...)")
     if preprocessing.resize not in RESIZES:
         raise ImageError(f"resize {preprocessing.resize!r}: expected one of {', '.join(RESIZES)}; pass preprocessing=Preprocessing(..., resize=...)")
+    if preprocessing.crop_offset not in CROP_OFFSETS:
+        raise ImageError(f"crop_offset {preprocessing.crop_offset!r}: expected one of {', '.join(CROP_OFFSETS)}; pass preprocessing=Preprocessing(..., crop_offset=...)")

@@ -66,6 +66,7 @@ class Recipe:
     std: tuple[float, float, float] = IMAGENET_STD_RGB
     interpolation: str = "bilinear"
     eval_resize_mode: str = "shorter"  # or "whole": resize the whole image to eval_crop (parity.Preprocessing.resize)
+    eval_crop_offset: str = "round"  # or "floor": transformers' crop corner (parity.Preprocessing.crop_offset)
     jpeg_draft: bool = True
 
     @property
@@ -77,7 +78,7 @@ class Recipe:
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(Recipe) if field.default is not dataclasses.MISSING}
 # The training transforms, which a flag sets as given; a checkpoint may say the rest (the
 # normalisation and the filter), and the evaluation's resize and crop follow the input size.
-TRANSFORMS = tuple(name for name in DEFAULTS if name not in ("mean", "std", "interpolation", "eval_resize_mode"))
+TRANSFORMS = tuple(name for name in DEFAULTS if name not in ("mean", "std", "interpolation", "eval_resize_mode", "eval_crop_offset"))
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:

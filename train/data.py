@@ -160,6 +160,7 @@ def recipe(config, resolution: int, preprocessing=None) -> augment.Recipe:
         std=tuple(std),
         interpolation=interpolation,
         eval_resize_mode=base.resize if base else "shorter",
+        eval_crop_offset=base.crop_offset if base else "round",
         **{name: tuple(value) if isinstance(value, list) else value for name, value in flags.items()},
     )
 

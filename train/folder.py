@@ -170,7 +170,7 @@ def eval_preprocessing(recipe: augment.Recipe):
     """The recipe's evaluation transforms as a `parity.Preprocessing`."""
     from parity.layouts import Preprocessing
 
-    return Preprocessing(recipe.mean, recipe.std, recipe.eval_resize, recipe.eval_crop, recipe.interpolation, recipe.eval_resize_mode)
+    return Preprocessing(recipe.mean, recipe.std, recipe.eval_resize, recipe.eval_crop, recipe.interpolation, recipe.eval_resize_mode, recipe.eval_crop_offset)
 
 
 def _open(path: str) -> Image.Image:
