@@ -72,7 +72,7 @@ def open_rgb(image: Any) -> Image.Image:
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
         return Image.fromarray(_hwc_uint8(image)).convert("RGB")
-    raise ImageError(f"cannot prepare a {type(image).__name__} as an image: expected a path, a PIL image or a uint8 array (HxWx3)")
+    raise ImageError(f"cannot prepare {type(image).__name__} {str(image)[:40]!r} as an image: expected a path, a PIL image or a uint8 array (HxWx3)")
 
 
 def _hwc_uint8(array: np.ndarray) -> np.ndarray:

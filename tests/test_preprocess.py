@@ -12,6 +12,7 @@ difference of the 0..255 pixels before normalisation.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from parity.layouts import INCEPTION_MEAN, INCEPTION_STD
 from parity.random_weights import random_torch_model
 from tests.cli_errors import assert_one_line_error
 from tests.shared import built_once
+
+os.environ.setdefault("KERAS_BACKEND", "jax")  # before keras is imported anywhere
 
 PHOTOS = ("china", "flower")
 # The bound: the same pixels as the library's within one grey level (a resampler's
@@ -201,7 +204,7 @@ def test_normalisation_is_x_over_255_minus_mean_over_std():
         (np.zeros((8, 8, 3), np.float32), ["float32", "expected uint8"]),
         (np.zeros((8, 8, 2), np.uint8), ["(8, 8, 2)", "expected HxW"]),
         ([], ["no images given"]),
-        (3, ["cannot prepare a int", "expected a path"]),
+        (3, ["cannot prepare int '3'", "expected a path"]),
     ],
     ids=["unreadable", "missing", "float", "two-channels", "empty", "not-an-image"],
 )
