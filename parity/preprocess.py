@@ -41,7 +41,8 @@ CROP_OFFSETS = ("round", "floor")
 
 
 class ImageError(ValueError):
-    """An image that cannot be prepared; the message is one line and names it."""
+    """An image that cannot be read, or a preprocessing that cannot be followed; the message is
+    one line and names it."""
 
 
 def preprocess(images: Any, preprocessing: Preprocessing) -> np.ndarray:
@@ -138,5 +139,10 @@ def _check(preprocessing: Preprocessing) -> None:
         raise ImageError(f"interpolation {preprocessing.interpolation!r}: expected one of {', '.join(RESAMPLING)}; pass preprocessing=Preprocessing(..., interpolation=...)")
     if preprocessing.resize not in RESIZES:
         raise ImageError(f"resize {preprocessing.resize!r}: expected one of {', '.join(RESIZES)}; pass preprocessing=Preprocessing(..., resize=...)")
+    if preprocessing.resize == "shorter" and preprocessing.resize_size < preprocessing.crop_size:
+        raise ImageError(
+            f"resize_size {preprocessing.resize_size} is below crop_size {preprocessing.crop_size}: the centre crop would run off the image; "
+            "expected resize_size >= crop_size (or resize='whole')"
+        )
     if preprocessing.crop_offset not in CROP_OFFSETS:
         raise ImageError(f"crop_offset {preprocessing.crop_offset!r}: expected one of {', '.join(CROP_OFFSETS)}; pass preprocessing=Preprocessing(..., crop_offset=...)")

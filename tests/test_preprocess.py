@@ -218,6 +218,23 @@ def test_what_it_cannot_prepare_is_one_line_naming_it(checkpoint, photos, images
         assert fragment in message, (fragment, message)
 
 
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        ({"resize_size": 200}, ["resize_size 200 is below crop_size 224"]),
+        ({"interpolation": "lanczos"}, ["'lanczos'", "bilinear"]),
+        ({"resize": "fit"}, ["'fit'", "whole"]),
+        ({"crop_offset": "ceil"}, ["'ceil'", "floor"]),
+    ],
+    ids=["resize-below-crop", "interpolation", "resize", "crop-offset"],
+)
+def test_a_preprocessing_it_cannot_follow_is_one_line(photos, change, fragments):
+    with pytest.raises(preprocess.ImageError) as error:
+        preprocess.preprocess(photos / "china.png", dataclasses.replace(TORCHVISION, **change))
+    for fragment in fragments:
+        assert fragment in str(error.value) and "\n" not in str(error.value), (fragment, str(error.value))
+
+
 # ---------------------------------------------------------------- its users
 
 
