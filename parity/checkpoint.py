@@ -1,7 +1,7 @@
 """Any MobileNet checkpoint in, any layout out.
 
     ckpt = parity.load("mobilenetv2_100.pth")          # or a HF directory, .keras, .msgpack, a live model
-    ckpt.model.apply(ckpt.variables, images)            # images as ckpt.preprocessing says
+    ckpt.logits(ckpt.preprocess(["cat.jpg"]))           # images prepared as ckpt.preprocessing says
     parity.save(ckpt, "out_dir", layout="hf")           # torchvision, timm, hf, keras or flax (.msgpack)
     torch_model = parity.load_torch("model.msgpack")    # a torch_ref module
 
@@ -26,6 +26,7 @@ from parity.layouts import ConversionError, LayoutError, Preprocessing, Source, 
 from parity.layouts import flax as flax_layout
 from parity.layouts import torchvision
 from parity.layouts.registry import check_can_hold, layout, layout_for_path, locate, read_model, read_path  # noqa: F401
+from parity.preprocess import preprocess
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -41,6 +42,11 @@ class Checkpoint:
         # One line; the variables' own repr runs to hundreds of kilobytes.
         labels = f", {len(self.labels)} labels" if self.labels else ""
         return f"Checkpoint({describe(self.architecture)}{labels}, from {self.layout}; images: {self.preprocessing.describe()})"
+
+    def preprocess(self, images) -> np.ndarray:
+        """float32 NHWC: `images` (paths, PIL images or uint8 arrays, one or a list) resized,
+        cropped and normalised as `preprocessing` says (`parity.preprocess`)."""
+        return preprocess(images, self.preprocessing)
 
     def logits(self, images) -> np.ndarray:
         """The model's logits (the pooled features without a head) for NHWC images prepared as

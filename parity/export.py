@@ -17,7 +17,8 @@ images of the checkpoint's crop size (--resolution) and gives logits (batch, cla
                 interpreter; the file says batch 1, other batches through resize_tensor_input
 
 --with-preprocessing: the model takes uint8 RGB, 0..255, in the same layout, and normalises it as
-the checkpoint's preprocessing says ((x / 255 - mean) / std); resizing and cropping stay outside.
+the checkpoint's preprocessing says ((x / 255 - mean) / std, as `Checkpoint.preprocess` computes
+it); resizing and cropping stay outside (`parity.preprocess.resize_and_crop`).
 
 --int8 --calibration DATA: static post-training quantization, calibrated on --calibration-images
 images of DATA (a folder of images, or a dataset train.main reads: 'digits', a TFDS name, DIR with
@@ -57,7 +58,8 @@ from mobilenet_arch import MIN_RESOLUTION
 from parity import int8
 from parity.checkpoint import Checkpoint, describe, load, load_torch
 from parity.io import WeightsFileError
-from parity.layouts import ConversionError, Preprocessing
+from parity.layouts import ConversionError
+from parity.preprocess import normalisation, normalise  # what --with-preprocessing puts in the model, as Checkpoint.preprocess does it
 from parity.models import DEFAULT_TOLERANCE, flax_logits, relative_l2
 from toolkit.cli import ArgumentParser, atomic_write, fail, first_line
 
@@ -87,19 +89,6 @@ class Format:
 
 
 # ---------------------------------------------------------------- preprocessing
-
-
-def normalisation(preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, shift) per channel, float32: uint8 RGB x becomes the model's input x * scale + shift,
-    which is (x / 255 - mean) / std."""
-    mean, std = np.asarray(preprocessing.mean, np.float64), np.asarray(preprocessing.std, np.float64)
-    return (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
-
-
-def normalise(images: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    """NHWC uint8 RGB as the model takes it: (x / 255 - mean) / std, float32."""
-    mean, std = np.asarray(preprocessing.mean), np.asarray(preprocessing.std)
-    return ((images / 255.0 - mean) / std).astype(np.float32)
 
 
 def check_images(batch: int, resolution: int, with_preprocessing: bool, seed: int = 0) -> np.ndarray:

@@ -253,7 +253,7 @@ def test_draft_mode_decodes_a_jpeg_at_the_largest_scale_the_output_allows(tmp_pa
 def test_the_recipe_takes_flags_over_the_checkpoint_over_torchvision():
     assert (recipe().eval_resize, recipe().eval_crop, recipe().interpolation) == (36, 32, "bilinear")
     # Anything with parity's Preprocessing fields: here timm's at 224 (crop_pct 0.9, bicubic).
-    checkpoint = types.SimpleNamespace(mean=(0.5,) * 3, std=(0.5,) * 3, resize_size=248, crop_size=224, interpolation="bicubic")
+    checkpoint = types.SimpleNamespace(mean=(0.5,) * 3, std=(0.5,) * 3, resize_size=248, crop_size=224, interpolation="bicubic", resize="shorter", crop_offset="round")
     at_224 = data.recipe(None, 224, checkpoint)
     assert (at_224.eval_resize, at_224.eval_crop, at_224.mean, at_224.interpolation) == (248, 224, (0.5,) * 3, "bicubic")
     # Another resolution keeps the checkpoint's ratio of resize to crop.

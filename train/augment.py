@@ -46,7 +46,8 @@ class Recipe:
     """torchvision's usual classification transforms, as values (what the flags of the same names
     set). Training: RandomResizedCrop(size, crop_scale, crop_ratio, interpolation),
     RandomHorizontalFlip(hflip), RandomRotation(rotation), ColorJitter(brightness, contrast,
-    saturation, hue). Evaluation: Resize(eval_resize, interpolation), CenterCrop(eval_crop). Both:
+    saturation, hue). Evaluation: Resize(eval_resize, interpolation), CenterCrop(eval_crop), or with
+    eval_resize_mode "whole" the whole image resized to eval_crop (`parity.preprocess`). Both:
     Normalize(mean, std) of RGB on the 0..1 scale. `jpeg_draft`: decode JPEGs at 1/2, 1/4 or 1/8
     scale when the output needs no more pixels (`train.folder`)."""
 
@@ -64,6 +65,8 @@ class Recipe:
     mean: tuple[float, float, float] = IMAGENET_MEAN_RGB
     std: tuple[float, float, float] = IMAGENET_STD_RGB
     interpolation: str = "bilinear"
+    eval_resize_mode: str = "shorter"  # or "whole": resize the whole image to eval_crop (parity.Preprocessing.resize)
+    eval_crop_offset: str = "round"  # or "floor": transformers' crop corner (parity.Preprocessing.crop_offset)
     jpeg_draft: bool = True
 
     @property
@@ -75,7 +78,7 @@ class Recipe:
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(Recipe) if field.default is not dataclasses.MISSING}
 # The training transforms, which a flag sets as given; a checkpoint may say the rest (the
 # normalisation and the filter), and the evaluation's resize and crop follow the input size.
-TRANSFORMS = tuple(name for name in DEFAULTS if name not in ("mean", "std", "interpolation"))
+TRANSFORMS = tuple(name for name in DEFAULTS if name not in ("mean", "std", "interpolation", "eval_resize_mode", "eval_crop_offset"))
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -149,21 +152,6 @@ def crop_box(
     else:
         crop_w, crop_h = width, height
     return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
-
-
-def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
-    """(width, height) with the shorter side `shorter` and the aspect kept, rounded down
-    (torchvision's `Resize(int)`)."""
-    if width <= height:
-        return shorter, int(shorter * height / width)
-    return int(shorter * width / height), shorter
-
-
-def center_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the centred size x size square (torchvision's `CenterCrop`;
-    the image is at least `size` a side)."""
-    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
-    return left, top, left + size, top + size
 
 
 def flip_rotate_jitter(image: Image.Image, rng: np.random.Generator, recipe: Recipe) -> Image.Image:

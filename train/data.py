@@ -159,6 +159,8 @@ def recipe(config, resolution: int, preprocessing=None) -> augment.Recipe:
         mean=tuple(mean),
         std=tuple(std),
         interpolation=interpolation,
+        eval_resize_mode=base.resize if base else "shorter",
+        eval_crop_offset=base.crop_offset if base else "round",
         **{name: tuple(value) if isinstance(value, list) else value for name, value in flags.items()},
     )
 

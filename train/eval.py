@@ -4,8 +4,8 @@ Evaluates a checkpoint (anything `parity.load` reads: a .msgpack or .pth of trai
 torchvision/timm .pth or .safetensors, a Hugging Face folder, a .keras file) on the dataset's
 evaluation split in either framework, and prints `accuracy=<value>` as its last line. The
 architecture, width and classes come from the weights; on a folder of images, the evaluation
-resize, crop and normalisation are the checkpoint's (as train.predict's). The flags are checked
-before jax or torch is imported.
+resize, crop and normalisation are the checkpoint's (`parity.preprocess`, as train.predict's).
+The flags are checked before jax or torch is imported.
 """
 
 from __future__ import annotations

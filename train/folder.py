@@ -150,18 +150,27 @@ def train_example(example: tuple[str, int], rng: np.random.Generator, recipe: au
 
 
 def eval_example(example: tuple[str, int], recipe: augment.Recipe) -> dict:
-    """(path, label) -> {"image": uint8 [eval_crop, eval_crop, 3], "label"}: Resize, then
-    CenterCrop, as torchvision's (bit for bit without draft mode)."""
+    """(path, label) -> {"image": uint8 [eval_crop, eval_crop, 3], "label"}: prepared as
+    `parity.preprocess` prepares a checkpoint's images (torchvision's Resize and CenterCrop, bit
+    for bit without draft mode, or the whole image resized), not yet normalised."""
+    # Inside the function: parity imports both frameworks, and train.folder neither.
+    from parity import preprocess
+
     path, label = example
+    preprocessing = eval_preprocessing(recipe)
     with _open(path) as image:
         width, height = image.size
-        resized = augment.resized_size(width, height, recipe.eval_resize)
-        scale = _draft(image, width, height, *resized) if recipe.jpeg_draft else 1
+        scale = _draft(image, width, height, *preprocess.resized_size(width, height, preprocessing)) if recipe.jpeg_draft else 1
         image = _rgb(image, path)
-        box = None if scale == 1 else (0, 0, width / scale, height / scale)
-        image = image.resize(resized, recipe.resample, box=box)
-        image = image.crop(augment.center_box(*resized, recipe.eval_crop))
-    return {"image": np.asarray(image), "label": label}
+        return {"image": preprocess.resize_and_crop(image, preprocessing, (width, height), scale), "label": label}
+
+
+@functools.lru_cache(maxsize=8)
+def eval_preprocessing(recipe: augment.Recipe):
+    """The recipe's evaluation transforms as a `parity.Preprocessing`."""
+    from parity.layouts import Preprocessing
+
+    return Preprocessing(recipe.mean, recipe.std, recipe.eval_resize, recipe.eval_crop, recipe.interpolation, recipe.eval_resize_mode, recipe.eval_crop_offset)
 
 
 def _open(path: str) -> Image.Image:

@@ -113,10 +113,11 @@ def _preprocessing(config, info, resolution: int, recipe):
     from parity import Preprocessing
     from train import augment, data
 
+    mode, offset = "shorter", "round"
     if datasets.is_folder(config.dataset):
-        resize, crop = recipe.eval_resize, recipe.eval_crop
+        resize, crop, mode, offset = recipe.eval_resize, recipe.eval_crop, recipe.eval_resize_mode, recipe.eval_crop_offset
     elif info.default_resolution > data.SMALL_IMAGE_MAX_SIDE:
         resize, crop = round(resolution / augment.EVAL_CROP_FRACTION), resolution
     else:
         resize, crop = resolution, resolution
-    return Preprocessing(tuple(recipe.mean), tuple(recipe.std), resize, crop, recipe.interpolation)
+    return Preprocessing(tuple(recipe.mean), tuple(recipe.std), resize, crop, recipe.interpolation, mode, offset)

@@ -3,9 +3,9 @@ names and probabilities.
 
 The weights are anything `parity.load` reads (a .msgpack written by train.main, a .pth or
 .safetensors of torchvision or timm, a Hugging Face folder, a .keras file). Each image is prepared
-as the checkpoint says: its shorter side resized, the centre cropped, normalised (torchvision's
-evaluation transforms, `train.folder.eval_example`). The model runs in JAX, or with
-`--framework torch` in PyTorch: the same numbers.
+as the checkpoint says (`Checkpoint.preprocess`): its shorter side resized and the centre cropped
+(torchvision's evaluation transforms), or the whole image resized (Keras's), then normalised. The
+model runs in JAX, or with `--framework torch` in PyTorch: the same numbers.
 
 Class names: a Hugging Face config's id2label, else those its run recorded for weights written by
 train.main (train/record.py), else ImageNet's for 1000 classes, else the class numbers. The flags and files are checked before jax or torch is imported.
@@ -14,7 +14,6 @@ train.main (train/record.py), else ImageNet's for 1000 classes, else the class n
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -42,16 +41,6 @@ def flag_problem(args: argparse.Namespace) -> str | None:
     if missing:
         return f"{missing[0]}: no such image file"
     return None
-
-
-def prepare(paths: list[str], preprocessing) -> np.ndarray:
-    """float32 [N, crop, crop, 3]: each image resized, centre-cropped and normalised as
-    `preprocessing` (parity.Preprocessing) says, fully decoded (no JPEG draft mode)."""
-    from train import augment, data, folder
-
-    recipe = dataclasses.replace(data.recipe(None, preprocessing.crop_size, preprocessing), jpeg_draft=False)
-    images = np.stack([folder.eval_example((path, 0), recipe)["image"] for path in paths])
-    return augment.normalize(images, recipe.mean, recipe.std)
 
 
 def probabilities_jax(checkpoint, images: np.ndarray) -> np.ndarray:
@@ -108,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         classes = checkpoint.architecture.num_classes
         if classes == 0:
             raise ValueError(f"{args.weights} is a feature extractor (no classifier): there are no classes to predict")
-        images = prepare(args.images, checkpoint.preprocessing)
-    except ValueError as e:  # parity's errors, train.folder.DataError
+        images = checkpoint.preprocess(args.images)
+    except ValueError as e:  # parity's errors, parity.preprocess.ImageError
         fail(str(e))
     run = probabilities_jax if args.framework == "jax" else probabilities_torch
     probabilities = run(checkpoint, images)

@@ -61,16 +61,22 @@ class Preprocessing:
     crop_size: int = 224
     interpolation: str = "bilinear"
     resize: str = "shorter"
+    # The centre crop's corner, (size - crop) / 2: "round"ed as torchvision's CenterCrop (timm's
+    # too), or "floor"ed as transformers' image processors; a pixel apart where the margin is odd.
+    crop_offset: str = "round"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
         return cls(
             tuple(d["mean"]), tuple(d["std"]), int(d["resize_size"]), int(d["crop_size"]), str(d["interpolation"]),
             str(d.get("resize", "shorter")),  # descriptions written before "whole" existed
+            str(d.get("crop_offset", "round")),  # and before transformers' crop
         )
 
     def describe(self) -> str:
         size = f"shorter side {self.resize_size}, centre crop {self.crop_size}" if self.resize == "shorter" else f"whole image to {self.crop_size}x{self.crop_size}"
+        if self.resize == "shorter" and self.crop_offset != "round":
+            size += f" (offsets {self.crop_offset}ed)"
         return f"{size}, {self.interpolation}, mean {tuple(self.mean)}, std {tuple(self.std)}"
 
 

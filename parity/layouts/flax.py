@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -175,6 +176,15 @@ def read(path: Path, ema: bool = False) -> Source:
 
     variables = io.load_flax_variables(path)
     arch, pre = read_description(path)
+    if arch is None:
+        # Wrong preprocessing fails quietly (plausible but worse predictions), so say what is assumed.
+        warnings.warn(
+            f"{path.name} has no description beside it ({io.description_path(path).name}): the defaults are in force, the architecture "
+            f"from the shapes (symmetric padding, BN epsilon 1e-5) and torchvision's preprocessing ({preprocessing().describe()}); "
+            "to give the right ones, pass parity.load(..., preprocessing=parity.Preprocessing(...), padding=..., bn_epsilon=...), "
+            "then parity.save the checkpoint to write its description",
+            stacklevel=2,
+        )
     return Source(flat_variables(variables), arch, pre, NAME)
 
 

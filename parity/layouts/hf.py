@@ -110,9 +110,10 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
 
 def preprocessing(config: Mapping[str, Any] | None = None, arch=None) -> Preprocessing:
     """From a `preprocessor_config.json` (MobileNetV{1,2}ImageProcessor's fields) where given;
-    else Google's: shorter side 256, bilinear, crop 224, x / 127.5 - 1."""
+    else Google's: shorter side 256, bilinear, crop 224, x / 127.5 - 1. The centre crop's offsets
+    are rounded down, as transformers' `center_crop` computes them."""
     if not config:
-        return Preprocessing(INCEPTION_MEAN, INCEPTION_STD, 256, 224, "bilinear")
+        return Preprocessing(INCEPTION_MEAN, INCEPTION_STD, 256, 224, "bilinear", crop_offset="floor")
     size, crop = config.get("size", {"shortest_edge": 256}), config.get("crop_size", {"height": 224, "width": 224})
     return Preprocessing(
         tuple(config.get("image_mean", INCEPTION_MEAN)),
@@ -120,6 +121,7 @@ def preprocessing(config: Mapping[str, Any] | None = None, arch=None) -> Preproc
         int(size.get("shortest_edge", size.get("height", 256))),
         int(crop.get("height", 224)),
         RESAMPLE.get(config.get("resample", 2), "bilinear"),
+        crop_offset="floor",
     )
 
 
