@@ -89,7 +89,8 @@ def load(source: Any, ema: bool = False, labels=None, drop_background: bool = Fa
     line), in place of the source's own (a HF config's id2label, a .msgpack's description,
     torchvision's weights enum); a count that is not the outputs' is an error. `drop_background`:
     a 1001-output classifier (Google's: "background", then ImageNet's 1000) without its output 0,
-    the other logits unchanged; any other count is an error.
+    the other logits unchanged (given `labels` name the 1000 left); any other count is an error.
+    `Checkpoint.origin` says what was read, inferred and replaced.
     """
     import jax
 

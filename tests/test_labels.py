@@ -226,6 +226,17 @@ def test_onnx_export_holds_the_labels_in_its_metadata(named, tmp_path):
     assert json.loads(session.get_modelmeta().custom_metadata_map["labels"]) == list(NAMES)
 
 
+def test_an_int8_onnx_file_holds_the_labels_too(named, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from parity import int8
+
+    # What is checked is the metadata, not the quantization: a few random images calibrate, and
+    # any agreement is accepted.
+    pictures = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    export.export_int8(parity.load(named), tmp_path / "m.onnx", int8.Images(pictures[:4], pictures[4:], None, "random"), resolution=32, min_agreement=0)
+    assert export.onnx_labels((tmp_path / "m.onnx").read_bytes()) == NAMES
+
+
 def test_export_says_what_it_read_and_that_the_names_were_written(named, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     assert export.main([str(named), str(tmp_path / "m.onnx")]) == 0
