@@ -94,6 +94,17 @@ def test_a_training_runs_class_names_in_the_description_are_read(tmp_path):
     assert parity.load(tmp_path / "run.msgpack").labels == NAMES
 
 
+def test_a_training_runs_exported_weights_carry_its_class_names(named, tmp_path):
+    # train.main's export (train/runners.py) on a run whose dataset names its classes.
+    from train import plan, runners
+
+    source = parity.load(named)
+    run_plan = plan.Plan(4, 32, 1, 1, 1, 1, architecture=source.architecture, preprocessing=SMALL, class_names=("w", "x", "y", "z"))
+    runners.export_weights(run_plan, tmp_path, "model", source.variables, step=1, described={"class_names": ["w", "x", "y", "z"]})
+    assert json.loads((tmp_path / "model.msgpack.json").read_text())["labels"] == ["w", "x", "y", "z"]
+    assert parity.load(tmp_path / "model.msgpack").labels == ("w", "x", "y", "z")
+
+
 def test_labels_survive_hf_to_msgpack_to_hf(google, tmp_path):
     parity.save(parity.load(google), tmp_path / "m.msgpack")
     parity.save(parity.load(tmp_path / "m.msgpack"), tmp_path / "back")
