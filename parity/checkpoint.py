@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,7 +23,7 @@ import numpy as np
 
 import flax_mobilenet
 import mobilenet_arch
-from parity.layouts import ConversionError, LayoutError, Preprocessing, Source, flat_variables, flax_shapes, short_list, to_flax
+from parity.layouts import ConversionError, LayoutError, Preprocessing, Source, WeightsFileError, flat_variables, flax_shapes, short_list, to_flax
 from parity.layouts import flax as flax_layout
 from parity.layouts import torchvision
 from parity.layouts.registry import check_can_hold, layout, layout_for_path, locate, read_model, read_path  # noqa: F401
@@ -37,6 +38,9 @@ class Checkpoint:
     preprocessing: Preprocessing
     layout: str  # where the weights came from: torchvision, timm, hf, keras or flax
     labels: tuple[str, ...] | None = None  # the class names, one per output, where known
+    # How `load` came by it, one line each: what was read, inferred (not said by the source) and
+    # replaced (by the caller); `convert` and `export` print them.
+    origin: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         # One line; the variables' own repr runs to hundreds of kilobytes.
@@ -70,7 +74,12 @@ def output_activation(arch: mobilenet_arch.Architecture, logits: np.ndarray) -> 
 # ---------------------------------------------------------------- reading
 
 
-def load(source: Any, ema: bool = False, **overrides) -> Checkpoint:
+# Google's TensorFlow classifiers (transformers', Keras's) put a "background" class before
+# ImageNet's 1000.
+BACKGROUND_CLASSES = 1001
+
+
+def load(source: Any, ema: bool = False, labels=None, drop_background: bool = False, **overrides) -> Checkpoint:
     """A Checkpoint from a file, a HF model directory, a state dict, Flax variables, or a live
     torchvision/torch_ref, timm, transformers or keras model.
 
@@ -81,6 +90,13 @@ def load(source: Any, ema: bool = False, **overrides) -> Checkpoint:
     `overrides`: `arch`, `width_mult`, `num_classes` are checked against the weights; `dropout`,
     `padding`, `bn_epsilon` replace what the source says (a bare state dict cannot say them);
     `layout` names the layout instead of recognising it; `preprocessing` replaces the source's.
+
+    `labels`: the class names, one per output (a sequence, or the path of a text file, one per
+    line), in place of the source's own (a HF config's id2label, a .msgpack's description,
+    torchvision's weights enum); a count that is not the outputs' is an error. `drop_background`:
+    a 1001-output classifier (Google's: "background", then ImageNet's 1000) without its output 0,
+    the other logits unchanged (given `labels` name the 1000 left); any other count is an error.
+    `Checkpoint.origin` says what was read, inferred and replaced.
     """
     import jax
 
@@ -106,10 +122,78 @@ def load(source: Any, ema: bool = False, **overrides) -> Checkpoint:
     kw = {k: overrides[k] for k in ("dropout", "padding", "bn_epsilon") if k in overrides}
     arch = _check_overrides(record.architecture(weights, read.config, **kw), overrides)
     pre = overrides["preprocessing"] if isinstance(overrides.get("preprocessing"), Preprocessing) else record.preprocessing(read.preprocessing, arch)
+    variables = convert(weights, name, arch)
+    names = read.labels
+    if names is not None and len(names) != arch.num_classes:
+        if arch.num_classes:  # a base model's config keeps the id2label of the classifier it lacks
+            warnings.warn(f"the source's {len(names)} class names do not match its {arch.num_classes} outputs: left out", stacklevel=2)
+        names = None
+    origin = [f"read: {name} weights ({_name(source)}): {describe(arch)}; {_count(names)}; images: {pre.describe()}"]
+    origin += _inferred(read, arch, overrides)
+    replaced = [f"{what} {overrides[k]}" for k, what in (("dropout", "dropout"), ("padding", "padding"), ("bn_epsilon", "BatchNorm epsilon")) if k in overrides]
+    replaced += ["preprocessing as given"] if isinstance(overrides.get("preprocessing"), Preprocessing) else []
+    if drop_background:
+        arch, variables, names = without_background(arch, variables, names)
+        replaced.append(f"background class dropped ({BACKGROUND_CLASSES} -> {arch.num_classes} outputs)")
+    if labels is not None:
+        given = given_labels(labels, arch.num_classes)
+        replaced.append(f"labels: {len(given)} given" + (f" in place of the source's {len(names)}" if names else ""))
+        names = given
+    if replaced:
+        origin.append("replaced: " + ", ".join(replaced))
     # On the device once: numpy leaves would be copied there at every call of a jitted apply
     # (2-3 ms a call for V2's 14 MB on this CPU, a quarter of batch 1's latency).
-    variables = jax.device_put(convert(weights, name, arch))
-    return Checkpoint(flax_mobilenet.MobileNet(arch), variables, arch, pre, name)
+    return Checkpoint(flax_mobilenet.MobileNet(arch), jax.device_put(variables), arch, pre, name, names, tuple(origin))
+
+
+def _count(labels) -> str:
+    return f"{len(labels)} labels" if labels else "no class names"
+
+
+def _inferred(read: Source, arch: mobilenet_arch.Architecture, overrides: Mapping[str, Any]) -> list[str]:
+    """What the source does not say and the layout assumed: a bare state dict's width label,
+    padding and BatchNorm epsilon, and its preprocessing, where the caller gave none."""
+    unsaid = {}
+    if read.config is None:
+        unsaid = {"width_mult": f"width {arch.width_mult:g} from the channels", "padding": mobilenet_arch.padding_in_words(arch), "bn_epsilon": f"BatchNorm epsilon {arch.bn_epsilon:g}"}
+    if read.preprocessing is None:
+        unsaid["preprocessing"] = "preprocessing"
+    said = [what for key, what in unsaid.items() if key not in overrides]
+    return [f"inferred: {', '.join(said)} (not in the source: the layout's defaults)"] if said else []
+
+
+def given_labels(labels, num_classes: int) -> tuple[str, ...]:
+    """`labels` (class names, or the path of a text file of them, one per line) checked against
+    the model's `num_classes` outputs."""
+    where = "labels"
+    if isinstance(labels, (str, os.PathLike)):
+        where = str(labels)
+        try:
+            labels = [line.strip() for line in Path(labels).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise WeightsFileError(f"{where}: cannot read the class names ({e.__class__.__name__}): expected a text file, one name per line") from None
+    labels = tuple(labels)
+    if not all(isinstance(name, str) for name in labels):
+        raise ConversionError(f"{where}: class names must be strings, got {', '.join(sorted({type(n).__name__ for n in labels}))}")
+    if not num_classes:
+        raise ConversionError(f"{where}: these weights have no classifier (pooled features): there are no outputs to name")
+    if len(labels) != num_classes:
+        raise ConversionError(f"{where}: {len(labels)} class names for {num_classes} outputs: give one name per output, in the outputs' order")
+    return labels
+
+
+def without_background(arch: mobilenet_arch.Architecture, variables: dict, labels: tuple[str, ...] | None):
+    """(arch, variables, labels) without output 0 of a 1001-output classifier: the output layer's
+    kernel column and bias entry removed, so the other logits are the same numbers."""
+    if arch.num_classes != BACKGROUND_CLASSES:
+        raise ConversionError(
+            f"drop_background (--drop-background): these weights have {arch.num_classes} outputs, not {BACKGROUND_CLASSES} "
+            "(Google's: a background class, then ImageNet's 1000): there is no background class to drop"
+        )
+    params = dict(variables["params"])
+    layer = params[arch.flax_classifier]
+    params[arch.flax_classifier] = {"kernel": np.ascontiguousarray(layer["kernel"][:, 1:]), "bias": np.ascontiguousarray(layer["bias"][1:])}
+    return mobilenet_arch.with_classes(arch, BACKGROUND_CLASSES - 1), {**variables, "params": params}, labels[1:] if labels else labels
 
 
 def _read(source: Any, ema: bool) -> Source:
@@ -120,13 +204,13 @@ def _read(source: Any, ema: bool) -> Source:
     if isinstance(source, str) and not Path(source).exists():
         from parity import hub
 
-        path, pre = hub.resolve(source)
+        path, pre, labels = hub.resolve(source)
         read = read_path(path, ema)
-        return dataclasses.replace(read, preprocessing=pre) if pre is not None else read
+        return dataclasses.replace(read, preprocessing=pre or read.preprocessing, labels=labels or read.labels)
     if isinstance(source, (str, os.PathLike)):
         return read_path(Path(source), ema)
     if isinstance(source, Checkpoint):
-        return Source(flat_variables(source.variables), source.architecture, source.preprocessing, flax_layout.NAME)
+        return Source(flat_variables(source.variables), source.architecture, source.preprocessing, flax_layout.NAME, source.labels)
     if isinstance(source, Mapping):
         if _is_variables(source):
             return Source(flat_variables(source), None, None, flax_layout.NAME)

@@ -12,6 +12,12 @@ itself where it is installed (timm, transformers, keras; torch_ref for torchvisi
 source and the Flax model on the converted weights, on one random batch, prints how far apart the
 logits are, and exits 1 above the tolerance (nothing is written then). Bad input gives one
 `error: ...` line and exit 2, and never leaves an output file behind.
+
+The class names travel with the weights where both layouts have a place for them (a Hugging Face
+config's id2label, a .msgpack's description); `--labels FILE` (one name per line) gives them.
+`--drop-background` drops output 0 of Google's 1001-class models (transformers', Keras's), giving
+ImageNet's 1000. Before writing, the command says what it read, what it inferred (what the source
+does not say) and what it replaced.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--arch", choices=mobilenet_arch.ARCHS, help="check that the weights are this architecture")
     parser.add_argument("--width", type=float, help="check that the weights have this width multiplier")
     parser.add_argument("--ema", action="store_true", help="read a training checkpoint's EMA copy of the weights (state_dict_ema, model_ema)")
+    add_label_flags(parser)
     parser.add_argument("--verify", action="store_true", help="compare the source library's and the Flax model's logits")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative L2 error --verify accepts")
     parser.add_argument("--resolution", type=int, default=224, help="input size of the --verify batch")
@@ -67,11 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                checkpoint = load(args.src, ema=args.ema, **overrides)
+                checkpoint = load(args.src, ema=args.ema, labels=args.labels, drop_background=args.drop_background, **overrides)
             except ConversionError as e:
                 raise ConversionError(f"{args.src}: {e}") from e
-        for w in caught:
-            print(f"note: {args.src}: {w.message}")
+        print_origin(args.src, checkpoint, caught)
         check_can_hold(layout, checkpoint.architecture)  # before any work: the hint names the layouts that can
         if not args.verify:
             save(checkpoint, dst, layout=layout)
@@ -79,8 +85,33 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     except (WeightsFileError, ConversionError, OSError) as e:
         fail(str(e))
-    print(f"wrote {args.dst}: {describe(checkpoint.architecture)} ({checkpoint.layout} -> {layout})")
+    print(f"wrote {args.dst}: {describe(checkpoint.architecture)} ({checkpoint.layout} -> {layout}); {labels_written(checkpoint, LAYOUTS[layout].holds_labels, layout)}")
     return 0
+
+
+def add_label_flags(parser) -> None:
+    """--labels and --drop-background, as convert and export take them."""
+    parser.add_argument("--labels", metavar="FILE", help="the class names, one per line in the outputs' order, in place of the source's")
+    parser.add_argument(
+        "--drop-background", action="store_true", help="drop output 0 of a 1001-class model (Google's background class), leaving ImageNet's 1000"
+    )
+
+
+def print_origin(src: str, checkpoint: Checkpoint, caught) -> None:
+    """What `load` read, inferred and replaced, and what it ignored (its warnings), a line each."""
+    for line in checkpoint.origin:
+        print(line)
+    for w in caught:
+        print(f"note: {src}: {w.message}")
+
+
+def labels_written(checkpoint: Checkpoint, holds: bool, target: str) -> str:
+    """Whether the class names went into the file, for the line that says what was written."""
+    if not checkpoint.labels:
+        return "no class names to write (--labels FILE gives them)"
+    if holds:
+        return f"{len(checkpoint.labels)} class names written"
+    return f"the {len(checkpoint.labels)} class names not written: {target} files have no place for them"
 
 
 def verify(src: str, checkpoint: Checkpoint, args) -> bool:
@@ -88,6 +119,8 @@ def verify(src: str, checkpoint: Checkpoint, args) -> bool:
     x = random_batch(2, args.resolution)
     library, reference = source_logits(src, checkpoint, x)
     got = np.asarray(checkpoint.model.apply(checkpoint.variables, x, train=False))
+    if args.drop_background and reference.shape[-1] == got.shape[-1] + 1:  # the source itself, with its background class
+        reference = reference[:, 1:]
     return report(f"{library} (source) vs Flax (converted)", got, reference, x, args.tolerance)
 
 

@@ -33,6 +33,11 @@ evaluation split, else DATA's, else DATA's images the calibration did not take):
 agreement, the logits' relative L2 and, with --eval, both accuracies are reported, and a file
 whose agreement is below --min-agreement is not kept.
 
+Class names (the checkpoint's, or --labels FILE, one per line) go into an .onnx file's
+metadata_props under "labels", as a JSON list; .stablehlo and .tflite files have no place this
+exporter fills. --drop-background drops output 0 of Google's 1001-class models. The command says
+what it read, inferred and replaced before it exports.
+
 Before anything is written the file runs in its runtime on a random batch, whole and one image,
 against the Flax model on the same (normalised) images: the relative L2 of the logits must be at
 most --tolerance. A mistake (unreadable source, unknown extension, runtime not installed, an export
@@ -44,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -57,12 +63,14 @@ import numpy as np
 from mobilenet_arch import MIN_RESOLUTION
 from parity import int8
 from parity.checkpoint import Checkpoint, describe, load, load_torch
+from parity.convert import add_label_flags, labels_written, print_origin
 from parity.io import WeightsFileError
 from parity.layouts import ConversionError
 from parity.preprocess import normalisation, normalise  # what --with-preprocessing puts in the model, as Checkpoint.preprocess does it
 from parity.models import DEFAULT_TOLERANCE, flax_logits, relative_l2
 from toolkit.cli import ArgumentParser, atomic_write, fail, first_line
 
+LABELS_KEY = "labels"  # an ONNX file's metadata_props entry for the class names
 CHECK_BATCH = 3  # the check runs this batch, then its first image alone: a dynamic batch, both ways
 # The one custom call a portable StableHLO module may hold: jax.export's own check of the symbolic
 # batch at call time. Anything else would be a kernel that exists only where it was built.
@@ -86,6 +94,8 @@ class Format:
     # -> int8 file; None where the format has no int8 path
     int8: Callable[[Checkpoint, int, bool, bytes, np.ndarray], bytes] | None = None
     int8_takes: str = ""  # what the int8 file takes and gives, as the command says
+    # (file, class names) -> the file holding them, where the format has a place for them
+    labels: Callable[[bytes, tuple[str, ...]], bytes] | None = None
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -147,6 +157,24 @@ def onnx_bytes(checkpoint: Checkpoint, resolution: int, with_preprocessing: bool
             verbose=False,
         )
     return program.model_proto.SerializeToString()
+
+
+def onnx_with_labels(data: bytes, labels: tuple[str, ...]) -> bytes:
+    """The ONNX model `data` with the class names in its `metadata_props`, under LABELS_KEY as a
+    JSON list (onnxruntime gives them back as `session.get_modelmeta().custom_metadata_map`)."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, LABELS_KEY: json.dumps(list(labels))})
+    return model.SerializeToString()
+
+
+def onnx_labels(data: bytes) -> tuple[str, ...] | None:
+    """The class names an exported ONNX file holds, or None."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
+    return tuple(json.loads(props[LABELS_KEY])) if LABELS_KEY in props else None
 
 
 def onnx_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
@@ -275,7 +303,16 @@ def stablehlo_runner(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
 
 FORMATS = {
     ".onnx": Format(
-        "ONNX", "NCHW", "onnxruntime", "deploy", ("onnx", "onnxscript", "onnxruntime"), onnx_bytes, onnx_runner, int8.onnx_int8, "the float32 file's input, float32 logits"
+        "ONNX",
+        "NCHW",
+        "onnxruntime",
+        "deploy",
+        ("onnx", "onnxscript", "onnxruntime"),
+        onnx_bytes,
+        onnx_runner,
+        int8.onnx_int8,
+        "the float32 file's input, float32 logits",
+        onnx_with_labels,
     ),
     ".stablehlo": Format("StableHLO", "NHWC", "jax.export", "deploy", (), stablehlo_bytes, stablehlo_runner),
     ".tflite": Format(
@@ -345,7 +382,7 @@ def checked_float32(fmt: Format, checkpoint: Checkpoint, path, resolution: int, 
     """The float32 file in `fmt` and its relative L2 to the Flax model, once it is within
     `tolerance`; ExportError otherwise."""
     try:
-        data = fmt.export(checkpoint, resolution, with_preprocessing)
+        data = labelled(fmt, checkpoint, fmt.export(checkpoint, resolution, with_preprocessing))
     except ExportError:
         raise
     except Exception as e:  # the exporters raise their own types, with pages of context
@@ -360,6 +397,11 @@ def checked_float32(fmt: Format, checkpoint: Checkpoint, path, resolution: int, 
             f"{path}: {fmt.runtime}'s logits are {error:.3g} from the Flax model's (relative L2), above the bound {tolerance:g}: nothing written"
         )
     return data, error
+
+
+def labelled(fmt: Format, checkpoint: Checkpoint, data: bytes) -> bytes:
+    """`data` with the checkpoint's class names in it, where the format has a place for them."""
+    return fmt.labels(data, checkpoint.labels) if fmt.labels is not None and checkpoint.labels else data
 
 
 def check_int8(fmt: Format, path) -> None:
@@ -394,7 +436,7 @@ def export_int8(
 
     try:
         with _quiet():  # the quantizer logs each step
-            quantized = fmt.int8(checkpoint, resolution, with_preprocessing, data, prepare(images.calibration))
+            quantized = labelled(fmt, checkpoint, fmt.int8(checkpoint, resolution, with_preprocessing, data, prepare(images.calibration)))
     except Exception as e:
         raise ExportError(f"{path}: the int8 quantization failed: {first_line(e)}") from e
     try:
@@ -475,6 +517,7 @@ def parse_args(argv: list[str] | None):
         "a sound quantization changes only near-tied predictions, a broken one many)",
     )
     quantized.add_argument("--data-dir", help="TFDS data directory, where DATA or DATASET is a TFDS name")
+    add_label_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -511,11 +554,10 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                checkpoint = load(args.src)
+                checkpoint = load(args.src, labels=args.labels, drop_background=args.drop_background)
             except ConversionError as e:
                 raise ConversionError(f"{args.src}: {e}") from e
-        for w in caught:
-            print(f"note: {args.src}: {w.message}")
+        print_origin(args.src, checkpoint, caught)
         resolution = args.resolution or checkpoint.preprocessing.crop_size
         if args.int8:
             images = int8.load_images(args.calibration, checkpoint.preprocessing, resolution, args.calibration_images, args.eval, args.data_dir)
@@ -528,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {args.dst}: {describe(checkpoint.architecture)}; takes {signature(fmt, checkpoint, resolution, args.with_preprocessing)}; "
         f"{fmt.runtime} vs Flax: relative L2 {error:.2g} at batch {CHECK_BATCH} and 1 (bound {args.tolerance:g})"
         + ("" if verification is None else "; the float32 model, before int8 quantization")
+        + f"; {labels_written(checkpoint, fmt.labels is not None, fmt.name)}"
     )
     if verification is not None:
         print(

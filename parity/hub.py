@@ -27,9 +27,9 @@ FORMS = "a file, a directory, hf-hub:ORG/NAME or ORG/NAME (Hugging Face Hub), a 
 PATTERNS = ["*.json", "*.safetensors", "*.bin"]
 
 
-def resolve(name: str) -> tuple[Path, Preprocessing | None]:
+def resolve(name: str) -> tuple[Path, Preprocessing | None, tuple[str, ...] | None]:
     """The local path (a directory, or a file) holding the checkpoint `name` names, and its
-    preprocessing where the path cannot say it (torchvision's weights enums)."""
+    preprocessing and class names where the path cannot say them (torchvision's weights enums)."""
     from parity.layouts.registry import LAYOUTS
 
     path = Path(name).expanduser()
@@ -37,14 +37,14 @@ def resolve(name: str) -> tuple[Path, Preprocessing | None]:
     if looks_local or path.suffix.lower() in {suffix for layout in LAYOUTS.values() for suffix in layout.reads}:
         raise WeightsFileError(f"{name}: no such file or directory")
     if name.startswith(HF_HUB_PREFIX):
-        return _hub(name[len(HF_HUB_PREFIX):], name), None
+        return _hub(name[len(HF_HUB_PREFIX):], name), None, None
     if re.fullmatch(r"MobileNet_V[12]_Weights\.\w+", name):
         return _torchvision(name)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        return _hub(name, name), None
+        return _hub(name, name), None, None
     repo = _timm_repository(name)
     if repo is not None:
-        return _hub(repo, name), None
+        return _hub(repo, name), None, None
     raise WeightsFileError(f"{name}: no such file or directory, nor a model name: expected {FORMS}")
 
 
@@ -83,9 +83,10 @@ def _timm_repository(name: str) -> str | None:
     return getattr(cfg, "hf_hub_id", None) or None
 
 
-def _torchvision(name: str) -> tuple[Path, Preprocessing]:
+def _torchvision(name: str) -> tuple[Path, Preprocessing, tuple[str, ...]]:
     """torchvision's file for the weights enum `name`, from torch.hub's cache (downloaded there
-    when online, as torchvision's own `get_state_dict` does), and the enum's transforms."""
+    when online, as torchvision's own `get_state_dict` does), the enum's transforms and its
+    class names (`meta["categories"]`: ImageNet's)."""
     import torch
     import torchvision
 
@@ -103,4 +104,5 @@ def _torchvision(name: str) -> tuple[Path, Preprocessing]:
         except OSError as e:
             raise WeightsFileError(f"{name}: could not download {weights.url} into {cached.parent} ({e.__class__.__name__}): run once online") from None
     t = weights.transforms()
-    return cached, Preprocessing(tuple(t.mean), tuple(t.std), int(t.resize_size[0]), int(t.crop_size[0]), t.interpolation.value)
+    pre = Preprocessing(tuple(t.mean), tuple(t.std), int(t.resize_size[0]), int(t.crop_size[0]), t.interpolation.value)
+    return cached, pre, tuple(weights.meta["categories"])

@@ -43,19 +43,26 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
 
 def load_pretrained(source: str | os.PathLike, **overrides):
     """`parity.load(source, **overrides)`; for a PyTorch file written by train.main (model.pth,
-    best.pth), which cannot carry its preprocessing, the preprocessing its run recorded
+    best.pth), which cannot carry its preprocessing and class names, those its run recorded
     (train/record.py)."""
+    import dataclasses
+
     import parity
     from parity.layouts.torchvision import TORCH_SUFFIXES
     from train import record
 
     path = Path(source)
-    if path.suffix.lower() in TORCH_SUFFIXES and "preprocessing" not in overrides:
+    recorded = record.beside(path) if path.suffix.lower() in TORCH_SUFFIXES else {}
+    if recorded and "preprocessing" not in overrides:
         try:
-            overrides["preprocessing"] = parity.Preprocessing.from_dict(record.beside(path)["preprocessing"])
+            overrides["preprocessing"] = parity.Preprocessing.from_dict(recorded["preprocessing"])
         except (KeyError, TypeError, ValueError):
             pass  # not a run's file: the layout's own preprocessing
-    return parity.load(source, **overrides)
+    checkpoint = parity.load(source, **overrides)
+    names = recorded.get("class_names")
+    if checkpoint.labels is None and isinstance(names, list) and len(names) == checkpoint.architecture.num_classes and all(isinstance(n, str) for n in names):
+        checkpoint = dataclasses.replace(checkpoint, labels=tuple(names))  # a folder's run.json of another run's classes is left out
+    return checkpoint
 
 
 def torch_path(workdir: str | os.PathLike) -> Path:

@@ -43,6 +43,19 @@ def evaluate_torch(checkpoint, batches) -> float:
     return metrics.summarise([{name: value.item() for name, value in t.items()} for t in totals])["accuracy"]
 
 
+def class_order_problem(labels, class_names, weights: str, dataset: str) -> str | None:
+    """Why the checkpoint's class names (its `labels`) contradict the dataset's: the same names in
+    another order, so every accuracy would count the wrong class. Names of another vocabulary (a
+    TFDS dataset's synsets against torchvision's words) say nothing either way."""
+    if not labels or not class_names or tuple(labels) == tuple(class_names) or sorted(labels) != sorted(class_names):
+        return None
+    first = next(i for i, (a, b) in enumerate(zip(labels, class_names)) if a != b)
+    return (
+        f"{weights} names output {first} {labels[first]!r} and {dataset} names class {first} {class_names[first]!r}: the same classes in another order, "
+        "so the accuracy would count the wrong ones: evaluate on a dataset whose classes are in the checkpoint's order"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """train.main's flags where they mean the same (the model, the data), and --weights."""
     description = " ".join(__doc__.split("\n\n")[1].split())  # the docstring's second paragraph
@@ -90,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.weights} has {checkpoint.architecture.num_classes} classes and {args.dataset} has {info.num_classes}: "
                 "expected a checkpoint trained on this dataset's classes (fine-tune it with train.main --init-from)"
             )
+        problem = class_order_problem(checkpoint.labels, info.class_names, args.weights, args.dataset)
+        if problem:
+            raise ValueError(problem)
         folder = datasets.is_folder(args.dataset)
         resolution = args.resolution or (checkpoint.preprocessing.crop_size if folder else info.default_resolution)
         problem = config_lib.resolution_problem(checkpoint.architecture.arch, resolution)

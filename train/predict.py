@@ -7,8 +7,10 @@ as the checkpoint says (`Checkpoint.preprocess`): its shorter side resized and t
 (torchvision's evaluation transforms), or the whole image resized (Keras's), then normalised. The
 model runs in JAX, or with `--framework torch` in PyTorch: the same numbers.
 
-Class names: a Hugging Face config's id2label, else those its run recorded for weights written by
-train.main (train/record.py), else ImageNet's for 1000 classes, else the class numbers. The flags and files are checked before jax or torch is imported.
+Class names: the checkpoint's (`parity.load`: a Hugging Face config's id2label, a .msgpack's
+description, torchvision's ImageNet weights; for a .pth written by train.main, its run's record),
+or `--labels FILE` (one per line), else the class numbers. The flags and files are checked before
+jax or torch is imported.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything PIL reads)")
     config_lib.add_flag(p, "framework", help="which implementation runs the model")
     p.add_argument("--top", type=config_lib.positive_int, default=5, help="classes shown per image")
+    p.add_argument("--labels", metavar="FILE", help="the class names, one per line in the outputs' order, in place of the checkpoint's")
     return p
 
 
 def flag_problem(args: argparse.Namespace) -> str | None:
     if not Path(args.weights).exists():
         return f"--weights {args.weights}: no such file or folder"
+    if args.labels is not None and not Path(args.labels).is_file():
+        return f"--labels {args.labels}: no such file"
     missing = [image for image in args.images if not Path(image).is_file()]
     if missing:
         return f"{missing[0]}: no such image file"
@@ -61,27 +66,9 @@ def probabilities_torch(checkpoint, images: np.ndarray) -> np.ndarray:
     return torch.softmax(logits.float(), dim=-1).numpy()
 
 
-def class_names(weights: Path, num_classes: int) -> list[str]:
-    """The names of the classes of the checkpoint at `weights` (see the module's docstring)."""
-    from train import record
-
-    if weights.is_dir():  # a Hugging Face folder
-        id2label = record.read_json(weights / "config.json").get("id2label") or {}
-        candidates = [[id2label.get(str(i)) for i in range(num_classes)]]
-    else:
-        candidates = []
-    candidates.append(record.beside(weights).get("class_names"))
-    for names in candidates:
-        if names and len(names) == num_classes and all(isinstance(n, str) for n in names):
-            return list(names)
-    if num_classes == 1000:
-        try:
-            from torchvision.models import MobileNet_V2_Weights
-        except ImportError:
-            pass
-        else:
-            return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
-    return [f"class {i}" for i in range(num_classes)]
+def class_names(checkpoint) -> list[str]:
+    """The checkpoint's class names, or the class numbers where it has none."""
+    return list(checkpoint.labels or (f"class {i}" for i in range(checkpoint.architecture.num_classes)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import load_pretrained
 
     try:
-        checkpoint = load_pretrained(args.weights)
+        checkpoint = load_pretrained(args.weights, labels=args.labels)
         classes = checkpoint.architecture.num_classes
         if classes == 0:
             raise ValueError(f"{args.weights} is a feature extractor (no classifier): there are no classes to predict")
@@ -102,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e))
     run = probabilities_jax if args.framework == "jax" else probabilities_torch
     probabilities = run(checkpoint, images)
-    names = class_names(Path(args.weights), classes)
+    names = class_names(checkpoint)
     for path, p in zip(args.images, probabilities):
         print(path)
         for index in np.argsort(-p, kind="stable")[: args.top]:

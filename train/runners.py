@@ -236,7 +236,7 @@ def _checkpoint(run_plan: Plan, variables: dict):
     # Writable copies: what jax.device_get returns is read-only, and torch.from_numpy warns on it.
     variables = jax.tree.map(np.array, variables)
     return parity.Checkpoint(
-        flax_mobilenet.MobileNet(run_plan.architecture), variables, run_plan.architecture, run_plan.preprocessing, "flax"
+        flax_mobilenet.MobileNet(run_plan.architecture), variables, run_plan.architecture, run_plan.preprocessing, "flax", tuple(run_plan.class_names) or None
     )
 
 

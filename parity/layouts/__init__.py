@@ -286,6 +286,7 @@ class Source:
     config: Any = None  # the layout's own: a HF config.json, a Keras model's, timm's drop_rate, our description
     preprocessing: Any = None  # the layout's own: preprocessor_config.json, timm's pretrained_cfg, ours
     layout: Optional[str] = None
+    labels: Optional[tuple[str, ...]] = None  # the class names the source gives, one per output
 
 
 @dataclass(frozen=True)
@@ -311,6 +312,8 @@ class Layout:
     # atomically, with `extra` (a run's metadata) where the layout has a place for it; None for a
     # layout that is only read.
     write: Optional[Callable[..., None]] = None
+    # Whether its files keep the class names (`Checkpoint.labels`) when written.
+    holds_labels: bool = False
     # Whether `path` names a file (or directory) of this layout when writing.
     writes: Callable[[Path], bool] = lambda path: False
     # Suffixes of the files it reads ("/" for a directory) and how: path -> Source.

@@ -111,11 +111,17 @@ def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
 
 
 def save_flax_variables(
-    variables: Mapping[str, Any], path: str | os.PathLike, architecture=None, preprocessing=None, extra: Mapping[str, Any] | None = None
+    variables: Mapping[str, Any],
+    path: str | os.PathLike,
+    architecture=None,
+    preprocessing=None,
+    extra: Mapping[str, Any] | None = None,
+    labels: tuple[str, ...] | None = None,
 ) -> None:
     """Write `{"params", "batch_stats"}` to a .msgpack file, atomically, and beside it
-    `<file>.json`: the architecture (inferred from the shapes when not given) and preprocessing,
-    so that `parity.load(path)` needs no flags, and `extra`'s keys. The msgpack holds only arrays."""
+    `<file>.json`: the architecture (inferred from the shapes when not given), preprocessing and
+    class names (`labels`, where known), so that `parity.load(path)` needs no flags, and `extra`'s
+    keys. The msgpack holds only arrays."""
     from parity import io
 
     if architecture is None:
@@ -125,19 +131,24 @@ def save_flax_variables(
             architecture = None
     io.write_flax_variables(variables, path)
     if architecture is not None:
-        io.write_text(io.description_path(path), description_json(architecture, preprocessing or _default_preprocessing(), extra))
+        io.write_text(io.description_path(path), description_json(architecture, preprocessing or _default_preprocessing(), extra, labels))
 
 
 def read_description(path: str | os.PathLike):
-    """(architecture, preprocessing) written beside a .msgpack, or (None, None) for an older file."""
+    """(architecture, preprocessing, labels) written beside a .msgpack, or (None, None, None) for
+    an older file. The class names are its `labels`, or in a description a training run wrote
+    before parity kept them, the run's `class_names`."""
     from parity import io
 
     described = io.description_path(path)
     if not described.is_file():
-        return None, None
+        return None, None, None
     try:
         d = json.loads(described.read_text())
-        return architecture_from_json(d["architecture"]), Preprocessing.from_dict(d["preprocessing"])
+        names = d.get("labels") or d.get("class_names") or None  # a run on a dataset without names records []
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"labels must be a list of strings, not {type(names).__name__}")
+        return architecture_from_json(d["architecture"]), Preprocessing.from_dict(d["preprocessing"]), None if names is None else tuple(names)
     except (ValueError, KeyError, TypeError) as e:
         raise WeightsFileError(f"{described} is not a readable description of {Path(path).name} ({first_line(e)}): delete it to infer the architecture from the shapes") from e
 
@@ -163,10 +174,14 @@ def architecture_from_json(d: Mapping[str, Any]) -> mobilenet_arch.Architecture:
     return mobilenet_arch.Architecture(**{**d, "blocks": blocks, "head": mobilenet_arch.check_head(head)})
 
 
-def description_json(arch: mobilenet_arch.Architecture, preprocessing: Preprocessing, extra: Mapping[str, Any] | None = None) -> str:
-    """The architecture and preprocessing as JSON; `extra`'s keys (a training run's class names,
-    say) beside them, never in their place."""
+def description_json(
+    arch: mobilenet_arch.Architecture, preprocessing: Preprocessing, extra: Mapping[str, Any] | None = None, labels: tuple[str, ...] | None = None
+) -> str:
+    """The architecture, preprocessing and class names (`labels`, where known) as JSON; `extra`'s
+    keys (a training run's record, say) beside them, never in their place."""
     described = {"architecture": architecture_to_json(arch), "preprocessing": dataclasses.asdict(preprocessing)}
+    if labels:
+        described["labels"] = list(labels)
     described.update((key, value) for key, value in (extra or {}).items() if key not in described)
     return json.dumps(described, indent=1) + "\n"
 
@@ -175,7 +190,7 @@ def read(path: Path, ema: bool = False) -> Source:
     from parity import io
 
     variables = io.load_flax_variables(path)
-    arch, pre = read_description(path)
+    arch, pre, labels = read_description(path)
     if arch is None:
         # Wrong preprocessing fails quietly (plausible but worse predictions), so say what is assumed.
         warnings.warn(
@@ -185,11 +200,13 @@ def read(path: Path, ema: bool = False) -> Source:
             "then parity.save the checkpoint to write its description",
             stacklevel=2,
         )
-    return Source(flat_variables(variables), arch, pre, NAME)
+    return Source(flat_variables(variables), arch, pre, NAME, labels)
 
 
 def write(checkpoint, path: Path, num_batches_tracked: int = 0, extra: Mapping[str, Any] | None = None) -> None:
-    save_flax_variables(checkpoint.variables, path, architecture=checkpoint.architecture, preprocessing=checkpoint.preprocessing, extra=extra)
+    save_flax_variables(
+        checkpoint.variables, path, architecture=checkpoint.architecture, preprocessing=checkpoint.preprocessing, extra=extra, labels=checkpoint.labels
+    )
 
 
 def run_written(path: Path, checkpoint, images: np.ndarray) -> tuple[str, np.ndarray]:
@@ -197,7 +214,7 @@ def run_written(path: Path, checkpoint, images: np.ndarray) -> tuple[str, np.nda
     import flax_mobilenet
     from parity import io
 
-    arch, _ = read_description(path)
+    arch, _, _ = read_description(path)
     model = flax_mobilenet.MobileNet(arch or checkpoint.architecture)
     return "Flax (the file read back)", np.asarray(model.apply(io.load_flax_variables(path), images, train=False))
 
@@ -211,6 +228,7 @@ LAYOUT = Layout(
     preprocessing=preprocessing,
     cannot_hold=cannot_hold,
     write=write,
+    holds_labels=True,
     writes=lambda path: path.name.lower().endswith(SUFFIX),
     reads=(SUFFIX,),
     read=read,

@@ -256,7 +256,32 @@ def _extension(path: Path) -> bool:
 def write(checkpoint, path: Path, num_batches_tracked: int = 0, extra=None) -> None:
     if path.is_file() or (_extension(path) and not path.is_dir()):
         raise LayoutError(f"{path}: a Hugging Face checkpoint is a directory (config.json, model.safetensors, preprocessor_config.json)")
-    write_directory(checkpoint.architecture, checkpoint.variables, path, checkpoint.preprocessing)
+    config = config_for(checkpoint.architecture)
+    if checkpoint.labels:
+        config.update(id2label_config(checkpoint.labels))
+    write_directory(checkpoint.architecture, checkpoint.variables, path, checkpoint.preprocessing, config)
+
+
+def id2label_config(labels) -> dict:
+    """transformers' `id2label` and `label2id` for these class names (a name that repeats maps back
+    to its last index, as transformers' own `label2id` does)."""
+    return {"id2label": {str(i): name for i, name in enumerate(labels)}, "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def labels(config: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The class names of a config's `id2label`; None where it holds transformers' placeholders
+    (`LABEL_0`, `LABEL_1`, ...: `PretrainedConfig`'s for a model given only `num_labels`)."""
+    id2label = config.get("id2label") or {}
+    try:
+        ids = sorted(id2label, key=int)
+    except (TypeError, ValueError):
+        return None
+    if [int(i) for i in ids] != list(range(len(ids))):
+        return None  # not one name per output
+    names = tuple(str(id2label[i]) for i in ids)
+    if not names or names == tuple(f"LABEL_{i}" for i in range(len(names))):
+        return None
+    return names
 
 
 def read_directory(path: Path, ema: bool = False) -> Source | None:
@@ -276,7 +301,7 @@ def read_directory(path: Path, ema: bool = False) -> Source | None:
     else:
         raise WeightsFileError(f"{path}: no model.safetensors or pytorch_model.bin beside config.json")
     pre = path / "preprocessor_config.json"
-    return Source(_under_model_type(io.to_numpy(state_dict), config), config, json.loads(pre.read_text()) if pre.is_file() else None)
+    return Source(_under_model_type(io.to_numpy(state_dict), config), config, json.loads(pre.read_text()) if pre.is_file() else None, labels=labels(config))
 
 
 def _under_model_type(weights: dict, config: Mapping[str, Any]) -> dict:
@@ -295,7 +320,8 @@ def of_model(model: Any) -> Source | None:
         return None
     from parity import io
 
-    return Source(_under_model_type(io.to_numpy(model.state_dict()), config.to_dict()), config.to_dict())
+    config = config.to_dict()
+    return Source(_under_model_type(io.to_numpy(model.state_dict()), config), config, labels=labels(config))
 
 
 def run_transformers(source: Any, checkpoint, images: np.ndarray) -> tuple[str, np.ndarray] | None:
@@ -329,6 +355,7 @@ LAYOUT = Layout(
     preprocessing=preprocessing,
     cannot_hold=cannot_hold,
     write=write,
+    holds_labels=True,
     writes=lambda path: path.is_dir() or not _extension(path),
     reads=("/",),
     read=read_directory,

@@ -172,8 +172,24 @@ def read_directory(path: Path, ema: bool = False) -> Source | None:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
             weights = io.to_numpy(io.load_torch_state_dict(path / name))
-            return Source(weights, {"drop_rate": 0.0}, {**config["pretrained_cfg"], "num_classes": config.get("num_classes")}, NAME)
+            return Source(weights, {"drop_rate": 0.0}, {**config["pretrained_cfg"], "num_classes": config.get("num_classes")}, NAME, hub_labels(config))
     raise WeightsFileError(f"{path}: a timm model directory without model.safetensors or pytorch_model.bin")
+
+
+def hub_labels(config: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The class names of a timm Hub repository's config.json: its own (`label_descriptions`, else
+    `label_names`), else ImageNet-1k's descriptions (timm's `ImageNetInfo`) where its pretrained tag
+    says it was trained there (`ra_in1k`, `e_in1k`, ...) and it has that many classes."""
+    cfg = config.get("pretrained_cfg", {})
+    for key in ("label_descriptions", "label_names"):
+        names = config.get(key) or cfg.get(key)
+        if isinstance(names, list) and names:
+            return tuple(map(str, names))
+    if str(cfg.get("tag", "")).endswith("in1k") and config.get("num_classes", cfg.get("num_classes")) == 1000:
+        from timm.data import ImageNetInfo
+
+        return tuple(ImageNetInfo("imagenet-1k").label_descriptions())
+    return None
 
 
 def timm_model(architecture: mobilenet_arch.Architecture) -> Any:
