@@ -58,6 +58,7 @@ from parity import int8
 from parity.checkpoint import Checkpoint, describe, load, load_torch
 from parity.io import WeightsFileError
 from parity.layouts import ConversionError, Preprocessing
+from parity.layouts.torchvision import add_head_activation_flag, head_activation_override
 from parity.models import DEFAULT_TOLERANCE, flax_logits, relative_l2
 from toolkit.cli import ArgumentParser, atomic_write, fail, first_line
 
@@ -460,6 +461,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("src", help="weights to read: .msgpack, .pth, .pt, .bin, .safetensors, .keras, .h5 or a Hugging Face directory")
     parser.add_argument("dst", help=f"the file to write: {', '.join(FORMATS)}")
     parser.add_argument("--resolution", type=int, help="input height and width (default: the checkpoint's crop size, 224 for most)")
+    add_head_activation_flag(parser)
     parser.add_argument("--with-preprocessing", action="store_true", help="take uint8 RGB (0..255) and normalise inside the model")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative L2 between the runtime's and the Flax model's logits")
     quantized = parser.add_argument_group("int8 (.onnx, .tflite)")
@@ -522,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                checkpoint = load(args.src)
+                checkpoint = load(args.src, **head_activation_override(args))
             except ConversionError as e:
                 raise ConversionError(f"{args.src}: {e}") from e
         for w in caught:
