@@ -64,8 +64,8 @@ def locate(weights: Mapping[str, Any], quiet: bool = False) -> tuple[str, Mappin
     if moved := torchvision.features_elsewhere(weights):
         prefix, inner = moved
         if not quiet:
-            where = f"under {prefix!r}" if prefix else "alone (model.features.state_dict())"
-            warnings.warn(f"torchvision's features Sequential is {where}: read as features.*, and written back so", stacklevel=3)
+            where = f"under {prefix!r}, not 'features.'" if prefix else "alone (model.features.state_dict())"
+            warnings.warn(f"torchvision's features Sequential is {where}: read as torchvision's, and a state dict written from it keys it features.*", stacklevel=3)
         return torchvision.NAME, inner
     expected = "; ".join(f"{name}: {l.expects}" for name, l in LAYOUTS.items())
     raise LayoutError(f"unrecognised layout: keys {short_list(sorted(weights), 4)}; expected {expected}")
