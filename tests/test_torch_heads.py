@@ -78,13 +78,15 @@ def load_noting(source, **kw):
 
 def test_the_recipes_head_is_read_from_a_pth_file(recipe, tmp_path):
     torch.save(recipe.state_dict(), tmp_path / "finetuned.pth")
-    ckpt = parity.load(tmp_path / "finetuned.pth")
+    ckpt, notes = load_noting(tmp_path / "finetuned.pth")
+    assert "ReLU is assumed between the head's layers" in notes
     assert [(l.units, l.activation) for l in ckpt.architecture.head.layers] == [(HIDDEN, "relu"), (CLASSES, None)]
     assert gap(ckpt, logits(recipe)) < TOLERANCE
 
 
 def test_a_live_module_is_read_for_the_activations_and_dropouts_it_holds(gelu_recipe):
-    ckpt = parity.load(gelu_recipe)
+    ckpt, notes = load_noting(gelu_recipe)
+    assert "assumed" not in notes
     assert ckpt.architecture.head.describe() == f"dropout 0.5 -> dense {HIDDEN} (gelu) -> dense {CLASSES}"
     assert gap(ckpt, logits(gelu_recipe)) < TOLERANCE
     # its state dict alone says no activation: ReLU is assumed, and the logits differ
@@ -208,6 +210,17 @@ def test_timm_with_a_sequential_classifier_reads_and_writes_back_strictly(timm_m
     assert gap(parity.load(timm_model.state_dict(), head_activation="tanh"), logits(timm_model)) < TOLERANCE
     parity.save(ckpt, tmp_path / "t.safetensors", layout="timm")
     timm_model.load_state_dict(parity.load_torch_state_dict(tmp_path / "t.safetensors"), strict=True)
+
+
+def test_convert_verifies_a_sequential_classifier_in_timm_itself(timm_model, tmp_path, capsys):
+    timm_model = copy.deepcopy(timm_model)
+    timm_model.classifier = torch.nn.Sequential(torch.nn.Linear(timm_model.num_features, HIDDEN), torch.nn.SiLU(), torch.nn.Linear(HIDDEN, CLASSES))
+    torch.save(timm_model.state_dict(), tmp_path / "t.pth")
+    args = [str(tmp_path / "t.pth"), str(tmp_path / "t.safetensors"), "--layout", "timm", "--verify", "--resolution", "64", "--head-activation", "silu"]
+    assert convert.main(args) == 0
+    out = capsys.readouterr().out
+    assert "timm (source) vs Flax" in out and "timm on the written t.safetensors" in out, out
+    assert gap(parity.load(tmp_path / "t.safetensors", head_activation="silu"), logits(timm_model)) < TOLERANCE
 
 
 def test_a_single_layer_head_is_written_under_timms_name(tmp_path):

@@ -114,7 +114,8 @@ def read_head(weights: Mapping[str, Any], arch: mobilenet_arch.Architecture, con
         weights, arch.num_features, lambda k: k.startswith(BACKBONE), CLASSIFIER,
         activation=kw.get("head_activation", "relu"), dropout=kw.get("dropout", 0.0),
     )
-    return _torchvision.live_head(head, head_names(head), config.get("live"), before=kw.get("dropout", 0.0))
+    read = _torchvision.live_head(head, head_names(head), config.get("live"), before=kw.get("dropout", 0.0))
+    return _torchvision.noting_assumed(read, head, kw)
 
 
 def head_names(head: mobilenet_arch.Head) -> tuple[str, ...]:
@@ -214,18 +215,47 @@ def read_directory(path: Path, ema: bool = False) -> Source | None:
 
 def timm_model(architecture: mobilenet_arch.Architecture) -> Any:
     """The timm MobileNet whose state-dict shapes are `architecture`'s, or None (timm not installed,
-    or no model of its registry has them)."""
+    no model of its registry has its backbone's shapes, or a head timm's forward would not run)."""
     try:
         import timm
     except ImportError:
         return None
-    want = {r.key: tuple(r.from_flax(np.broadcast_to(np.float32(0), shape)).shape) for r, shape in _rule_shapes(architecture)}
+    backbone = mobilenet_arch.with_head(architecture, mobilenet_arch.Head())
+    want = {r.key: tuple(r.from_flax(np.broadcast_to(np.float32(0), shape)).shape) for r, shape in _rule_shapes(backbone)}
     for name in timm.list_models(f"mobilenet{architecture.arch}_*"):
-        model = timm.create_model(name, num_classes=architecture.num_classes)
+        model = timm.create_model(name, num_classes=0)
         have = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
         if have == want:
-            return model
+            return _with_head(model, architecture.head)
     return None
+
+
+def _with_head(model: Any, head: mobilenet_arch.Head) -> Any:
+    """`model` with `head` where timm's forward runs it: its own Linear `classifier` for one
+    layer, else a `classifier` Sequential holding the layers at the indices their written names
+    give (`classifier.0`, `classifier.2`), each activation in the slot after its layer. None
+    where the names are not such indices or leave an activation no slot."""
+    import torch
+
+    from torch_ref.models import DENSE_ACTIVATIONS
+
+    if len(head.layers) <= 1:
+        model.reset_classifier(head.num_classes)
+        return model
+    indices = [int(n[len(CLASSIFIER) + 1 :]) if re.fullmatch(rf"{CLASSIFIER}\.\d+", n) else None for n in head_names(head)]
+    if None in indices:
+        return None
+    modules: list[Any] = [torch.nn.Identity() for _ in range(indices[-1] + 1)]  # Dropout's slots: identity in eval
+    ins = [model.num_features] + [layer.units for layer in head.hidden]
+    for i, (index, layer, fan_in) in enumerate(zip(indices, head.layers, ins)):
+        modules[index] = torch.nn.Linear(fan_in, layer.units)
+        if layer.activation:
+            slot = index + 1
+            if slot >= len(modules) or slot in indices:
+                return None
+            modules[slot] = DENSE_ACTIVATIONS[layer.activation]()
+    model.classifier = torch.nn.Sequential(*modules)
+    return model
 
 
 def _rule_shapes(architecture):

@@ -204,7 +204,22 @@ def read_head(weights: Mapping[str, Any], arch: mobilenet_arch.Architecture, con
         weights, arch.num_features, lambda k: k.startswith("features."), CLASSIFIER,
         activation=kw.get("head_activation", "relu"), dropout=kw.get("dropout", default),
     )
-    return live_head(head, [layer.torch_name or CLASSIFIER for layer in head.layers], config, before=0.0)
+    return noting_assumed(live_head(head, [layer.torch_name or CLASSIFIER for layer in head.layers], config, before=0.0), head, kw)
+
+
+def noting_assumed(read: mobilenet_arch.Head, by_shapes: mobilenet_arch.Head, kw) -> mobilenet_arch.Head:
+    """`read`, with a note where its hidden activations are the assumed ReLU: no live module said
+    them (`read` is still the head read by shapes) and no `head_activation` was given. A wrong
+    assumption is invisible to every check (each library's model is then built with it too)."""
+    if read is by_shapes and read.hidden and "head_activation" not in kw:
+        import warnings
+
+        warnings.warn(
+            "a state dict holds no activations: ReLU is assumed between the head's layers; "
+            "head_activation= (--head-activation) names the one the model used",
+            stacklevel=4,
+        )
+    return read
 
 
 # ---------------------------------------------------------------- a live module's head
