@@ -97,8 +97,10 @@ def _what_it_is(path: Path) -> str:
     if not head:
         return "an empty file"
     if head.startswith(b"PK"):
-        if zipfile.is_zipfile(path) and not any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()):
-            return "a zip archive, but not one torch.save wrote (no data.pkl inside)"
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if not any(n.endswith("data.pkl") for n in archive.namelist()):
+                    return "a zip archive, but not one torch.save wrote (no data.pkl inside)"
         return "a damaged or truncated zip archive (what torch.save writes)"
     if head[:1] == b"\x80":
         return "a damaged or truncated pickle"

@@ -149,6 +149,14 @@ def test_features_under_the_users_own_name_beside_its_own_head(recipe, tmp_path)
     assert live.architecture.head.describe() == f"dense {HIDDEN} (silu) -> dense 3" and gap(live, logits(net)) < TOLERANCE
 
 
+def test_a_live_softmax_is_the_checkpoints_output(recipe):
+    model = recipe_model(5)
+    model.classifier = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(model.last_channel, CLASSES), torch.nn.Softmax(dim=1))
+    ckpt = parity.load(model.eval())
+    assert ckpt.architecture.head.output == "softmax"
+    assert relative_l2(np.asarray(ckpt.outputs(X)), logits(model)) < TOLERANCE
+
+
 def test_a_head_module_the_head_cannot_hold_is_named(recipe):
     net = UsersNet(recipe.features, torch.nn.Sequential(torch.nn.Linear(recipe.last_channel, HIDDEN), torch.nn.LayerNorm(HIDDEN), torch.nn.Linear(HIDDEN, 3)))
     with pytest.raises(LayoutError, match=r"head.1: a LayerNorm in the head"):

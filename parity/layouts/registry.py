@@ -38,7 +38,8 @@ def locate(weights: Mapping[str, Any], quiet: bool = False) -> tuple[str, Mappin
     where a training framework or the user's own module put the network (`module.` of
     DataParallel, Lightning's `model.`, a `backbone.` or `net.` attribute, nested ones), the prefix
     stripped with a note; or torchvision's `features` Sequential saved under another name (alone,
-    or as a user's `backbone` beside its own head: `torchvision.features_elsewhere`), with a note. Bookkeeping scalars beside the network (an EMA's `n_averaged`) are left
+    or as a user's `backbone` beside its own head: `torchvision.features_elsewhere`), with a note.
+    Bookkeeping scalars beside the network (an EMA's `n_averaged`) are left
     out with it; any other key outside the prefix is an error naming what else is there."""
     name = _recognised(weights)
     if name is not None:

@@ -247,7 +247,7 @@ def _with_head(model: Any, head: mobilenet_arch.Head) -> Any:
         return None
     modules: list[Any] = [torch.nn.Identity() for _ in range(indices[-1] + 1)]  # Dropout's slots: identity in eval
     ins = [model.num_features] + [layer.units for layer in head.hidden]
-    for i, (index, layer, fan_in) in enumerate(zip(indices, head.layers, ins)):
+    for index, layer, fan_in in zip(indices, head.layers, ins):
         modules[index] = torch.nn.Linear(fan_in, layer.units)
         if layer.activation:
             slot = index + 1
