@@ -100,6 +100,14 @@ def test_head_activation_names_what_a_state_dict_cannot_hold(gelu_recipe, tmp_pa
     assert gap(parity.load(tmp_path / "gelu.msgpack"), logits(gelu_recipe)) < TOLERANCE
 
 
+def test_export_takes_the_head_activation_too(gelu_recipe, tmp_path, capsys):
+    from parity import export
+
+    torch.save(gelu_recipe.state_dict(), tmp_path / "gelu.pth")
+    assert export.main([str(tmp_path / "gelu.pth"), str(tmp_path / "gelu.stablehlo"), "--resolution", "64", "--head-activation", "gelu"]) == 0
+    assert f"dense {HIDDEN} (gelu)" in capsys.readouterr().out
+
+
 def test_head_activation_is_refused_where_the_source_says_its_own(recipe, tmp_path):
     parity.save(parity.load(recipe), tmp_path / "w.msgpack")
     with pytest.raises(parity.ConversionError, match="head_activation is for a PyTorch state dict"):
