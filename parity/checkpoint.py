@@ -88,7 +88,8 @@ def load(source: Any, ema: bool = False, labels=None, drop_background: bool = Fa
     `backbone.`, `module.`) is found there. Each is named in a note (a warning).
 
     `overrides`: `arch`, `width_mult`, `num_classes` are checked against the weights; `dropout`,
-    `padding`, `bn_epsilon` replace what the source says (a bare state dict cannot say them);
+    `padding`, `bn_epsilon` replace what the source says (a bare state dict cannot say them), and
+    `head_activation` the activation between a PyTorch state dict's head layers (ReLU assumed);
     `layout` names the layout instead of recognising it; `preprocessing` replaces the source's.
 
     `labels`: the class names, one per output (a sequence, or the path of a text file, one per
@@ -119,7 +120,9 @@ def load(source: Any, ema: bool = False, labels=None, drop_background: bool = Fa
     else:
         name, weights = locate(read.weights)
     record = layout(name)
-    kw = {k: overrides[k] for k in ("dropout", "padding", "bn_epsilon") if k in overrides}
+    if "head_activation" in overrides and "head_activation" not in record.overrides:
+        raise ConversionError(f"head_activation is for a PyTorch state dict, which holds no activations: {name} weights say their head's themselves")
+    kw = {k: overrides[k] for k in record.overrides if k in overrides}
     arch = _check_overrides(record.architecture(weights, read.config, **kw), overrides)
     pre = overrides["preprocessing"] if isinstance(overrides.get("preprocessing"), Preprocessing) else record.preprocessing(read.preprocessing, arch)
     variables = convert(weights, name, arch)

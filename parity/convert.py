@@ -36,7 +36,7 @@ from parity.checkpoint import Checkpoint, describe, load, save
 from parity.io import WeightsFileError
 from parity.layouts import ConversionError
 from parity.layouts.registry import LAYOUTS, NAMES, check_can_hold, layout_for_path
-from parity.layouts.torchvision import run_torch_ref
+from parity.layouts.torchvision import add_head_activation_flag, head_activation_override, run_torch_ref
 from parity.models import DEFAULT_TOLERANCE, relative_l2
 from parity.random_weights import random_batch
 from toolkit.cli import ArgumentParser, fail
@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--layout", choices=NAMES, help="the output's layout (default: from its name)")
     parser.add_argument("--arch", choices=mobilenet_arch.ARCHS, help="check that the weights are this architecture")
     parser.add_argument("--width", type=float, help="check that the weights have this width multiplier")
+    add_head_activation_flag(parser)
     parser.add_argument("--ema", action="store_true", help="read a training checkpoint's EMA copy of the weights (state_dict_ema, model_ema)")
     add_label_flags(parser)
     parser.add_argument("--verify", action="store_true", help="compare the source library's and the Flax model's logits")
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resolution < MIN_RESOLUTION:
         fail(f"--resolution {args.resolution} is below {MIN_RESOLUTION}, the networks' total stride: use at least {MIN_RESOLUTION}")
     overrides = {k: v for k, v in (("arch", args.arch), ("width_mult", args.width)) if v is not None}
+    overrides.update(head_activation_override(args))
     try:
         dst = Path(args.dst)
         if Path(args.src).resolve() == dst.resolve():

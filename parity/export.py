@@ -66,6 +66,7 @@ from parity.checkpoint import Checkpoint, describe, load, load_torch
 from parity.convert import add_label_flags, labels_written, print_origin
 from parity.io import WeightsFileError
 from parity.layouts import ConversionError
+from parity.layouts.torchvision import add_head_activation_flag, head_activation_override
 from parity.preprocess import normalisation, normalise  # what --with-preprocessing puts in the model, as Checkpoint.preprocess does it
 from parity.models import DEFAULT_TOLERANCE, flax_logits, relative_l2
 from toolkit.cli import ArgumentParser, atomic_write, fail, first_line
@@ -491,6 +492,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("src", help="weights to read: .msgpack, .pth, .pt, .bin, .safetensors, .keras, .h5 or a Hugging Face directory")
     parser.add_argument("dst", help=f"the file to write: {', '.join(FORMATS)}")
     parser.add_argument("--resolution", type=int, help="input height and width (default: the checkpoint's crop size, 224 for most)")
+    add_head_activation_flag(parser)
     parser.add_argument("--with-preprocessing", action="store_true", help="take uint8 RGB (0..255) and normalise inside the model")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative L2 between the runtime's and the Flax model's logits")
     quantized = parser.add_argument_group("int8 (.onnx, .tflite)")
@@ -554,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                checkpoint = load(args.src, labels=args.labels, drop_background=args.drop_background)
+                checkpoint = load(args.src, labels=args.labels, drop_background=args.drop_background, **head_activation_override(args))
             except ConversionError as e:
                 raise ConversionError(f"{args.src}: {e}") from e
         print_origin(args.src, checkpoint, caught)

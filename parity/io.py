@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Literal, Mapping
 
@@ -70,7 +71,9 @@ def load_torch_state_dict(path: str | os.PathLike, ema: bool = False) -> dict[st
     try:
         # timm's and torchvision's training scripts save their argparse arguments beside the
         # weights; a Namespace only holds attributes, so unpickling one runs no code of the file's.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # torch's note on a pickle protocol it did not write: the error below says it in the user's terms
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged zip, a pickle of other objects, a file of another kind
         if "Unsupported global" in str(e) and any(m in str(e) for m in PICKLED_MODULES):
@@ -78,8 +81,10 @@ def load_torch_state_dict(path: str | os.PathLike, ema: bool = False) -> dict[st
                 f"{path} holds a whole pickled model (torch.save(model)), which is never unpickled (that runs its code): "
                 "save model.state_dict() instead"
             ) from e
-        if "Unsupported global" in str(e):
+        if "Unsupported global" in str(e) or "unsupported GLOBAL" in str(e):
             raise WeightsFileError(f"{path} holds Python objects other than tensors and plain containers, which are never unpickled (that could run code): save the state dict alone") from e
+        if "Unsupported operand" in str(e):  # the weights-only unpickler meets an opcode torch.save never writes
+            raise WeightsFileError(f"{path} is a pickle of another writer (pickle.dump?), which is never unpickled (that could run code): save it with torch.save(state_dict)") from e
         raise WeightsFileError(f"{path} is not a readable PyTorch checkpoint: {_what_it_is(path)}") from e
     return unwrap(loaded, str(path), ema)
 
@@ -89,7 +94,13 @@ def _what_it_is(path: Path) -> str:
     from empty list" for a text file, say nothing to them)."""
     with open(path, "rb") as f:
         head = f.read(4)
+    if not head:
+        return "an empty file"
     if head.startswith(b"PK"):
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if not any(n.endswith("data.pkl") for n in archive.namelist()):
+                    return "a zip archive, but not one torch.save wrote (no data.pkl inside)"
         return "a damaged or truncated zip archive (what torch.save writes)"
     if head[:1] == b"\x80":
         return "a damaged or truncated pickle"
@@ -115,6 +126,8 @@ def unwrap(loaded: Any, where: str, ema: bool = False) -> dict[str, torch.Tensor
     chosen = emas[0] if ema else plain[0] if plain else None
     if chosen is None and emas:
         raise WeightsFileError(f"{where} holds only an EMA copy of the weights, under {emas[0]!r}: ema=True (--ema) reads it")
+    if not loaded:
+        raise WeightsFileError(f"{where} holds an empty dict: no weights")
     if chosen is None:
         found = ", ".join(sorted(map(str, loaded))[:8])
         raise WeightsFileError(f"{where} holds a dict with entries {found}: not a state dict of tensors, nor one under {', '.join(STATE_DICT_ENTRIES + EMA_ENTRIES)}")

@@ -200,3 +200,72 @@ def test_a_named_layout_still_strips_a_prefix_and_is_checked_against_the_keys(tm
     assert gap(load_noting(ddp, layout="torchvision")[0], model) < TOLERANCE
     with pytest.raises(parity.ConversionError, match="these are torchvision weights, layout='timm' was asked for"):
         parity.load(ddp, layout="timm")
+
+
+def test_lightning_checkpoint_with_an_ema_copy_reads_either_and_notes_the_other(tmp_path):
+    # an EMA callback beside Lightning's own entries: both copies under the LightningModule's `model.`
+    model, ema = network(10), network(10)
+    perturb(model)
+    torch.save(
+        {"epoch": 3, "state_dict": LitClassifier(model).state_dict(), "state_dict_ema": LitClassifier(ema).state_dict(),
+         "optimizer_states": [{}], "hyper_parameters": {"lr": 0.01}},
+        tmp_path / "last.ckpt.pth",
+    )
+    ckpt, notes = load_noting(tmp_path / "last.ckpt.pth")
+    assert gap(ckpt, model) < TOLERANCE
+    assert "EMA copy under 'state_dict_ema'" in notes and "'model.'" in notes
+    ema_ckpt, ema_notes = load_noting(tmp_path / "last.ckpt.pth", ema=True)
+    assert gap(ema_ckpt, ema) < TOLERANCE and "'state_dict_ema'" in ema_notes
+    assert gap(ema_ckpt, model) > 100 * TOLERANCE  # the two copies differ: the choice is seen
+
+
+class RunsCode:
+    """A pickle that would run a command when unpickled: it must never be."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_empty(path):
+    path.write_bytes(b"")
+
+
+def write_foreign_zip(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("notes.txt", "not weights")
+
+
+def write_plain_pickle(path):
+    import pickle
+
+    path.write_bytes(pickle.dumps({"features.0.0.weight": RunsCode(path.with_suffix(".ran"))}))
+
+
+def write_torch_pickle_with_code(path):
+    torch.save({"features.0.0.weight": RunsCode(path.with_suffix(".ran"))}, path)
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (write_empty, "an empty file"),
+        (write_foreign_zip, "a zip archive, but not one torch.save wrote"),
+        (write_plain_pickle, "a pickle of another writer"),
+        (write_torch_pickle_with_code, "holds Python objects other than tensors"),
+    ],
+)
+def test_files_that_are_not_state_dicts_are_refused_in_one_line_without_running_code(write, message, tmp_path, capsys):
+    write(tmp_path / "bad.pth")
+    with pytest.raises(SystemExit):
+        convert.main([str(tmp_path / "bad.pth"), str(tmp_path / "out.msgpack")])
+    err = capsys.readouterr().err
+    assert_one_line_error(err, "bad.pth", message)
+    assert "Weights only load failed" not in err and "Unsupported" not in err  # torch's own words
+    assert not (tmp_path / "bad.ran").exists() and not (tmp_path / "out.msgpack").exists()

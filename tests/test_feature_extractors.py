@@ -53,12 +53,21 @@ def transformers_features():
         return model, model(pixel_values=NCHW).pooler_output.numpy()
 
 
+def transformers_v1_features():
+    model = randomize_batchnorm(transformers.MobileNetV1Model(transformers.MobileNetV1Config(depth_multiplier=0.25)), 3).eval()
+    with torch.no_grad():
+        return model, model(pixel_values=NCHW).pooler_output.numpy()
+
+
 def keras_features():
     model = keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.35, weights=None, include_top=False, pooling="avg")
     return model, np.asarray(model(X, training=False))
 
 
-SOURCES = {"timm": timm_features, "torchvision": torchvision_features, "transformers": transformers_features, "keras": keras_features}
+SOURCES = {
+    "timm": timm_features, "torchvision": torchvision_features, "transformers": transformers_features,
+    "transformers_v1": transformers_v1_features, "keras": keras_features,
+}
 
 
 @pytest.mark.parametrize("library", SOURCES)

@@ -327,6 +327,9 @@ class Layout:
     # (a file or directory this layout wrote, its checkpoint, NHWC images) -> (library name,
     # logits) from the library the file is for, reading the file itself; None where not installed.
     run_written: Callable[..., Optional[tuple[str, np.ndarray]]] = lambda path, checkpoint, images: None
+    # The overrides `architecture` takes: padding, bn_epsilon, dropout, and `head_activation` where
+    # the head is read by shapes from a state dict, which holds no activations.
+    overrides: tuple[str, ...] = ("dropout", "padding", "bn_epsilon")
 
 
 def nchw(images: np.ndarray):

@@ -196,6 +196,12 @@ def _config(arch, dm, finegrained, first_is_expansion) -> dict:
 
 def expresses(arch: mobilenet_arch.Architecture) -> str | None:
     """Why transformers' models cannot hold `arch`, or None."""
+    head = arch.head
+    if len(head.layers) > 1 or head.output != "none" or any(layer.activation for layer in head.layers):
+        lost = [f"{len(head.hidden)} hidden layer{'s' if len(head.hidden) > 1 else ''}"] if head.hidden else []
+        lost += [f"the {head.layers[-1].activation} after the output layer"] if head.layers and head.layers[-1].activation else []
+        lost += [f"the {head.output} output"] if head.output != "none" else []
+        return f"transformers' MobileNet has a single Linear classifier returning logits: this head ({head.describe()}) would lose {' and '.join(lost)}"
     pads = {layer.pad for block in arch.blocks for layer in block.layers}
     if pads not in ({"same"}, {"symmetric"}):
         return f"transformers pads all layers alike (tf_padding), these weights use {sorted(map(str, pads))}"

@@ -37,7 +37,9 @@ def locate(weights: Mapping[str, Any], quiet: bool = False) -> tuple[str, Mappin
     """(layout, the weights as it keys them): the keys themselves, or those under a common prefix
     where a training framework or the user's own module put the network (`module.` of
     DataParallel, Lightning's `model.`, a `backbone.` or `net.` attribute, nested ones), the prefix
-    stripped with a note. Bookkeeping scalars beside the network (an EMA's `n_averaged`) are left
+    stripped with a note; or torchvision's `features` Sequential saved under another name (alone,
+    or as a user's `backbone` beside its own head: `torchvision.features_elsewhere`), with a note.
+    Bookkeeping scalars beside the network (an EMA's `n_averaged`) are left
     out with it; any other key outside the prefix is an error naming what else is there."""
     name = _recognised(weights)
     if name is not None:
@@ -60,6 +62,12 @@ def locate(weights: Mapping[str, Any], quiet: bool = False) -> tuple[str, Mappin
             dropped = f"; left out {', '.join(scalars)}" if scalars else ""
             warnings.warn(f"the keys start with {prefix!r}{why}: the prefix was stripped{dropped}", stacklevel=3)
         return name, inner
+    if moved := torchvision.features_elsewhere(weights):
+        prefix, inner = moved
+        if not quiet:
+            where = f"under {prefix!r}, not 'features.'" if prefix else "alone (model.features.state_dict())"
+            warnings.warn(f"torchvision's features Sequential is {where}: read as torchvision's, and a state dict written from it keys it features.*", stacklevel=3)
+        return torchvision.NAME, inner
     expected = "; ".join(f"{name}: {l.expects}" for name, l in LAYOUTS.items())
     raise LayoutError(f"unrecognised layout: keys {short_list(sorted(weights), 4)}; expected {expected}")
 

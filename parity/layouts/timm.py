@@ -31,19 +31,21 @@ from parity.layouts import (
     Rule,
     Source,
     WeightsFileError,
-    classes,
-    classifier_rules,
     from_flax,
+    head_rules,
     layer_rules,
     shape,
     v2_stride,
-    what_is_lost,
+    torch_head,
     width_label,
 )
 from parity.layouts import torchvision as _torchvision
 
 NAME = "timm"
 EXPECTS = "conv_stem.weight, blocks.S.R.conv_dw.weight, classifier.weight (none with num_classes=0)"
+CLASSIFIER = "classifier"
+# The backbone's modules; the head is whatever linear layers follow on from them.
+BACKBONE = ("conv_stem.", "bn1.", "blocks.", "conv_head.", "bn2.")
 
 
 def recognise(keys) -> bool:
@@ -60,9 +62,10 @@ def _timm_keys(keys) -> bool:
     return "conv_stem.weight" in keys and any(k.startswith("blocks.") for k in keys)
 
 
-def other_model(keys) -> str | None:
-    """What a timm checkpoint that is not a MobileNetV1/V2 holds, as far as its keys tell."""
-    keys = set(keys)
+def other_model(keys_or_weights) -> str | None:
+    """What a timm checkpoint that is not a MobileNetV1/V2 holds, as far as its keys (and, given
+    the weights, their shapes) tell."""
+    keys = set(keys_or_weights)
     if not _timm_keys(keys):
         return None
     if any(".se." in k for k in keys):  # squeeze-excitation: MobileNetV3 and EfficientNet, not V1/V2
@@ -72,6 +75,11 @@ def other_model(keys) -> str | None:
             size = "large" if stages == 7 else "small"
             return f"a timm mobilenetv3_{size}_100 checkpoint (MobileNetV3-{size.capitalize()})"
         return "a timm EfficientNet-family checkpoint (squeeze-excitation blocks)"
+    if isinstance(keys_or_weights, Mapping):
+        kernels = sorted({np.shape(v)[-1] for k, v in keys_or_weights.items() if k.endswith(".conv_dw.weight")} - {3})
+        if kernels:  # MobileNetV1/V2 are 3x3 throughout; timm builds its NAS networks in the same class
+            sizes = ", ".join(f"{k}x{k}" for k in kernels)
+            return f"a timm EfficientNet-family network with {sizes} depthwise kernels (efficientnet_lite*, mnasnet_*, spnasnet_100, fbnetc_100)"
     return None
 
 
@@ -88,11 +96,38 @@ def architecture(weights: Mapping[str, Any], config=None, **kw) -> mobilenet_arc
     where = positions(weights)
     stem = shape(weights, "conv_stem.weight")[0]
     head = shape(weights, "conv_head.weight")[0] if "conv_head.weight" in keys else None
-    num_classes = classes(weights, "classifier.weight")
+    head_kw = {k: kw.pop(k) for k in _torchvision.HEAD_OVERRIDES if k in kw}
     kw.setdefault("padding", "symmetric")
     kw.setdefault("bn_epsilon", mobilenet_arch.BN_EPSILON)
     if config is not None:  # a live timm model: its drop_rate
         kw.setdefault("dropout", float(config.get("drop_rate", 0.0)))
+    arch = _backbone(weights, keys, where, stem, head, **kw)
+    return mobilenet_arch.with_head(arch, read_head(weights, arch, config, dropout=kw.get("dropout", 0.0), **head_kw))
+
+
+def read_head(weights: Mapping[str, Any], arch: mobilenet_arch.Architecture, config=None, **kw) -> mobilenet_arch.Head:
+    """timm's `classifier` (a Linear; none after `num_classes=0` or `reset_classifier(0)`), or
+    the Sequential a user put there, by shapes (`torch_head`) and, for a live model, as its
+    modules say (`torchvision.live_head`). timm applies `drop_rate` before the classifier."""
+    config = config or {}
+    head = torch_head(
+        weights, arch.num_features, lambda k: k.startswith(BACKBONE), CLASSIFIER,
+        activation=kw.get("head_activation", "relu"), dropout=kw.get("dropout", 0.0),
+    )
+    read = _torchvision.live_head(head, head_names(head), config.get("live"), before=kw.get("dropout", 0.0))
+    return _torchvision.noting_assumed(read, head, kw)
+
+
+def head_names(head: mobilenet_arch.Head) -> tuple[str, ...]:
+    """The head's state-dict prefixes: timm's `classifier` for a single layer the source did not
+    name otherwise, else the source's names (or torchvision's Sequential numbering)."""
+    if len(head.layers) == 1 and not head.layers[0].torch_name:
+        return (CLASSIFIER,)
+    return head.torch_names
+
+
+def _backbone(weights, keys, where, stem, head, **kw) -> mobilenet_arch.Architecture:
+    num_classes = 0  # the head is read apart (`read_head`)
     if any(".conv_pwl." in k for k in keys):
         specs = []
         for stage, repeat in where:
@@ -127,7 +162,7 @@ def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
             conv, bn = {"expand": ("conv_pw", "bn1"), "depthwise": ("conv_dw", "bn2"), "project": ("conv_pwl", "bn3")}[layer.role]
         return f"{p}{conv}.weight", p + bn
 
-    return layer_rules(arch, names) + classifier_rules(arch, "classifier.weight", "classifier.bias", "dense")
+    return layer_rules(arch, names) + head_rules(arch, head_names(arch.head), "dense")
 
 
 def preprocessing(config: Mapping[str, Any] | None = None, arch: mobilenet_arch.Architecture | None = None) -> Preprocessing:
@@ -146,16 +181,18 @@ def preprocessing(config: Mapping[str, Any] | None = None, arch: mobilenet_arch.
 
 
 def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
-    return what_is_lost(NAME, arch, rules(arch), architecture)
+    return _torchvision.state_dict_loses(NAME, arch, rules(_torchvision.as_written(arch)), architecture)
 
 
 def of_model(model: Any) -> Source | None:
-    """A live timm model: its preprocessing (`pretrained_cfg`) and drop_rate."""
+    """A live timm model: its preprocessing (`pretrained_cfg`), drop_rate, and its Sequentials
+    (a classifier replaced by one: `torchvision.LiveHead`)."""
     if not hasattr(model, "pretrained_cfg") or not hasattr(model, "state_dict"):
         return None
     from parity import io
 
-    return Source(io.to_numpy(model.state_dict()), {"drop_rate": getattr(model, "drop_rate", 0.0)}, dict(model.pretrained_cfg))
+    live = {"drop_rate": getattr(model, "drop_rate", 0.0), "live": _torchvision.live_sequences(model)}
+    return Source(io.to_numpy(model.state_dict()), live, dict(model.pretrained_cfg))
 
 
 def read_directory(path: Path, ema: bool = False) -> Source | None:
@@ -194,18 +231,47 @@ def hub_labels(config: Mapping[str, Any]) -> tuple[str, ...] | None:
 
 def timm_model(architecture: mobilenet_arch.Architecture) -> Any:
     """The timm MobileNet whose state-dict shapes are `architecture`'s, or None (timm not installed,
-    or no model of its registry has them)."""
+    no model of its registry has its backbone's shapes, or a head timm's forward would not run)."""
     try:
         import timm
     except ImportError:
         return None
-    want = {r.key: tuple(r.from_flax(np.broadcast_to(np.float32(0), shape)).shape) for r, shape in _rule_shapes(architecture)}
+    backbone = mobilenet_arch.with_head(architecture, mobilenet_arch.Head())
+    want = {r.key: tuple(r.from_flax(np.broadcast_to(np.float32(0), shape)).shape) for r, shape in _rule_shapes(backbone)}
     for name in timm.list_models(f"mobilenet{architecture.arch}_*"):
-        model = timm.create_model(name, num_classes=architecture.num_classes)
+        model = timm.create_model(name, num_classes=0)
         have = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
         if have == want:
-            return model
+            return _with_head(model, architecture.head)
     return None
+
+
+def _with_head(model: Any, head: mobilenet_arch.Head) -> Any:
+    """`model` with `head` where timm's forward runs it: its own Linear `classifier` for one
+    layer, else a `classifier` Sequential holding the layers at the indices their written names
+    give (`classifier.0`, `classifier.2`), each activation in the slot after its layer. None
+    where the names are not such indices or leave an activation no slot."""
+    import torch
+
+    from torch_ref.models import DENSE_ACTIVATIONS
+
+    if len(head.layers) <= 1:
+        model.reset_classifier(head.num_classes)
+        return model
+    indices = [int(n[len(CLASSIFIER) + 1 :]) if re.fullmatch(rf"{CLASSIFIER}\.\d+", n) else None for n in head_names(head)]
+    if None in indices:
+        return None
+    modules: list[Any] = [torch.nn.Identity() for _ in range(indices[-1] + 1)]  # Dropout's slots: identity in eval
+    ins = [model.num_features] + [layer.units for layer in head.hidden]
+    for index, layer, fan_in in zip(indices, head.layers, ins):
+        modules[index] = torch.nn.Linear(fan_in, layer.units)
+        if layer.activation:
+            slot = index + 1
+            if slot >= len(modules) or slot in indices:
+                return None
+            modules[slot] = DENSE_ACTIVATIONS[layer.activation]()
+    model.classifier = torch.nn.Sequential(*modules)
+    return model
 
 
 def _rule_shapes(architecture):
@@ -257,4 +323,5 @@ LAYOUT = Layout(
     of_model=of_model,
     run_library=run_timm,
     run_written=run_written,
+    overrides=("dropout", "padding", "bn_epsilon", *_torchvision.HEAD_OVERRIDES),
 )

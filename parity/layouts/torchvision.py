@@ -12,6 +12,8 @@ the rules here only read them.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,9 +49,40 @@ def recognise(keys) -> bool:
     return "features.0.0.weight" in keys and "features.1.conv.0.0.weight" in keys
 
 
+def features_elsewhere(weights: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """(prefix, the weights keyed as torchvision's) where torchvision's `features` Sequential was
+    saved under another name: `model.features.state_dict()` (no prefix at all), or a user's
+    module holding it as `self.backbone = mobilenet_v2().features` beside its own head
+    (`backbone.0.0.weight`, `head.0.weight`). Only the numbered blocks move; the rest (the head,
+    read by shapes) keeps its names. None where no such Sequential is found."""
+    for key in weights:
+        if not key.endswith("0.0.weight") or (prefix := key[: -len("0.0.weight")]).endswith("features."):
+            continue
+        if prefix and not prefix.endswith("."):
+            continue
+        if f"{prefix}1.conv.0.0.weight" not in weights:
+            continue
+        numbered = re.compile(re.escape(prefix) + r"\d+\.")
+        moved = {("features." + k[len(prefix):] if numbered.match(k) else k): v for k, v in weights.items()}
+        if len(moved) == len(weights) and recognise(moved):
+            return prefix, moved
+    return None
+
+
 def rules(arch: mobilenet_arch.Architecture) -> list[Rule]:
     out = layer_rules(arch, lambda i, block, layer: (f"{layer.torch_conv}.weight", layer.torch_bn))
     return out + head_rules(arch, arch.head.torch_names, "dense")
+
+
+def as_written(arch: mobilenet_arch.Architecture) -> mobilenet_arch.Architecture:
+    """`arch` with the head's names a written state dict gives it: the source's for a head of
+    several layers (the recipe's `classifier.1`/`.3`, a user's `head.0`/`.2`), so the file loads
+    strictly into the model it came from; the library's own for a single layer, whatever the
+    source called it."""
+    if len(arch.head.layers) != 1 or not arch.head.layers[0].torch_name:
+        return arch
+    plain = dataclasses.replace(arch.head.layers[0], torch_name="")
+    return mobilenet_arch.with_head(arch, dataclasses.replace(arch.head, layers=(plain,)))
 
 
 def preprocessing(config: Preprocessing | None = None, arch=None) -> Preprocessing:
@@ -147,16 +180,137 @@ def architecture(weights: Mapping[str, Any], config=None, **kw) -> mobilenet_arc
 HEAD_OVERRIDES = ("head_activation",)
 
 
+def add_head_activation_flag(parser) -> None:
+    """`--head-activation`, for the tools that read a state dict (convert, export)."""
+    parser.add_argument(
+        "--head-activation", choices=mobilenet_arch.DENSE_ACTIVATIONS,
+        help="the activation between a PyTorch state dict's head layers, which the file does not hold (default: relu)",
+    )
+
+
+def head_activation_override(args) -> dict[str, str]:
+    """`parity.load`'s override from `--head-activation`, where it was given."""
+    return {"head_activation": args.head_activation} if args.head_activation else {}
+
+
 def read_head(weights: Mapping[str, Any], arch: mobilenet_arch.Architecture, config=None, **kw) -> mobilenet_arch.Head:
     """The head after `arch`'s backbone: a live module's own where `config` has it, else by shapes
-    (`torch_head`), the dropout torchvision's (0.2 before the first layer) unless `kw` says."""
+    (`torch_head`), the dropout torchvision's (0.2 before the first layer) unless `kw` says; a live
+    module's Sequential (`LiveHead`) then says the activations and dropouts it really holds."""
     if isinstance(config, mobilenet_arch.Head):
         return config
     default = mobilenet_arch.V2_DROPOUT if arch.arch == "v2" else 0.0
-    return torch_head(
+    head = torch_head(
         weights, arch.num_features, lambda k: k.startswith("features."), CLASSIFIER,
         activation=kw.get("head_activation", "relu"), dropout=kw.get("dropout", default),
     )
+    return noting_assumed(live_head(head, [layer.torch_name or CLASSIFIER for layer in head.layers], config, before=0.0), head, kw)
+
+
+def noting_assumed(read: mobilenet_arch.Head, by_shapes: mobilenet_arch.Head, kw) -> mobilenet_arch.Head:
+    """`read`, with a note where its hidden activations are the assumed ReLU: no live module said
+    them (`read` is still the head read by shapes) and no `head_activation` was given. A wrong
+    assumption is invisible to every check (each library's model is then built with it too)."""
+    if read is by_shapes and read.hidden and "head_activation" not in kw:
+        import warnings
+
+        warnings.warn(
+            "a state dict holds no activations: ReLU is assumed between the head's layers; "
+            "head_activation= (--head-activation) names the one the model used",
+            stacklevel=4,
+        )
+    return read
+
+
+# ---------------------------------------------------------------- a live module's head
+
+# The modules a live head is read from, by class name: what each is in a `mobilenet_arch.Head`.
+LIVE_ACTIVATIONS = {"ReLU": "relu", "ReLU6": "relu6", "GELU": "gelu", "SiLU": "silu", "Tanh": "tanh", "Sigmoid": "sigmoid"}
+LIVE_PASSTHROUGH = ("Identity", "Flatten")
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveHead:
+    """What a live module says of its head that its state dict cannot: the children of each of
+    its `nn.Sequential`s holding a Linear, in order, as (dotted name, kind, value): kind "linear",
+    "dropout" (p), "activation" (its `Head` name), "softmax", "skip" (Identity, Flatten) or
+    "other" (the class, named in an error)."""
+
+    sequences: Mapping[str, tuple[tuple[str, str, Any], ...]]
+
+
+def live_sequences(model: Any) -> LiveHead:
+    import torch
+
+    sequences = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Sequential) and any(isinstance(c, torch.nn.Linear) for c in module.children()):
+            sequences[name] = tuple((f"{name}.{child}" if name else child, *_kind(m)) for child, m in module.named_children())
+    return LiveHead(sequences)
+
+
+def _kind(module: Any) -> tuple[str, Any]:
+    kind = type(module).__name__
+    if kind == "GELU" and getattr(module, "approximate", "none") != "none":
+        return "other", f"GELU(approximate={module.approximate!r})"  # the Flax head's GELU is the exact one
+    if kind in LIVE_ACTIVATIONS:
+        return "activation", LIVE_ACTIVATIONS[kind]
+    if kind.startswith("Dropout"):
+        return "dropout", float(module.p)
+    if kind == "Linear":
+        return "linear", None
+    if kind == "Softmax":
+        return "softmax", None
+    if kind in LIVE_PASSTHROUGH:
+        return "skip", None
+    return "other", kind
+
+
+def live_head(head: mobilenet_arch.Head, names: list[str], live: Any, before: float = 0.0) -> mobilenet_arch.Head:
+    """`head` (read by shapes, its layers at `names` in the state dict) with the activations,
+    dropouts and softmax the live module's Sequential holding those layers has in order; `before`
+    the dropout the model's forward applies ahead of the Sequential (timm's drop_rate). Unchanged
+    where `live` is not a `LiveHead` or no one Sequential holds every layer (the module's forward
+    then applies what it applies, which no module says)."""
+    if not isinstance(live, LiveHead) or not head.layers:
+        return head
+    parents = {name.rpartition(".")[0] for name in names}
+    if len(parents) != 1:
+        return head
+    (parent,) = parents
+    # The live names may carry the prefix the state dict was found under (`net.backbone.`).
+    found = [s for s in live.sequences if s == parent or s.endswith("." + parent)]
+    if len(found) != 1:
+        return head
+    sequence = live.sequences[found[0]]
+    strip = len(found[0]) - len(parent)
+    layers, index, dropout, output = list(head.layers), -1, None, "none"
+    for name, kind, value in sequence:
+        name = name[strip:]
+        if kind == "linear":
+            if name not in names or names.index(name) != index + 1:
+                return head  # a Linear of another head: nothing to say of this one's order
+            index += 1
+            first = before if index == 0 else 0.0
+            layers[index] = dataclasses.replace(layers[index], dropout=first if dropout is None else dropout, activation=None)
+            dropout = None
+        elif kind == "dropout":
+            dropout = value
+        elif kind == "activation":
+            if index < 0 or layers[index].activation is not None:
+                where = "before the first linear layer" if index < 0 else f"a second one after {names[index]}"
+                raise LayoutError(f"{name}: an activation {where}: a MobileNet head applies one activation after a linear layer")
+            layers[index] = dataclasses.replace(layers[index], activation=value)
+        elif kind == "softmax":
+            if index != len(layers) - 1:
+                raise LayoutError(f"{name}: a Softmax before the last linear layer: only the output may be one")
+            output = "softmax"
+        elif kind == "other":
+            raise LayoutError(
+                f"{name}: a {value} in the head: a MobileNet head reads only Linear, Dropout, Softmax and the activations "
+                f"{', '.join(LIVE_ACTIVATIONS)}"
+            )
+    return mobilenet_arch.check_head(mobilenet_arch.Head(tuple(layers), output))
 
 
 def _with_width(arch: mobilenet_arch.Architecture) -> mobilenet_arch.Architecture:
@@ -212,7 +366,21 @@ def infer_width(arch: mobilenet_arch.Architecture) -> float | None:
 
 
 def cannot_hold(arch: mobilenet_arch.Architecture) -> str | None:
-    return what_is_lost(NAME, arch, rules(arch), architecture)
+    return state_dict_loses(NAME, arch, rules(as_written(arch)), architecture)
+
+
+def state_dict_loses(layout: str, arch: mobilenet_arch.Architecture, rules_: list[Rule], architecture_) -> str | None:
+    """What a PyTorch state dict of `layout` cannot hold of `arch` (`what_is_lost`). It holds no
+    activations: a head whose hidden layers share one is read back with it named
+    (`head_activation=`, `--head-activation`); one mixing several, or with an activation after
+    its output layer, cannot be."""
+    hidden = {layer.activation for layer in arch.head.hidden}
+    if len(hidden) > 1 or None in hidden:
+        return f"a {layout} state dict holds no activations: the head's hidden layers ({arch.head.describe()}) are read back with one activation for all"
+    if arch.head.layers and arch.head.layers[-1].activation:
+        return f"a {layout} state dict holds no activations: the {arch.head.layers[-1].activation} after the head's output layer would be lost"
+    override = {"head_activation": hidden.pop()} if hidden else {}
+    return what_is_lost(layout, arch, rules_, functools.partial(architecture_, **override))
 
 
 # ---------------------------------------------------------------- PyTorch files and models
@@ -228,15 +396,15 @@ def read_torch_file(path: Path, ema: bool = False) -> Source:
 
 
 def write_state_dict(rules_of):
-    """A layout's `write` for a PyTorch state dict keyed by `rules_of(architecture)`, with the BN
-    step counters PyTorch's models hold."""
+    """A layout's `write` for a PyTorch state dict keyed by `rules_of(architecture)`, the head
+    named `as_written`, with the BN step counters PyTorch's models hold."""
 
     def write(checkpoint, path: Path, num_batches_tracked: int = 0, extra=None) -> None:
         import torch
 
         from parity import io
 
-        tensors = from_flax(checkpoint.variables, rules_of(checkpoint.architecture))
+        tensors = from_flax(checkpoint.variables, rules_of(as_written(checkpoint.architecture)))
         state_dict = {k: torch.from_numpy(v) for k, v in tensors.items()}
         for key in tensors:
             if key.endswith(".running_var"):
@@ -247,12 +415,14 @@ def write_state_dict(rules_of):
 
 
 def of_model(model: Any) -> Source | None:
-    """Any other torch module (torchvision's, torch_ref's): its state dict, the layout recognised."""
+    """Any other torch module (torchvision's, torch_ref's, a user's): its state dict, the layout
+    recognised, and its Sequentials (`LiveHead`), which say the head's activations and dropouts."""
     if not hasattr(model, "state_dict"):
         return None
     from parity import io
 
-    return Source(io.to_numpy(model.state_dict()))
+    live = live_sequences(model) if hasattr(model, "named_modules") else None
+    return Source(io.to_numpy(model.state_dict()), live)
 
 
 def torch_ref_model(checkpoint):
@@ -285,10 +455,10 @@ def run_written(path: Path, checkpoint, images: np.ndarray) -> tuple[str, np.nda
     from parity import io
     from parity.layouts import nchw
 
-    arch = checkpoint.architecture
+    arch = as_written(checkpoint.architecture)
     state = io.load_torch_state_dict(path)
     model, library = None, "torch_ref"
-    if arch.arch == "v2" and infer_width(arch) is not None and arch.num_classes:
+    if arch.arch == "v2" and infer_width(arch) is not None and len(arch.head.layers) == 1:
         import torchvision
 
         model, library = torchvision.models.mobilenet_v2(num_classes=arch.num_classes, width_mult=infer_width(arch)), "torchvision"
@@ -316,4 +486,5 @@ LAYOUT = Layout(
     of_model=of_model,
     run_library=run_torch_ref,
     run_written=run_written,
+    overrides=("dropout", "padding", "bn_epsilon", *HEAD_OVERRIDES),
 )
