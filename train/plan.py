@@ -189,7 +189,8 @@ def describe_init(config, run_plan: Plan) -> str:
             if before.num_classes
             else f"added a new {arch.num_classes}-class output layer"
         )
-    if config.head is None and arch.head.describe() != before.head.describe():  # --dropout, --head-dropout
+    # --dropout or --head-dropout changed the kept head's dropout.
+    if config.head is None and arch.head.describe() != mobilenet_arch.with_classes(before, arch.num_classes).head.describe():
         parts.append(f"trains: {arch.head.describe()}")
     parts += list(run_plan.init_notes)
     return "; ".join(parts)
