@@ -157,8 +157,25 @@ def test_init_from_says_what_it_read_kept_and_replaced(frozen_head_runs, head_ru
     assert f"replaced the head by --head's, all layers new: dense {NEW_HIDDEN} (relu) -> dense 4" in torch_stdout
 
 
-def test_init_from_names_what_parity_ignored_in_a_training_checkpoint(head_run, tmp_path):
+def test_init_from_names_what_parity_unwrapped_stripped_and_ignored(head_run, tmp_path):
+    # A training framework's checkpoint: DataParallel's prefix on the keys, under "model" beside
+    # the optimizer's state and the epoch.
     state = torch.load(head_run / "model.pth", map_location="cpu", weights_only=True)
-    torch.save({"model": state, "optimizer": {}, "epoch": 3}, tmp_path / "trained.pth")
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "optimizer": {}, "epoch": 3}, tmp_path / "trained.pth")
     config, run_plan = _plan(["--init-from", str(tmp_path / "trained.pth")], tmp_path / "run")
-    assert plan.describe_init(config, run_plan).endswith("a training checkpoint: read the weights under 'model'; ignored optimizer, epoch")
+    line = plan.describe_init(config, run_plan)
+    assert "kept the backbone" in line and "and the head" in line
+    assert "a training checkpoint: read the weights under 'model'; ignored optimizer, epoch" in line
+    assert "the keys start with 'module.' (DataParallel): the prefix was stripped" in line
+
+
+def test_a_workdir_refuses_a_run_with_another_head(tmp_path):
+    from train import record
+
+    workdir = tmp_path / "run"
+    config, run_plan = _plan(["--head", str(HIDDEN)], workdir)
+    workdir.mkdir()
+    record.write_run_file(workdir, record.describe(config, run_plan))
+    with pytest.raises(ValueError, match=rf"holds another run \(hidden_units \[{HIDDEN}\] -> \[{NEW_HIDDEN}\]\)"):
+        _plan(["--head", str(NEW_HIDDEN)], workdir)
+    _plan(["--head", str(HIDDEN)], workdir)  # the same run resumes

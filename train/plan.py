@@ -47,7 +47,6 @@ def with_checkpoint(config: config_lib.Config) -> tuple[config_lib.Config, Any, 
     read or --arch/--width contradict it."""
     if not config.init_from:
         return config, None, ()
-    import parity
     from train import checkpoint
 
     given = {name: value for name, value in (("arch", config.arch), ("width", config.width)) if value is not None}
@@ -57,10 +56,11 @@ def with_checkpoint(config: config_lib.Config) -> tuple[config_lib.Config, Any, 
             init = checkpoint.load_pretrained(config.init_from, **given)
     except ValueError as e:  # WeightsFileError, ConversionError, LayoutError
         raise ValueError(f"--init-from {config.init_from}: {e}") from None
-    parity_dir = Path(parity.__file__).parent
     notes = []
-    for w in caught:  # parity's notes go into the message; other libraries' warnings stay warnings
-        if Path(w.filename).is_relative_to(parity_dir):
+    # parity's notes are plain UserWarnings (their stacklevel points at the caller, so the category
+    # is what tells them apart): they go into describe_init's line; deprecations and the like stay warnings.
+    for w in caught:
+        if w.category is UserWarning:
             notes.append(str(w.message))
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
