@@ -58,14 +58,22 @@ def test_a_preset_changes_the_defaults_and_a_flag_given_wins():
         (["--lr", "-1"], "expected a number > 0, got -1"),
         (["--arch", "v3"], "invalid choice: 'v3'"),
         (["--num-processes", "2"], "--num-processes and --process-id go together"),
+        (["--head", "512,0"], "expected the hidden layers' units, comma-separated positive integers"),
+        (["--head-activation", "gelu"], "applies to the hidden layers --head adds: give --head too"),
+        (["--head-dropout", "0.2"], "--head-dropout applies to the layers after the first: give --head"),
     ],
-    ids=["type", "choices", "static-check"],
+    ids=["type", "choices", "static-check", "head-units", "head-activation-without-head", "head-dropout-without-head"],
 )
 def test_a_bad_flag_is_one_error_line_and_exit_2(capsys, flags, fragment):
     with pytest.raises(SystemExit) as exit_:
         config_lib.parse_config(flags)
     assert exit_.value.code == 2
     assert_one_line_error(capsys.readouterr().err, fragment, "(see --help)")
+
+
+def test_head_reads_the_hidden_layers_units_first_to_last():
+    assert config_lib.parse_config(["--head", "512,256"]).head == (512, 256)
+    assert config_lib.parse_config(["--head", "none"]).head == ()
 
 
 def test_eval_shares_train_mains_flags_where_they_mean_the_same():

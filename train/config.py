@@ -42,6 +42,20 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def head_units(text: str) -> tuple[int, ...]:
+    """--head's value: '256', '512,256' (hidden layers' units, first to last), or 'none' (no
+    hidden layer)."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        units = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        units = ()
+    if not units or min(units) < 1:
+        raise argparse.ArgumentTypeError(f"expected the hidden layers' units, comma-separated positive integers such as 256 or 512,256 (or none), got {text!r}")
+    return units
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -148,26 +162,38 @@ class Config:
     dropout: float | None = flag(
         None, "dropout before the classifier (default: the architecture's, 0.2 for V2)", MODEL, type=non_negative_float
     )
+    head: tuple[int, ...] | None = flag(
+        None,
+        "hidden dense layers between the pooled features and the classifier, their units first to last: 256, 512,256, "
+        "or none (default: none; with --init-from the checkpoint's head; given with it, a new head replaces the checkpoint's)",
+        MODEL,
+        type=head_units,
+    )
+    head_activation: str = flag("relu", "activation after each --head layer", MODEL, choices=mobilenet_arch.DENSE_ACTIVATIONS)
+    head_dropout: float | None = flag(
+        None, "dropout before each head layer after the first (--dropout is the one before the first; default 0)", MODEL, type=non_negative_float
+    )
     precision: str = flag("fp32", "computation dtype; parameters stay float32", MODEL, choices=("fp32", "bf16"))
 
     init_from: str | None = flag(
         None,
         "start from these weights: anything parity.load reads (.pth/.safetensors of torchvision or timm, .msgpack, "
-        ".keras/.h5, a Hugging Face folder); the architecture comes from them, the classifier too when the class "
-        "count matches (else a new one), and the preprocessing unless --mean/--std/--interpolation/--eval-* say",
+        ".keras/.h5, a Hugging Face folder); the architecture comes from them, the head too when the class count "
+        "matches (else a new output layer after its hidden layers; --head: a new head), and the preprocessing unless "
+        "--mean/--std/--interpolation/--eval-* say",
         FINE_TUNING,
     )
     freeze: str | None = flag(
         None,
-        "'backbone': train the classifier only; frozen layers run BatchNorm in inference mode, so nothing in them changes",
+        "'backbone': train the head only (its hidden layers and the classifier); frozen layers run BatchNorm in inference mode, so nothing in them changes",
         FINE_TUNING,
         choices=("backbone",),
     )
     trainable_blocks: int | None = flag(
-        None, "train the last N blocks of features and the classifier; the blocks before them are frozen as by --freeze", FINE_TUNING, type=non_negative_int
+        None, "train the last N blocks of features and the head; the blocks before them are frozen as by --freeze", FINE_TUNING, type=non_negative_int
     )
     backbone_lr_mult: float = flag(
-        1.0, "the learning rate of features (the backbone) is --lr times this, the classifier's --lr (parameter groups)", FINE_TUNING, type=non_negative_float
+        1.0, "the learning rate of features (the backbone) is --lr times this, the head's --lr (parameter groups)", FINE_TUNING, type=non_negative_float
     )
 
     dataset: str = flag(
@@ -364,6 +390,14 @@ def static_problem(config: Config) -> str | None:
         return f"--freeze {config.freeze} and --trainable-blocks {config.trainable_blocks} say the same thing twice: give one"
     if config.dropout is not None and config.dropout >= 1:
         return f"--dropout {config.dropout}: expected a value in [0, 1)"
+    if config.head_dropout is not None and config.head_dropout >= 1:
+        return f"--head-dropout {config.head_dropout}: expected a value in [0, 1)"
+    if config.head_activation != FIELDS["head_activation"].default and not config.head:
+        return f"--head-activation {config.head_activation} applies to the hidden layers --head adds: give --head too (e.g. --head 256)"
+    if config.head_dropout is not None and config.head is not None and not config.head:
+        return "--head-dropout applies to the layers after the first, and --head none leaves one: give --head 256 or leave --head-dropout out"
+    if config.head_dropout is not None and config.head is None and not config.init_from:
+        return "--head-dropout applies to the layers after the first: give --head (e.g. --head 256) for hidden layers"
     if config.label_smoothing >= 1:
         return f"--label-smoothing {config.label_smoothing}: expected a value in [0, 1)"
     if (config.num_processes is None) != (config.process_id is None):

@@ -11,8 +11,10 @@ This is the command line: parse, check, lock, run, summarise. The run itself is 
                                               on the same batches) and the periodic actions after each step
     the final and best accuracy, and where everything went
 
-Fine-tuning (--init-from): the checkpoint gives the architecture, its weights (a new classifier
-when the class count differs) and the preprocessing the flags leave unsaid; --freeze and
+Fine-tuning (--init-from): the checkpoint gives the architecture, its weights (its head's hidden
+layers and a new output layer when the class count differs; --head: a new head) and the
+preprocessing the flags leave unsaid, and the run says in one line what it kept and replaced
+(`plan.describe_init`); --head alone puts hidden dense layers before the classifier; --freeze and
 --trainable-blocks freeze a prefix of `features` (BatchNorm in inference mode there, in both
 frameworks), --backbone-lr-mult gives the rest of `features` its own learning rate.
 
@@ -54,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with held:
             try:
-                config, init = plan.with_checkpoint(config)
-                run_plan = plan.make(config, init)
+                config, init, notes = plan.with_checkpoint(config)
+                run_plan = plan.make(config, init, notes)
             except ValueError as e:  # data.DataError, parity's errors included
                 fail(str(e))
+            if chief and init is not None:
+                print(plan.describe_init(config, run_plan), flush=True)
             loop.train_and_evaluate(config, run_plan)
     except lock.WorkdirBusy as e:
         fail(str(e))

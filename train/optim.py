@@ -22,7 +22,7 @@ term too, so a learning-rate schedule or a smaller backbone rate scales it as in
 
 Parameter groups (`train.param_groups.parameter_group`): a frozen parameter gets no update and carries no
 optimizer state (`optax.set_to_zero` in an `optax.partition`); the backbone's learning rate is
-`--backbone-lr-mult` times the classifier's. `--clip-grad-norm` scales the whole gradient as
+`--backbone-lr-mult` times the head's (its hidden layers train as the classifier does). `--clip-grad-norm` scales the whole gradient as
 `torch.nn.utils.clip_grad_norm_` does, before weight decay and the update rule.
 """
 
@@ -88,7 +88,7 @@ def parameter_labels(config, params, architecture: mobilenet_arch.Architecture, 
     depthwise = depthwise_mask(params, architecture)
 
     def label(path, is_depthwise):
-        block = index.get(getattr(path[0], "key", None))  # None: the classifier
+        block = index.get(getattr(path[0], "key", None))  # None: a head layer (hidden_0, ..., classifier)
         group = param_groups.parameter_group(config, block, is_depthwise, frozen_blocks)
         return FROZEN if group is None else group.name
 

@@ -28,8 +28,9 @@ class ParameterGroup:
 
 
 def parameter_group(config, block: int | None, depthwise: bool, frozen_blocks: int = 0) -> ParameterGroup | None:
-    """The group of a parameter of block `block` of features (None: the classifier; `depthwise`: a
-    depthwise filter), or None when it is frozen. Both frameworks group their parameters by this."""
+    """The group of a parameter of block `block` of features (None: the head, its hidden layers and
+    the classifier alike; `depthwise`: a depthwise filter), or None when it is frozen. Both
+    frameworks group their parameters by this."""
     if block is not None and block < frozen_blocks:
         return None
     lr_mult = 1.0 if block is None else config.backbone_lr_mult
@@ -38,7 +39,7 @@ def parameter_group(config, block: int | None, depthwise: bool, frozen_blocks: i
 
 def parameter_groups(config, architecture: mobilenet_arch.Architecture, frozen_blocks: int = 0) -> list[ParameterGroup]:
     """The groups of the parameters of the model `architecture` describes, in the order of its
-    parameters (convolution and BatchNorm of each layer, then the classifier), each once."""
+    parameters (convolution and BatchNorm of each layer, then the head's dense layers), each once."""
     groups = [
         parameter_group(config, index, depthwise, frozen_blocks)
         for index, block in enumerate(architecture.blocks)

@@ -21,7 +21,7 @@ from toolkit.cli import atomic_write_text
 RUN_FILE = "run.json"
 
 # What a run.json written before a key existed means by its absence.
-IDENTITY_DEFAULTS = {"frozen_blocks": 0}
+IDENTITY_DEFAULTS = {"frozen_blocks": 0, "hidden_units": []}
 
 
 def identity(config, run_plan) -> dict:
@@ -33,6 +33,8 @@ def identity(config, run_plan) -> dict:
         "width": config.width,
         "dataset": config.dataset,
         "num_classes": run_plan.num_classes,
+        # Another --head is another model; None: a plan built without one (the loop's tests).
+        "hidden_units": [layer.units for layer in run_plan.architecture.head.hidden] if run_plan.architecture else [],
         "resolution": run_plan.resolution,
         # Frozen parameters carry no optimizer state: a checkpoint holds that of one freezing.
         "frozen_blocks": run_plan.frozen_blocks,

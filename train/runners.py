@@ -205,9 +205,11 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def pretrained_variables(run_plan: Plan, key) -> dict | None:
-    """--init-from's variables for the model trained, or None without it: the checkpoint's, with a
-    new classifier, initialised as torchvision initialises (normal(0, 0.01), zero bias; drawn from
-    `key`), when its class count differs."""
+    """--init-from's variables for the model trained, or None without it: the checkpoint's, its
+    head layers that `run_plan.new_head` names (train/plan.py: the output layer when the class
+    count differs, all of them for --head's new head) initialised as the model initialises its
+    dense layers (`classifier_init`, zero bias; drawn from `key`), and its head layers that the
+    model no longer has dropped."""
     if run_plan.init is None:
         return None
     import flax.linen as nn
@@ -217,12 +219,15 @@ def pretrained_variables(run_plan: Plan, key) -> dict | None:
 
     architecture = run_plan.architecture
     variables = jax.tree.map(np.asarray, run_plan.init.variables)
-    if run_plan.init.architecture.num_classes != architecture.num_classes:
-        # Only the output layer is new: the hidden layers of the checkpoint's head are kept.
-        fan_in = mobilenet_arch.dense_shapes(architecture)[-1][0]
-        head = nn.Dense(architecture.num_classes, kernel_init=classifier_init)
-        params = head.init(key, np.zeros((1, fan_in), np.float32))["params"]
-        variables["params"][architecture.flax_classifier] = jax.device_get(params)
+    params = variables["params"]
+    for name in run_plan.init.architecture.head.flax_names:
+        if name not in architecture.head.flax_names or name in run_plan.new_head:
+            del params[name]
+    shapes = dict(zip(architecture.head.flax_names, mobilenet_arch.dense_shapes(architecture)))
+    for index, name in enumerate(run_plan.new_head):
+        fan_in, units = shapes[name]
+        layer = nn.Dense(units, kernel_init=classifier_init)
+        params[name] = jax.device_get(layer.init(jax.random.fold_in(key, index), np.zeros((1, fan_in), np.float32))["params"])
     return variables
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from flax_mobilenet import MobileNet, create_model, init_variables, native
+from flax_mobilenet import MobileNet, init_variables, native
 
 
 class TrainState(train_state.TrainState):
@@ -51,12 +51,11 @@ def use_compilation_cache() -> None:
 def model_for(config, num_classes: int, architecture=None, frozen_blocks: int = 0) -> MobileNet:
     """The Flax model `config` (train.config.Config) describes: `--precision bf16` computes in
     bfloat16 with float32 parameters. `architecture`: the model's description when it is not
-    `config`'s arch and width (--init-from's); `frozen_blocks`: see `MobileNet.frozen_blocks`."""
+    `config`'s arch, width and head (--init-from's); `frozen_blocks`: see `MobileNet.frozen_blocks`."""
+    from train import plan
+
     dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
-    if architecture is not None:
-        return MobileNet(architecture, dtype, frozen_blocks)
-    kwargs = {} if config.dropout is None else {"dropout": config.dropout}
-    return create_model(config.arch, config.width, num_classes, dtype=dtype, **kwargs).clone(frozen_blocks=frozen_blocks)
+    return MobileNet(architecture or plan.train_architecture(config, num_classes), dtype, frozen_blocks)
 
 
 def create_train_state(

@@ -46,7 +46,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def parameter_blocks(architecture: mobilenet_arch.Architecture) -> dict[str, tuple[int | None, bool]]:
-    """(index of its block in `features`, or None for the classifier; whether it is a depthwise
+    """(index of its block in `features`, or None for a head layer; whether it is a depthwise
     filter) of every parameter name of the torch model `architecture` describes."""
     out: dict[str, tuple[int | None, bool]] = {}
     for index, block in enumerate(architecture.blocks):
