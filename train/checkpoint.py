@@ -43,8 +43,8 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
 
 def load_pretrained(source: str | os.PathLike, **overrides):
     """`parity.load(source, **overrides)`; for a PyTorch file written by train.main (model.pth,
-    best.pth), which cannot carry its preprocessing and class names, those its run recorded
-    (train/record.py)."""
+    best.pth), which cannot carry its preprocessing, class names and head activation, those its run
+    recorded (train/record.py)."""
     import dataclasses
 
     import parity
@@ -58,6 +58,8 @@ def load_pretrained(source: str | os.PathLike, **overrides):
             overrides["preprocessing"] = parity.Preprocessing.from_dict(recorded["preprocessing"])
         except (KeyError, TypeError, ValueError):
             pass  # not a run's file: the layout's own preprocessing
+    if isinstance(recorded.get("head_activation"), str) and "head_activation" not in overrides:
+        overrides["head_activation"] = recorded["head_activation"]
     checkpoint = parity.load(source, **overrides)
     names = recorded.get("class_names")
     if checkpoint.labels is None and isinstance(names, list) and len(names) == checkpoint.architecture.num_classes and all(isinstance(n, str) for n in names):

@@ -46,8 +46,15 @@ def describe(config, run_plan) -> dict:
     return {
         **identity(config, run_plan),
         "class_names": list(run_plan.class_names),
+        # A .pth holds no activations: what its head's hidden layers apply, for --init-from and predict.
+        "head_activation": _head_activation(run_plan),
         "preprocessing": None if run_plan.preprocessing is None else dataclasses.asdict(run_plan.preprocessing),
     }
+
+
+def _head_activation(run_plan) -> str | None:
+    hidden = run_plan.architecture.head.hidden if run_plan.architecture else ()
+    return hidden[0].activation if hidden else None
 
 
 def write_run_file(workdir: str | os.PathLike, described: dict) -> None:
