@@ -318,6 +318,9 @@ class Layout:
     # (a file or directory this layout wrote, its checkpoint, NHWC images) -> (library name,
     # logits) from the library the file is for, reading the file itself; None where not installed.
     run_written: Callable[..., Optional[tuple[str, np.ndarray]]] = lambda path, checkpoint, images: None
+    # Whether run_library and run_written give the model's outputs through the head's output
+    # activation (Keras's softmax probabilities) rather than its logits.
+    returns_output: bool = False
 
 
 def nchw(images: np.ndarray):
