@@ -293,7 +293,8 @@ def _head(entries: list[_Entry], after: set) -> mobilenet_arch.Head:
             if e.class_name == "Reshape" and len(e.config["target_shape"]) != 1:
                 raise LayoutError(f"{where} to {tuple(e.config['target_shape'])} in the head: expected a reshape to one axis")
         elif e.class_name == "Dropout":
-            dropout = 1 - (1 - dropout) * (1 - float(e.config["rate"]))
+            rate = float(e.config["rate"])
+            dropout = 1 - (1 - dropout) * (1 - rate) if dropout else rate  # two in a row drop as one
         elif not pooled:
             raise LayoutError(f"{where} before any GlobalAveragePooling2D: a MobileNet's head pools the features first")
         elif e.class_name == "Dense" or (e.class_name == "Conv2D" and e.name == TOP["v1"] and tuple(e.config["kernel_size"]) == (1, 1)):
