@@ -6,7 +6,9 @@ takes seconds) with random weights and BatchNorm statistics; nothing is download
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # before keras is imported anywhere
 
@@ -142,17 +144,11 @@ def test_weights_file_has_the_model_files_weights(saved, name):
         assert np.array_equal(a, b)
 
 
+@contextlib.contextmanager
 def _no_warning():
-    import contextlib
-    import warnings
-
-    @contextlib.contextmanager
-    def none():
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)
-            yield
-
-    return none()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        yield
 
 
 @pytest.mark.parametrize("name", ["v2_softmax", "v2_hidden", "v1_softmax", "canonical"])
@@ -173,7 +169,8 @@ def test_written_keras_file_round_trips_and_runs_as_the_source(saved, tmp_path, 
 def test_written_weights_file_round_trips(saved, tmp_path):
     ckpt = parity.load(saved / "v2_hidden.keras")
     parity.save(ckpt, tmp_path / "out.weights.h5")
-    again = parity.load(tmp_path / "out.weights.h5")
+    with pytest.warns(UserWarning, match="ReLU assumed between layers"):  # the hidden layer's ReLU, as the source's
+        again = parity.load(tmp_path / "out.weights.h5")
     assert [l.keras_name for l in again.architecture.head.layers] == ["hidden", "logits"]
     for a, b in zip(jax.tree.leaves(again.variables), jax.tree.leaves(ckpt.variables), strict=True):
         assert np.array_equal(a, b)
@@ -200,3 +197,53 @@ def test_unsupported_head_layer_is_named(saved, tmp_path, capsys):
     assert exit_.value.code == 2
     assert_one_line_error(capsys.readouterr().err, "'head_bn' (BatchNormalization)", "in the head")
     assert not (tmp_path / "out.msgpack").exists()
+
+
+def as_keras2(src, dst):
+    """A copy of a Keras 3 legacy .h5 named as Keras 2 (TensorFlow) wrote it: weights under
+    `<nested model>/<layer>/<var>:0`, depthwise kernels `depthwise_kernel`, inbound nodes as
+    `[[[layer, node, tensor, kwargs]]]` and input shapes as `batch_input_shape`."""
+    import json
+    import shutil
+
+    import h5py
+
+    def keras2(model):
+        for layer in model["config"]["layers"]:
+            nodes = layer.get("inbound_nodes", [])
+            names = [a["config"]["keras_history"][0] for node in nodes for a in node["args"] if isinstance(a, dict)]
+            layer["inbound_nodes"] = [[[n, 0, 0, {}] for n in names]] if names else []
+            if "batch_shape" in layer["config"]:
+                layer["config"]["batch_input_shape"] = layer["config"].pop("batch_shape")
+            if "layers" in layer["config"]:
+                keras2(layer)
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        keras2(config)
+        f.attrs["model_config"] = json.dumps(config)
+        g = f["model_weights"]
+        for top in g.attrs["layer_names"]:
+            group, renamed = g[top], []
+            for name in group.attrs["weight_names"]:
+                name = name.decode() if isinstance(name, bytes) else name
+                layer, leaf = name.split("/")[-2:]
+                if leaf == "kernel" and ("depthwise" in layer or "conv_dw" in layer):
+                    leaf = "depthwise_kernel"
+                new = f"{top}/{layer}/{leaf}:0" if top != layer else f"{layer}/{leaf}:0"
+                group.require_group(new.rsplit("/", 1)[0])
+                group.move(name, new)
+                renamed.append(new.encode())
+            group.attrs["weight_names"] = renamed
+
+
+@pytest.mark.parametrize("name", ["v2_softmax", "v1_softmax"])
+def test_keras2_legacy_h5_is_read(saved, tmp_path, name, record_property):
+    as_keras2(saved / f"{name}.h5", tmp_path / "k2.h5")
+    ckpt = parity.load(tmp_path / "k2.h5")
+    assert ckpt.architecture == parity.load(saved / f"{name}.keras").architecture
+    x, reference = outputs(saved, name)
+    error = relative_l2(ckpt.outputs(x), reference)
+    record_property("relative_l2", error)
+    assert error <= TOLERANCE
