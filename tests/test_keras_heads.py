@@ -70,6 +70,8 @@ def build_models():
         "v2_hidden": nested(v2, L.GlobalAveragePooling2D(), L.Dense(32, activation="relu", name="hidden"), L.Dropout(0.2), L.Dense(5, name="logits")),
         "v1_softmax": nested(v1, L.GlobalAveragePooling2D(), L.Dropout(0.3), L.Dense(7, activation="softmax", name="dense")),
         "v2_sequential": nested(v2, L.GlobalAveragePooling2D(), L.Dense(6, name="scores"), L.Softmax(), sequential=True),
+        # the backbone's layers inline (built from its output), activations as layers too
+        "v2_flat": keras.Model(v2.input, L.Dense(4, name="out")(L.ReLU(6.0)(L.Dense(8, name="fc2")(L.Dense(16, activation="gelu", name="fc")(L.GlobalAveragePooling2D()(v2.output)))))),
         "headless_map": v2,  # include_top=False, no pooling: its output is the feature map
         "headless_avg": keras.applications.MobileNetV2(include_top=False, pooling="avg", weights=None, input_shape=(SIZE, SIZE, 3), alpha=0.35),
         "canonical": keras.applications.MobileNetV2(weights=None, input_shape=(SIZE, SIZE, 3), alpha=0.35, classes=10),  # softmax, its default
@@ -81,7 +83,7 @@ def build_models():
 
 
 HEADS = ("v2_softmax", "v2_hidden", "v1_softmax", "v2_sequential")
-READABLE = HEADS + ("headless_map", "headless_avg", "canonical")
+READABLE = HEADS + ("v2_flat", "headless_map", "headless_avg", "canonical")
 
 
 @pytest.fixture(scope="session")
@@ -128,6 +130,7 @@ def test_the_head_is_read_with_its_names_dropout_and_softmax(saved):
     heads = {name: parity.load(saved / f"{name}.keras").architecture.head for name in READABLE}
     assert heads["v2_softmax"] == mobilenet_arch.Head((D(7, 0.3, None, keras_name="dense"),), "softmax")
     assert heads["v2_hidden"] == mobilenet_arch.Head((D(32, 0.0, "relu", keras_name="hidden"), D(5, 0.2, None, keras_name="logits")))
+    assert heads["v2_flat"] == mobilenet_arch.Head((D(16, 0.0, "gelu", keras_name="fc"), D(8, 0.0, "relu6", keras_name="fc2"), D(4, keras_name="out")))
     assert heads["v2_sequential"] == mobilenet_arch.Head((D(6, keras_name="scores"),), "softmax")
     assert heads["canonical"] == mobilenet_arch.Head((D(10),), "softmax")  # keras.applications' own `predictions`
     assert heads["headless_map"] == heads["headless_avg"] == mobilenet_arch.Head()
@@ -151,7 +154,7 @@ def _no_warning():
         yield
 
 
-@pytest.mark.parametrize("name", ["v2_softmax", "v2_hidden", "v1_softmax", "canonical"])
+@pytest.mark.parametrize("name", ["v2_softmax", "v2_hidden", "v2_flat", "v1_softmax", "canonical"])
 def test_written_keras_file_round_trips_and_runs_as_the_source(saved, tmp_path, name, record_property):
     ckpt = parity.load(saved / f"{name}.keras")
     parity.save(ckpt, tmp_path / "out.keras")
