@@ -7,6 +7,7 @@ takes seconds) with random weights and BatchNorm statistics; nothing is download
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 
@@ -169,12 +170,16 @@ def test_written_keras_file_round_trips_and_runs_as_the_source(saved, tmp_path, 
     assert error <= TOLERANCE
 
 
-def test_written_weights_file_round_trips(saved, tmp_path):
+@pytest.mark.parametrize("names", [("hidden", "logits"), ("", "")])
+def test_written_weights_file_round_trips(saved, tmp_path, names):
     ckpt = parity.load(saved / "v2_hidden.keras")
+    # ("", ""): as a PyTorch source's head comes, named by no Keras model: Keras's default names
+    layers = tuple(dataclasses.replace(layer, keras_name=name) for layer, name in zip(ckpt.architecture.head.layers, names))
+    ckpt = dataclasses.replace(ckpt, architecture=mobilenet_arch.with_head(ckpt.architecture, mobilenet_arch.Head(layers)))
     parity.save(ckpt, tmp_path / "out.weights.h5")
     with pytest.warns(UserWarning, match="ReLU assumed between layers"):  # the hidden layer's ReLU, as the source's
         again = parity.load(tmp_path / "out.weights.h5")
-    assert [l.keras_name for l in again.architecture.head.layers] == ["hidden", "logits"]
+    assert [l.keras_name for l in again.architecture.head.layers] == ([*names] if names[0] else ["dense", "predictions"])
     for a, b in zip(jax.tree.leaves(again.variables), jax.tree.leaves(ckpt.variables), strict=True):
         assert np.array_equal(a, b)
 

@@ -115,9 +115,8 @@ def head_of_weights(weights: Mapping[str, Any], arch: mobilenet_arch.Architectur
     classifier by its name, else the Dense layers (a 2-D `X/kernel` and its `X/bias`) chained by
     shapes from the backbone's features, ReLU assumed between them and the output linear (a weights
     file holds no activations), with a note saying so."""
-    if f"{TOP[arch.arch]}/kernel" in weights:
-        # keras.applications.MobileNet's default dropout (V2's top has none)
-        return mobilenet_arch.Head((mobilenet_arch.Dense(classes(weights, f"{TOP[arch.arch]}/kernel", -1), 1e-3 if arch.arch == "v1" else 0.0),))
+    if arch.arch == "v1" and f"{TOP['v1']}/kernel" in weights:  # with keras.applications.MobileNet's default dropout
+        return mobilenet_arch.Head((mobilenet_arch.Dense(classes(weights, f"{TOP['v1']}/kernel", -1), 1e-3),))
     dense = {k[: -len("/kernel")]: shape(weights, k) for k in weights if k.endswith("/kernel") and len(shape(weights, k)) == 2 and k[: -len("kernel")] + "bias" in weights}
     chain, fan_in = [], arch.num_features
     while True:
@@ -128,6 +127,8 @@ def head_of_weights(weights: Mapping[str, Any], arch: mobilenet_arch.Architectur
         fan_in = chain[-1][1]
     if not chain:
         return mobilenet_arch.Head()
+    if [name for name, _ in chain] == [TOP[arch.arch]]:  # keras.applications.MobileNetV2's own
+        return mobilenet_arch.Head((mobilenet_arch.Dense(chain[0][1]),))
     layers = tuple(mobilenet_arch.Dense(units, 0.0, "relu" if i < len(chain) - 1 else None, keras_name=name) for i, (name, units) in enumerate(chain))
     if where is not None:
         warnings.warn(
