@@ -1,12 +1,19 @@
-"""Keras's layout (`keras.applications.MobileNet`, `MobileNetV2`; .keras, .weights.h5 and legacy
-.h5 files, all read with h5py alone).
+"""Keras's layout (`keras.applications.MobileNet`, `MobileNetV2`, and models built around them;
+.keras, .weights.h5 and legacy .h5 files, all read with h5py alone).
 
     conv1, conv1_bn / Conv1, bn_Conv1                               stem
     conv_dw_i(_bn), conv_pw_i(_bn)                                  V1 block i
     expanded_conv_depthwise(_BN), expanded_conv_project(_BN)        V2's first block
     block_j_expand(_BN), block_j_depthwise(_BN), block_j_project(_BN)   V2 block j + 1
     Conv_1, Conv_1_bn                                               V2's head
-    conv_preds (1x1 conv with bias, V1) / predictions (Dense, V2)   classifier
+    conv_preds (1x1 conv with bias, V1) / predictions (Dense, V2)   keras.applications' classifier
+    <keras_name>/kernel, /bias                                      a user's Dense layers
+
+The backbone may sit nested (once or more) in the user's Functional or Sequential model, or inline
+in it; the head is the chain of layers after the backbone's last (`out_relu`, `conv_pw_13_relu`),
+read from the model's config (`_head`): pooling, Dropout, Dense layers and their activations, and
+a final softmax. A .weights.h5 has no config: its head is read by names and shapes
+(`head_of_weights`).
 
 Kernels are HWIO already; a depthwise kernel is (k, k, C, 1). Padding is TensorFlow SAME except
 before the stride-2 depthwise layers, where a ZeroPadding2D fixed when the model was built pads
