@@ -10,7 +10,8 @@ torchvision, .keras/.weights.h5 Keras, a directory Hugging Face) or `--layout`. 
 `--width` are checks: weights that disagree are an error. `--verify` runs the source library
 itself where it is installed (timm, transformers, keras; torch_ref for torchvision weights) on the
 source and the Flax model on the converted weights, on one random batch, prints how far apart the
-logits are, and exits 1 above the tolerance (nothing is written then). Bad input gives one
+outputs are (like with like: probabilities where the library returns them, Keras's softmax),
+and exits 1 above the tolerance (nothing is written then). Bad input gives one
 `error: ...` line and exit 2, and never leaves an output file behind.
 """
 
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--arch", choices=mobilenet_arch.ARCHS, help="check that the weights are this architecture")
     parser.add_argument("--width", type=float, help="check that the weights have this width multiplier")
     parser.add_argument("--ema", action="store_true", help="read a training checkpoint's EMA copy of the weights (state_dict_ema, model_ema)")
-    parser.add_argument("--verify", action="store_true", help="compare the source library's and the Flax model's logits")
+    parser.add_argument("--verify", action="store_true", help="compare the source library's and the Flax model's outputs")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative L2 error --verify accepts")
     parser.add_argument("--resolution", type=int, help="input size of the --verify batch (default: the model's fixed input size, else 224)")
     return parser.parse_args(argv)
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def verify(src: str, checkpoint: Checkpoint, args) -> bool:
-    """The source library's logits on the source weights against the Flax model's."""
+    """The source library's outputs on the source weights against the Flax model's (torch_ref's
+    logits where the library cannot run the source)."""
     x = random_batch(2, resolution(checkpoint, args))
     ran = LAYOUTS[checkpoint.layout].run_library(src, checkpoint, x)
     if ran is not None:
@@ -109,7 +111,7 @@ def flax_outputs(checkpoint: Checkpoint, layout: str, x: np.ndarray) -> np.ndarr
 
 def write_verified(checkpoint: Checkpoint, dst: Path, layout: str, args) -> bool:
     """Write `dst` beside itself first, run the library it is written for on that file, and move
-    it into place only if its logits are the Flax model's."""
+    it into place only if its outputs are the Flax model's."""
     x = random_batch(2, resolution(checkpoint, args), seed=1)
     parent = dst.resolve().parent
     with tempfile.TemporaryDirectory(dir=parent, prefix=f".{dst.name}.") as staging:
@@ -119,8 +121,8 @@ def write_verified(checkpoint: Checkpoint, dst: Path, layout: str, args) -> bool
         if ran is None:
             print(f"verify: the library {layout} files are for is not installed: {dst.name} was not run there")
         else:
-            library, logits = ran
-            if not report(f"{library} on the written {dst.name} vs Flax", logits, flax_outputs(checkpoint, layout, x), x, args.tolerance):
+            library, outputs = ran
+            if not report(f"{library} on the written {dst.name} vs Flax", outputs, flax_outputs(checkpoint, layout, x), x, args.tolerance):
                 return False
         # The description (a .msgpack's .json) before the file it describes: a reader that finds the
         # new file finds its description with it.
