@@ -10,7 +10,8 @@ torchvision, .keras/.weights.h5 Keras, a directory Hugging Face) or `--layout`. 
 `--width` are checks: weights that disagree are an error. `--verify` runs the source library
 itself where it is installed (timm, transformers, keras; torch_ref for torchvision weights) on the
 source and the Flax model on the converted weights, on one random batch, prints how far apart the
-logits are, and exits 1 above the tolerance (nothing is written then). Bad input gives one
+outputs are (like with like: probabilities where the library returns them, Keras's softmax),
+and exits 1 above the tolerance (nothing is written then). Bad input gives one
 `error: ...` line and exit 2, and never leaves an output file behind.
 
 The class names travel with the weights where both layouts have a place for them (a Hugging Face
@@ -52,9 +53,9 @@ def parse_args(argv: list[str] | None):
     add_head_activation_flag(parser)
     parser.add_argument("--ema", action="store_true", help="read a training checkpoint's EMA copy of the weights (state_dict_ema, model_ema)")
     add_label_flags(parser)
-    parser.add_argument("--verify", action="store_true", help="compare the source library's and the Flax model's logits")
+    parser.add_argument("--verify", action="store_true", help="compare the source library's and the Flax model's outputs")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative L2 error --verify accepts")
-    parser.add_argument("--resolution", type=int, default=224, help="input size of the --verify batch")
+    parser.add_argument("--resolution", type=int, help="input size of the --verify batch (default: the model's fixed input size, else 224)")
     return parser.parse_args(argv)
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.width is not None and not args.width > 0:
         fail(f"width_mult must be positive, got {args.width}")
-    if args.resolution < MIN_RESOLUTION:
+    if args.resolution is not None and args.resolution < MIN_RESOLUTION:
         fail(f"--resolution {args.resolution} is below {MIN_RESOLUTION}, the networks' total stride: use at least {MIN_RESOLUTION}")
     overrides = {k: v for k, v in (("arch", args.arch), ("width_mult", args.width)) if v is not None}
     overrides.update(head_activation_override(args))
@@ -117,19 +118,39 @@ def labels_written(checkpoint: Checkpoint, holds: bool, target: str) -> str:
 
 
 def verify(src: str, checkpoint: Checkpoint, args) -> bool:
-    """The source library's logits on the source weights against the Flax model's."""
-    x = random_batch(2, args.resolution)
-    library, reference = source_logits(src, checkpoint, x)
-    got = np.asarray(checkpoint.model.apply(checkpoint.variables, x, train=False))
+    """The source library's outputs on the source weights against the Flax model's (torch_ref's
+    logits where the library cannot run the source)."""
+    x = random_batch(2, resolution(checkpoint, args))
+    ran = LAYOUTS[checkpoint.layout].run_library(src, checkpoint, x)
+    if ran is not None:
+        (library, reference), got = ran, flax_outputs(checkpoint, checkpoint.layout, x)
+    else:
+        (library, reference), got = run_torch_ref(src, checkpoint, x), checkpoint.logits(x)
     if args.drop_background and reference.shape[-1] == got.shape[-1] + 1:  # the source itself, with its background class
         reference = reference[:, 1:]
+        if ran is not None and LAYOUTS[checkpoint.layout].returns_output and checkpoint.architecture.head.output == "softmax":
+            # The softmax of the other 1000 logits: the source's probabilities without output 0, renormalised.
+            reference = reference / reference.sum(axis=-1, keepdims=True)
     return report(f"{library} (source) vs Flax (converted)", got, reference, x, args.tolerance)
+
+
+def resolution(checkpoint: Checkpoint, args) -> int:
+    """The --verify batch's size: the user's, else the input size a fixed-input model was built
+    for (a Keras model's, which runs at no other), else 224."""
+    pre = checkpoint.preprocessing
+    return args.resolution or (pre.crop_size if pre.resize == "whole" else 224)
+
+
+def flax_outputs(checkpoint: Checkpoint, layout: str, x: np.ndarray) -> np.ndarray:
+    """The Flax model's logits, through the head's output activation where `layout`'s library
+    returns that (Keras's softmax): like is compared with like."""
+    return checkpoint.outputs(x) if LAYOUTS[layout].returns_output else checkpoint.logits(x)
 
 
 def write_verified(checkpoint: Checkpoint, dst: Path, layout: str, args) -> bool:
     """Write `dst` beside itself first, run the library it is written for on that file, and move
-    it into place only if its logits are the Flax model's."""
-    x = random_batch(2, args.resolution, seed=1)
+    it into place only if its outputs are the Flax model's."""
+    x = random_batch(2, resolution(checkpoint, args), seed=1)
     parent = dst.resolve().parent
     with tempfile.TemporaryDirectory(dir=parent, prefix=f".{dst.name}.") as staging:
         staged = Path(staging) / dst.name
@@ -138,8 +159,8 @@ def write_verified(checkpoint: Checkpoint, dst: Path, layout: str, args) -> bool
         if ran is None:
             print(f"verify: the library {layout} files are for is not installed: {dst.name} was not run there")
         else:
-            library, logits = ran
-            if not report(f"{library} on the written {dst.name} vs Flax", logits, np.asarray(checkpoint.model.apply(checkpoint.variables, x, train=False)), x, args.tolerance):
+            library, outputs = ran
+            if not report(f"{library} on the written {dst.name} vs Flax", outputs, flax_outputs(checkpoint, layout, x), x, args.tolerance):
                 return False
         # The description (a .msgpack's .json) before the file it describes: a reader that finds the
         # new file finds its description with it.
@@ -157,16 +178,10 @@ def report(what: str, got: np.ndarray, reference: np.ndarray, x: np.ndarray, tol
     error, max_abs = relative_l2(got, reference), float(np.max(np.abs(got - reference)))
     ok = error <= tolerance
     print(
-        f"verify: {what} logits on a random batch {x.shape} (NHWC): max abs diff {max_abs:.3g}, relative L2 {error:.3g} "
+        f"verify: {what} outputs on a random batch {x.shape} (NHWC): max abs diff {max_abs:.3g}, relative L2 {error:.3g} "
         f"(tolerance {tolerance:g}): " + ("ok" if ok else "FAILED, nothing written")
     )
     return ok
-
-
-def source_logits(src: str, checkpoint: Checkpoint, x: np.ndarray) -> tuple[str, np.ndarray]:
-    """(library name, logits) of the source weights run by their own library where installed;
-    else torch_ref's (torchvision's semantics, any padding)."""
-    return LAYOUTS[checkpoint.layout].run_library(src, checkpoint, x) or run_torch_ref(src, checkpoint, x)
 
 
 if __name__ == "__main__":

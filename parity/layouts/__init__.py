@@ -330,6 +330,9 @@ class Layout:
     # The overrides `architecture` takes: padding, bn_epsilon, dropout, and `head_activation` where
     # the head is read by shapes from a state dict, which holds no activations.
     overrides: tuple[str, ...] = ("dropout", "padding", "bn_epsilon")
+    # Whether run_library and run_written give the model's outputs through the head's output
+    # activation (Keras's softmax probabilities) rather than its logits.
+    returns_output: bool = False
 
 
 def nchw(images: np.ndarray):
