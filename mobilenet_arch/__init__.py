@@ -352,7 +352,7 @@ def with_dropout(arch: Architecture, dropout: float) -> Architecture:
 
 def with_classes(arch: Architecture, num_classes: int) -> Architecture:
     """`arch` with an output layer of `num_classes` in place of its own (the hidden layers kept,
-    the source's name for the output layer dropped with it); 0: no head at all."""
+    and the names the source gave every layer); 0: no head at all."""
     if not num_classes:
         return with_head(arch, Head((), arch.head.output))
     if not arch.head.layers:
@@ -360,7 +360,8 @@ def with_classes(arch: Architecture, num_classes: int) -> Architecture:
     last = arch.head.layers[-1]
     if last.units == num_classes:
         return arch
-    return with_head(arch, dataclasses.replace(arch.head, layers=arch.head.hidden + (Dense(num_classes, last.dropout, last.activation),)))
+    # The names stay: they say where the layer sits in the source's model, not how many classes it has.
+    return with_head(arch, dataclasses.replace(arch.head, layers=arch.head.hidden + (dataclasses.replace(last, units=num_classes),)))
 
 
 def describe(arch: "Architecture") -> str:

@@ -74,8 +74,8 @@ def output_activation(arch: mobilenet_arch.Architecture, logits: np.ndarray) -> 
 # ---------------------------------------------------------------- reading
 
 
-# Google's TensorFlow classifiers (transformers', Keras's) put a "background" class before
-# ImageNet's 1000.
+# Google's TensorFlow-slim classifiers (transformers' google/ checkpoints, TF-Hub's) put a
+# "background" class before ImageNet's 1000; keras.applications' weights have 1000 outputs.
 BACKGROUND_CLASSES = 1001
 
 

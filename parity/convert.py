@@ -16,7 +16,7 @@ and exits 1 above the tolerance (nothing is written then). Bad input gives one
 
 The class names travel with the weights where both layouts have a place for them (a Hugging Face
 config's id2label, a .msgpack's description); `--labels FILE` (one name per line) gives them.
-`--drop-background` drops output 0 of Google's 1001-class models (transformers', Keras's), giving
+`--drop-background` drops output 0 of Google's 1001-class models (transformers' google/ checkpoints), giving
 ImageNet's 1000. Before writing, the command says what it read, what it inferred (what the source
 does not say) and what it replaced.
 """
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             save(checkpoint, dst, layout=layout)
         elif not (verify(args.src, checkpoint, args) and write_verified(checkpoint, dst, layout, args)):
             return 1
-    except (WeightsFileError, ConversionError, OSError) as e:
+    except (WeightsFileError, ConversionError, OSError, ValueError) as e:  # ValueError: a description's own checks
         fail(str(e))
     print(f"wrote {args.dst}: {describe(checkpoint.architecture)} ({checkpoint.layout} -> {layout}); {labels_written(checkpoint, LAYOUTS[layout].holds_labels, layout)}")
     return 0

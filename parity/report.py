@@ -41,7 +41,7 @@ DEFAULT_TOLERANCE = 1e-4
 RELATIVE = "max|flax - torch| / max|torch| over the block's output"
 
 
-def torch_activations(model: torch.nn.Module, x_nhwc: np.ndarray) -> dict[str, np.ndarray]:
+def torch_activations(model: torch.nn.Module, x_nhwc: np.ndarray, head: mobilenet_arch.Head) -> dict[str, np.ndarray]:
     """Output of every `features[i]`, the pooled features and the logits, NHWC numpy."""
     outputs: dict[str, np.ndarray] = {}
 
@@ -52,18 +52,29 @@ def torch_activations(model: torch.nn.Module, x_nhwc: np.ndarray) -> dict[str, n
 
         return hook
 
-    # The pool is functional in both torch_ref and torchvision; the classifier's Dropout (the
-    # identity in eval mode) sees its output, as Flax's Dropout does.
-    targets = [(f"features_{i}", block) for i, block in enumerate(model.features)]
-    targets.append(("pool", model.classifier[0]))
-    handles = [module.register_forward_hook(keep(name)) for name, module in targets]
+    def keep_input(module, inputs):
+        outputs["pool"] = inputs[0].detach().numpy()
+
+    # The pool is functional in both torch_ref and torchvision: the head's first linear layer sees
+    # its output (through a Dropout, the identity in eval mode), as Flax's first Dense does.
+    handles = [block.register_forward_hook(keep(f"features_{i}")) for i, block in enumerate(model.features)]
+    if head.layers:
+        handles.append(model.get_submodule(head.torch_names[0]).register_forward_pre_hook(keep_input))
     try:
         with torch.no_grad():
             outputs["logits"] = model.eval()(to_nchw(x_nhwc)).numpy()
     finally:
         for handle in handles:
             handle.remove()
-    return outputs
+    if not head.layers:  # a feature extractor: its output is the pooled features
+        outputs["pool"] = outputs["logits"]
+    return {**{k: v for k, v in outputs.items() if k != "logits"}, "logits": outputs["logits"]}
+
+
+def model_head(model: torch.nn.Module) -> mobilenet_arch.Head:
+    """torchvision's head, as the hooks find it: one layer at `classifier.1`, or none."""
+    linear = model.classifier[1] if isinstance(model.classifier[1], torch.nn.Linear) else None
+    return mobilenet_arch.Head((mobilenet_arch.Dense(linear.out_features),) if linear is not None else ())
 
 
 def flax_activations(model: nn.Module, variables: Any, x_nhwc: np.ndarray) -> dict[str, np.ndarray]:
@@ -76,7 +87,9 @@ def flax_activations(model: nn.Module, variables: Any, x_nhwc: np.ndarray) -> di
     logits, state = jax.jit(run)(variables, x_nhwc)
     sown = state["intermediates"]
     outputs = {block.name: sown[block.name]["output"][0] for block in model.architecture.blocks}
-    outputs["pool"] = next(v["__call__"][0] for k, v in sown.items() if k.startswith("Dropout"))
+    # The first Dropout (before the head's first layer) passes the pooled features on; a feature
+    # extractor has none and returns them.
+    outputs["pool"] = sown["Dropout_0"]["__call__"][0] if "Dropout_0" in sown else logits
     outputs["logits"] = logits
     return {name: np.asarray(value, np.float32) for name, value in outputs.items()}
 
@@ -124,8 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.weights:
             checkpoint = load(args.weights, arch=args.arch, **({"width_mult": args.width} if args.width else {}))
             if args.reference == "torchvision":
-                model = torch_model(args.arch, checkpoint.architecture.width_mult, checkpoint.architecture.num_classes, "torchvision")
-                state = from_flax(checkpoint.variables, torchvision_layout.rules(checkpoint.architecture))
+                arch = checkpoint.architecture
+                if arch.head.hidden or any(layer.activation for layer in arch.head.layers):
+                    raise ConversionError(f"torchvision's mobilenet_v2 has one linear classifier, these weights {arch.head.describe()}: use --reference torch_ref")
+                # torchvision's own name for the one layer, whatever the source called it.
+                arch = mobilenet_arch.with_head(arch, mobilenet_arch.Head(tuple(mobilenet_arch.Dense(l.units, l.dropout) for l in arch.head.layers)))
+                model = torch_model(args.arch, arch.width_mult, arch.num_classes, "torchvision")
+                if not arch.num_classes:  # a feature extractor, as torchvision users make one
+                    model.classifier[1] = torch.nn.Identity()
+                state = from_flax(checkpoint.variables, torchvision_layout.rules(arch))
                 missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
                 assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
             else:
@@ -140,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"{args.weights}: {e}" if args.weights and args.weights not in str(e) else str(e))
     x = random_batch(args.batch, args.resolution, args.seed)
     rows = compare(
-        torch_activations(model, x),
+        torch_activations(model, x, architecture.head if args.reference == "torch_ref" else model_head(model)),
         flax_activations(flax_mobilenet.MobileNet(architecture, DTYPES[args.dtype]), variables, x),
     )
 

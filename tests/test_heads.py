@@ -9,6 +9,7 @@ tests'.
 from __future__ import annotations
 
 import json
+import warnings
 
 import jax
 import numpy as np
@@ -19,6 +20,7 @@ from flax import nnx
 
 import flax_mobilenet
 import mobilenet_arch
+import parity
 import torch_ref
 from flax_mobilenet import nnx as mobilenet_nnx
 from flax_mobilenet.summary import flax_parameter_count
@@ -106,3 +108,36 @@ def test_a_description_written_before_heads_were_data_still_reads():
     old.update(num_classes=7, dropout=0.3, torch_classifier="classifier.1", flax_classifier="classifier")
     assert flax_layout.architecture_from_json(json.loads(json.dumps(old))) == arch
     assert flax_layout.architecture_from_json(json.loads(json.dumps(flax_layout.architecture_to_json(arch)))) == arch
+
+
+def test_with_classes_keeps_the_names_the_source_gave_the_head():
+    # A user's head.0 / head.2 fine-tuned to other classes is still written where their model has it.
+    head = mobilenet_arch.Head((mobilenet_arch.Dense(64, 0.2, "relu", torch_name="head.0"), mobilenet_arch.Dense(5, torch_name="head.2")))
+    arch = mobilenet_arch.with_classes(mobilenet_arch.mobilenet_v2(0.35, classifier=head), 3)
+    assert arch.head.torch_names == ("head.0", "head.2") and arch.num_classes == 3
+
+
+def test_a_live_torch_ref_module_is_read_with_its_own_head():
+    head = mobilenet_arch.Head((mobilenet_arch.Dense(16, 0.1, "tanh", torch_name="head.0"), mobilenet_arch.Dense(3, torch_name="fc")))
+    model = torch_ref.MobileNetV2(width_mult=0.35, classifier=head).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "ReLU is assumed": the module says its activations
+        ckpt = parity.load(model)
+    assert ckpt.architecture.head == head
+
+
+@pytest.mark.parametrize("kind", ["hidden", "headless"])
+def test_report_compares_heads_of_any_kind(tmp_path, kind, capsys):
+    from parity import report
+
+    model = torch_ref.MobileNetV2(**({"num_classes": 4, "width_mult": 0.35, "hidden": (16,)} if kind == "hidden" else {"num_classes": 0, "width_mult": 0.35})).eval()
+    parity.save(parity.load(model), tmp_path / "m.msgpack")
+    assert report.main(["--arch", "v2", "--weights", str(tmp_path / "m.msgpack"), "--resolution", "32"]) == 0
+    assert "pool" in capsys.readouterr().out
+    reference = ["--arch", "v2", "--weights", str(tmp_path / "m.msgpack"), "--resolution", "32", "--reference", "torchvision"]
+    if kind == "headless":
+        assert report.main(reference) == 0
+    else:  # torchvision's mobilenet_v2 has one linear classifier
+        with pytest.raises(SystemExit) as e:
+            report.main(reference)
+        assert e.value.code == 2 and "use --reference torch_ref" in capsys.readouterr().err

@@ -69,7 +69,8 @@ def build_models():
     models = {
         "v2_softmax": nested(v2, L.GlobalAveragePooling2D(), L.Dropout(0.3), L.Dense(7, activation="softmax", name="dense")),
         "v2_hidden": nested(v2, L.GlobalAveragePooling2D(), L.Dense(32, activation="relu", name="hidden"), L.Dropout(0.2), L.Dense(5, name="logits")),
-        "v1_softmax": nested(v1, L.GlobalAveragePooling2D(), L.Dropout(0.3), L.Dense(7, activation="softmax", name="dense")),
+        # The user's own Dense under the name of keras.applications' V2 classifier (V1's is `conv_preds`).
+        "v1_softmax": nested(v1, L.GlobalAveragePooling2D(), L.Dropout(0.3), L.Dense(7, activation="softmax", name="predictions")),
         "v2_sequential": nested(v2, L.GlobalAveragePooling2D(), L.Dense(6, name="scores"), L.Softmax(), sequential=True),
         # the backbone's layers inline (built from its output), activations as layers too
         "v2_flat": keras.Model(v2.input, L.Dense(4, name="out")(L.ReLU(6.0)(L.Dense(8, name="fc2")(L.Dense(16, activation="gelu", name="fc")(L.GlobalAveragePooling2D()(v2.output)))))),
@@ -168,6 +169,19 @@ def test_written_keras_file_round_trips_and_runs_as_the_source(saved, tmp_path, 
     error = relative_l2(written, reference)
     record_property("relative_l2", error)
     assert error <= TOLERANCE
+
+
+def test_an_output_layers_own_activation_is_written(saved, tmp_path):
+    # A binary-style head: a sigmoid on the output layer itself, no softmax output.
+    ckpt = parity.load(saved / "v2_softmax.keras")
+    head = mobilenet_arch.Head((mobilenet_arch.Dense(7, 0.3, "sigmoid", keras_name="dense"),))
+    ckpt = dataclasses.replace(ckpt, architecture=mobilenet_arch.with_head(ckpt.architecture, head))
+    ckpt = dataclasses.replace(ckpt, model=type(ckpt.model)(ckpt.architecture))
+    parity.save(ckpt, tmp_path / "out.keras")
+    assert parity.load(tmp_path / "out.keras").architecture.head == head
+    x, _ = outputs(saved, "v2_softmax")
+    written = np.asarray(keras.saving.load_model(tmp_path / "out.keras", compile=False)(x, training=False))
+    assert relative_l2(written, ckpt.outputs(x)) <= TOLERANCE
 
 
 @pytest.mark.parametrize("names", [("hidden", "logits"), ("", "")])

@@ -197,10 +197,10 @@ def _config(arch, dm, finegrained, first_is_expansion) -> dict:
 def expresses(arch: mobilenet_arch.Architecture) -> str | None:
     """Why transformers' models cannot hold `arch`, or None."""
     head = arch.head
-    if len(head.layers) > 1 or head.output != "none" or any(layer.activation for layer in head.layers):
+    # A softmax output is not lost: transformers returns the logits, as torchvision and timm do.
+    if len(head.layers) > 1 or any(layer.activation for layer in head.layers):
         lost = [f"{len(head.hidden)} hidden layer{'s' if len(head.hidden) > 1 else ''}"] if head.hidden else []
         lost += [f"the {head.layers[-1].activation} after the output layer"] if head.layers and head.layers[-1].activation else []
-        lost += [f"the {head.output} output"] if head.output != "none" else []
         return f"transformers' MobileNet has a single Linear classifier returning logits: this head ({head.describe()}) would lose {' and '.join(lost)}"
     pads = {layer.pad for block in arch.blocks for layer in block.layers}
     if pads not in ({"same"}, {"symmetric"}):

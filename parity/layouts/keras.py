@@ -107,6 +107,11 @@ def architecture(weights: Mapping[str, Any], config: Mapping[str, Any] | None = 
         head = shape(weights, "Conv_1/kernel")[-1]
         arch = mobilenet_arch.mobilenet_v2_from_blocks(shape(weights, "Conv1/kernel")[-1], blocks, head, 0, **kw)
     head = config["head"] if "head" in config else head_of_weights(weights, arch, config.get("where"))
+    layers = head.layers
+    if len(layers) == 1 and layers[0].keras_name == TOP[arch.arch] and layers[0].activation is None:
+        # keras.applications' own classifier for this version (a V1 model's own Dense named
+        # `predictions` is the user's, whose name must stay).
+        head = dataclasses.replace(head, layers=(dataclasses.replace(layers[0], keras_name=""),))
     arch = mobilenet_arch.with_head(arch, head)
     return arch if dropout is None else mobilenet_arch.with_dropout(arch, dropout)
 
@@ -272,8 +277,8 @@ def _input_size(entries: list[_Entry]) -> int | None:
 
 def _activation(value: Any, where: str) -> str | None:
     if isinstance(value, dict):  # a serialised function: {"class_name": "function", "config": "relu"}
-        value = value.get("config")
-    if value not in ACTIVATIONS:
+        value = value.get("config") if isinstance(value.get("config"), str) else value.get("class_name", "an object")
+    if not (value is None or isinstance(value, str)) or value not in ACTIVATIONS:
         raise LayoutError(f"{where}: activation {value!r} in the head: expected one of {', '.join(k for k in ACTIVATIONS if k)}")
     return ACTIVATIONS[value]
 
@@ -331,8 +336,6 @@ def _head(entries: list[_Entry], after: set) -> mobilenet_arch.Head:
     output = "none"
     if layers and layers[-1].activation == "softmax":
         layers[-1], output = dataclasses.replace(layers[-1], activation=None), "softmax"
-    if len(layers) == 1 and layers[0].keras_name in TOP.values() and layers[0].activation is None:
-        layers[0] = dataclasses.replace(layers[0], keras_name="")  # keras.applications' own classifier
     return mobilenet_arch.check_head(mobilenet_arch.Head(tuple(layers), output))
 
 
@@ -469,7 +472,8 @@ def build_model(arch: mobilenet_arch.Architecture, input_size: int | None = None
     for i, (layer, name) in enumerate(zip(layers, keras_names(arch))):
         if layer.dropout:
             x = keras.layers.Dropout(layer.dropout)(x)
-        x = keras.layers.Dense(layer.units, activation=softmax if i == len(layers) - 1 else layer.activation, name=name)(x)
+        # The output layer's own activation (a sigmoid, say) where the head's output is not softmax.
+        x = keras.layers.Dense(layer.units, activation=(softmax if i == len(layers) - 1 else None) or layer.activation, name=name)(x)
     return keras.Model(inputs, x)
 
 

@@ -223,8 +223,10 @@ def hub_labels(config: Mapping[str, Any]) -> tuple[str, ...] | None:
         if isinstance(names, list) and names:
             return tuple(map(str, names))
     if str(cfg.get("tag", "")).endswith("in1k") and config.get("num_classes", cfg.get("num_classes")) == 1000:
-        from timm.data import ImageNetInfo
-
+        try:
+            from timm.data import ImageNetInfo
+        except ImportError:  # timm is an extra: without it, no names rather than no checkpoint
+            return None
         return tuple(ImageNetInfo("imagenet-1k").label_descriptions())
     return None
 

@@ -29,7 +29,6 @@ from parity.layouts import (
     Preprocessing,
     Rule,
     Source,
-    classes,
     head_rules,
     torch_head,
     from_flax,
@@ -197,8 +196,8 @@ def read_head(weights: Mapping[str, Any], arch: mobilenet_arch.Architecture, con
     """The head after `arch`'s backbone: a live module's own where `config` has it, else by shapes
     (`torch_head`), the dropout torchvision's (0.2 before the first layer) unless `kw` says; a live
     module's Sequential (`LiveHead`) then says the activations and dropouts it really holds."""
-    if isinstance(config, mobilenet_arch.Head):
-        return config
+    if isinstance(config, mobilenet_arch.Head):  # torch_ref's module: its description says it
+        return config if "dropout" not in kw else mobilenet_arch.with_dropout(mobilenet_arch.with_head(arch, config), kw["dropout"]).head
     default = mobilenet_arch.V2_DROPOUT if arch.arch == "v2" else 0.0
     head = torch_head(
         weights, arch.num_features, lambda k: k.startswith("features."), CLASSIFIER,
@@ -421,6 +420,9 @@ def of_model(model: Any) -> Source | None:
         return None
     from parity import io
 
+    if isinstance(getattr(model, "architecture", None), mobilenet_arch.Architecture):
+        # torch_ref's module: its own description says the head, under whatever names it holds it.
+        return Source(io.to_numpy(model.state_dict()), model.architecture.head)
     live = live_sequences(model) if hasattr(model, "named_modules") else None
     return Source(io.to_numpy(model.state_dict()), live)
 
