@@ -61,8 +61,9 @@ def test_run_json_is_written_whole_and_readable_by_everyone(tmp_path):
 
     path = tmp_path / RUN_FILE
     recorded = json.loads(path.read_text())
-    # The run's identity (what a resume checks), plus the class names and the exports' preprocessing.
-    assert recorded == {**record.identity(config, run_plan), "class_names": [], "preprocessing": None}
+    # The run's identity (what a resume checks), plus the class names, the exports' preprocessing
+    # and the head's activation (none here: no hidden layer).
+    assert recorded == {**record.identity(config, run_plan), "class_names": [], "preprocessing": None, "head_activation": None}
     assert mode(path) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == [RUN_FILE]
 
