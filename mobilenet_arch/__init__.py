@@ -380,7 +380,7 @@ def padding_in_words(arch: "Architecture") -> str:
     if pads == {"symmetric"}:
         return "PyTorch padding (symmetric)"
     if fixed and all(p == "same" or not isinstance(p, str) for p in pads):
-        return f"TensorFlow padding (SAME; the stride-2 layers fixed at {', '.join(fixed)}, as Keras builds them)"
+        return f"TensorFlow padding (SAME, Keras's fixed {', '.join(fixed)} at stride 2)"
     if pads == {"same"}:
         return "TensorFlow padding (SAME)"
     return "padding " + ", ".join(sorted(map(str, pads)))
