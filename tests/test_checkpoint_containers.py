@@ -55,12 +55,16 @@ def load_noting(source, **kw):
     return ckpt, " ".join(str(w.message) for w in caught)
 
 
-class LitClassifier(torch.nn.Module):
-    """A LightningModule's shape: the network is an attribute, so its keys start with `model.`."""
+def holding(model, attribute: str) -> torch.nn.Module:
+    """A user's module with the network as its `attribute`, so its keys start with `attribute.`."""
+    module = torch.nn.Module()
+    setattr(module, attribute, model)
+    return module
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+
+def LitClassifier(model):
+    """A LightningModule's shape: the network is its `model` attribute."""
+    return holding(model, "model")
 
 
 def test_lightning_checkpoint_loads_its_model_and_names_what_it_ignored(tmp_path):
@@ -162,17 +166,9 @@ def test_a_text_file_named_pth_says_what_it_is_not(tmp_path, capsys):
     assert "pop from empty list" not in err
 
 
-class NamedLikeTransformers(torch.nn.Module):
-    """A user's attribute that happens to bear transformers' prefix."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.mobilenet_v2 = model
-
-
 def test_an_attribute_named_like_transformers_prefix_is_still_found_as_torchvision(tmp_path):
     model = network(6)
-    ckpt, notes = load_noting(NamedLikeTransformers(model))
+    ckpt, notes = load_noting(holding(model, "mobilenet_v2"))  # transformers' prefix, as a user's attribute
     assert ckpt.layout == "torchvision" and gap(ckpt, model) < TOLERANCE and "'mobilenet_v2.'" in notes
 
 
