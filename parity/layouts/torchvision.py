@@ -223,8 +223,15 @@ def noting_assumed(read: mobilenet_arch.Head, by_shapes: mobilenet_arch.Head, kw
 
 # ---------------------------------------------------------------- a live module's head
 
-# The modules a live head is read from, by class name: what each is in a `mobilenet_arch.Head`.
-LIVE_ACTIVATIONS = {"ReLU": "relu", "ReLU6": "relu6", "GELU": "gelu", "SiLU": "silu", "Tanh": "tanh", "Sigmoid": "sigmoid"}
+@functools.cache
+def live_activations() -> dict[str, str]:
+    """The activation modules a live head is read from, by class name -> the head's activation:
+    torch_ref's table read backwards (imported here: torch only when a live module is read)."""
+    from torch_ref.models import DENSE_ACTIVATIONS
+
+    return {cls.__name__: name for name, cls in DENSE_ACTIVATIONS.items()}
+
+
 LIVE_PASSTHROUGH = ("Identity", "Flatten")
 
 
@@ -252,8 +259,8 @@ def _kind(module: Any) -> tuple[str, Any]:
     kind = type(module).__name__
     if kind == "GELU" and getattr(module, "approximate", "none") != "none":
         return "other", f"GELU(approximate={module.approximate!r})"  # the Flax head's GELU is the exact one
-    if kind in LIVE_ACTIVATIONS:
-        return "activation", LIVE_ACTIVATIONS[kind]
+    if kind in live_activations():
+        return "activation", live_activations()[kind]
     if kind.startswith("Dropout"):
         return "dropout", float(module.p)
     if kind == "Linear":
@@ -307,7 +314,7 @@ def live_head(head: mobilenet_arch.Head, names: list[str], live: Any, before: fl
         elif kind == "other":
             raise LayoutError(
                 f"{name}: a {value} in the head: a MobileNet head reads only Linear, Dropout, Softmax and the activations "
-                f"{', '.join(LIVE_ACTIVATIONS)}"
+                f"{', '.join(live_activations())}"
             )
     return mobilenet_arch.check_head(mobilenet_arch.Head(tuple(layers), output))
 
