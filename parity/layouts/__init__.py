@@ -162,20 +162,13 @@ def torch_head(
     the first. A lone layer named `single` is the library's own classifier. No layers: no head.
     Any 2-D/1-D pair that does not chain is a LayoutError naming it."""
     linear = {
-        k[: -len(".weight")]: tuple(np.shape(v))
+        k[: -len(".weight")]: tuple(np.shape(v))[::-1]  # PyTorch's (out, in) as (in, out)
         for k, v in weights.items()
         if k.endswith(".weight") and not backbone(k) and len(np.shape(v)) == 2 and k[: -len("weight")] + "bias" in weights
     }
-    chain, fan_in = [], num_features
-    while linear:
-        nexts = sorted((name for name, (_, i) in linear.items() if i == fan_in), key=_natural)
-        if not nexts:
-            break
-        name = nexts[0]
-        chain.append((name, linear.pop(name)[0]))
-        fan_in = chain[-1][1]
+    chain = chained(linear, num_features, key=_natural)
     if linear:
-        name, (out, i) = next(iter(linear.items()))
+        name, (i, out) = next(iter(linear.items()))
         after = f"the layer before it ({chain[-1][0]}) has {chain[-1][1]} outputs" if chain else f"the backbone gives {num_features} features"
         raise LayoutError(f"{name}: a linear layer of {i} inputs that does not follow on from the others ({after}): not a MobileNet's head")
     if not chain:
@@ -187,6 +180,17 @@ def torch_head(
     if len(layers) == 1 and layers[0].torch_name == single:
         layers = (dataclasses.replace(layers[0], torch_name=""),)  # the library's own name: its default
     return mobilenet_arch.check_head(mobilenet_arch.Head(layers))
+
+
+def chained(shapes: dict[str, tuple[int, int]], num_features: int, key=None) -> list[tuple[str, int]]:
+    """(name, outputs) of the dense layers in `shapes` ({name: (inputs, outputs)}) that chain from
+    the backbone's `num_features`, each one's inputs the previous one's outputs, in order (ties by
+    `key`). They are taken out of `shapes`: what is left does not chain."""
+    chain, fan_in = [], num_features
+    while nexts := sorted((name for name, (i, _) in shapes.items() if i == fan_in), key=key):
+        chain.append((nexts[0], shapes.pop(nexts[0])[1]))
+        fan_in = chain[-1][1]
+    return chain
 
 
 def _natural(name: str) -> list:

@@ -46,6 +46,7 @@ from parity.layouts import (
     Rule,
     Source,
     WeightsFileError,
+    chained,
     classes,
     head_rules,
     layer_rules,
@@ -130,13 +131,7 @@ def head_of_weights(weights: Mapping[str, Any], arch: mobilenet_arch.Architectur
     if arch.arch == "v1" and f"{TOP['v1']}/kernel" in weights:  # with keras.applications.MobileNet's default dropout
         return mobilenet_arch.Head((mobilenet_arch.Dense(classes(weights, f"{TOP['v1']}/kernel", -1), 1e-3),))
     dense = {k[: -len("/kernel")]: shape(weights, k) for k in weights if k.endswith("/kernel") and len(shape(weights, k)) == 2 and k[: -len("kernel")] + "bias" in weights}
-    chain, fan_in = [], arch.num_features
-    while True:
-        nexts = sorted(name for name, (i, _) in dense.items() if i == fan_in)
-        if not nexts:
-            break
-        chain.append((nexts[0], dense.pop(nexts[0])[1]))
-        fan_in = chain[-1][1]
+    chain = chained(dense, arch.num_features)
     if not chain:
         return mobilenet_arch.Head()
     if [name for name, _ in chain] == [TOP[arch.arch]]:  # keras.applications.MobileNetV2's own
